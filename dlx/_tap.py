@@ -1,0 +1,258 @@
+"""The denoiser tap: the one place where dlx intercepts the denoiser of a running pipeline.
+
+diffusers does not hand the denoiser's conditional and unconditional predictions to callbacks,
+and a callback that runs after each step can only *drop* the negative half of the batch. The tap
+wraps ``forward`` of the denoiser (and of modules fed the same doubled batch, such as a
+ControlNet) for the duration of one pipeline call. Per call it
+
+1. asks the run for the step's guidance plan (which samples are guided, at which scale),
+2. computes only the rows the plan needs (the unconditional rows of unguided samples are
+   skipped, which is where a cutoff saves compute),
+3. hands (cond, uncond, guided prediction) to observers such as the recorder, and
+4. returns an output the pipeline's own CFG arithmetic leaves untouched: when the tap combines
+   the predictions itself it returns ``[g, g]``, and ``g + s·(g − g) == g`` exactly.
+
+With no plan (observers only), the original forward runs with the original arguments, so
+recording never changes a result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+_MISSING = object()
+
+
+@dataclass
+class DenoiserCall:
+    """What one denoiser evaluation produced, split per CFG half (rows of the batch of B samples).
+
+    ``uncond`` is None when no sample was guided; rows of unguided samples are NaN otherwise.
+    ``guided`` holds the prediction the scheduler steps with.
+    """
+
+    step: int
+    timestep: torch.Tensor
+    x_in: torch.Tensor  # denoiser input of the conditional rows (after scale_model_input)
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    guided: torch.Tensor
+    mask: tuple[bool, ...]
+    scale: torch.Tensor | float
+
+
+def _pred_of(out):
+    if isinstance(out, tuple):
+        return out[0]
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.sample  # a BaseOutput
+
+
+def _with_pred(out, pred):
+    if isinstance(out, tuple):
+        return (pred, *out[1:])
+    if isinstance(out, torch.Tensor):
+        return pred
+    out.sample = pred
+    return out
+
+
+def _take_rows(obj, n: int, idx):
+    """Rows ``idx`` of every tensor in ``obj`` whose leading dim is the doubled batch ``n``."""
+    if isinstance(obj, torch.Tensor):
+        if obj.ndim > 0 and obj.shape[0] == n:
+            return obj[idx] if isinstance(idx, slice) else obj.index_select(0, idx.to(obj.device))
+        return obj
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_take_rows(o, n, idx) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _take_rows(v, n, idx) for k, v in obj.items()}
+    return obj
+
+
+def _first_tensor(args, kwargs, names=("sample", "hidden_states")):
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for n in names:
+        if isinstance(kwargs.get(n), torch.Tensor):
+            return kwargs[n]
+    raise RuntimeError("dlx could not find the latent input of the denoiser call")
+
+
+def _timestep_of(args, kwargs):
+    if len(args) > 1:
+        return args[1]
+    return kwargs.get("timestep")
+
+
+class Tap:
+    """Wraps the forward of the run's denoiser (and doubled-batch side modules) for one call."""
+
+    def __init__(self, run):
+        self.run = run
+        self.family = run.family
+        self._saved: list[tuple[torch.nn.Module, str, object]] = []
+        self._call_name: str | None = None  # Flux: "cond" / "uncond" from cache_context
+        self._rows = None  # rows computed at this step (shared by denoiser and side modules)
+        self._cond_out = None  # Flux: this step's cond output, reused when uncond is skipped
+
+    # -- install / remove -------------------------------------------------------------------
+    def _patch(self, module, name, value):
+        self._saved.append((module, name, module.__dict__.get(name, _MISSING)))
+        object.__setattr__(module, name, value)
+
+    def install(self):
+        pipe = self.run.pipe
+        den = getattr(pipe, self.family.denoiser)
+        orig = den.forward
+        if self.family.cfg == "calls":
+            self._patch(den, "forward", self._wrap_calls(orig))
+            orig_ctx = den.cache_context
+
+            @contextlib.contextmanager
+            def cache_context(name, *a, **k):
+                prev, self._call_name = self._call_name, name
+                try:
+                    with orig_ctx(name, *a, **k):
+                        yield
+                finally:
+                    self._call_name = prev
+
+            self._patch(den, "cache_context", cache_context)
+        else:
+            self._patch(den, "forward", self._wrap_batch(orig, denoiser=True))
+            for side in self.family.extra_doubled_modules:
+                mod = getattr(pipe, side, None)
+                if mod is not None:
+                    self._patch(mod, "forward", self._wrap_batch(mod.forward, denoiser=False))
+
+    def remove(self):
+        while self._saved:
+            module, name, prev = self._saved.pop()
+            if prev is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                object.__setattr__(module, name, prev)
+
+    # -- batch-doubled CFG (SD, SDXL, SD3, ControlNet) ------------------------------------------
+    def _wrap_batch(self, orig, denoiser: bool):
+        run = self.run
+
+        def forward(*args, **kwargs):
+            x = _first_tensor(args, kwargs)
+            n = x.shape[0]
+            if denoiser:
+                run.before_denoiser()
+            cfg = bool(getattr(run.pipe, "do_classifier_free_guidance", False))
+            if not cfg or n % 2 or n // 2 != run.batch_hint(n // 2):
+                # No CFG batch (or an extra cond-only call such as SD3 skip-layer guidance).
+                out = orig(*args, **kwargs)
+                if denoiser:
+                    run.count_nfe(cond_rows=n, uncond_rows=0, cfg=cfg)
+                    if not cfg:
+                        pred = _pred_of(out)
+                        run.observe(
+                            DenoiserCall(run.step, _timestep_of(args, kwargs), x, pred, None, pred,
+                                         (False,) * n, 1.0)
+                        )
+                return out
+            b = n // 2
+            plan = run.plan(b)
+            if plan.passthrough:
+                out = orig(*args, **kwargs)
+                if denoiser:
+                    pred = _pred_of(out)
+                    u, c = pred.chunk(2)
+                    run.count_nfe(cond_rows=b, uncond_rows=b, cfg=True)
+                    if run.wants_calls:
+                        g = u + plan.scalar * (c - u)
+                        run.observe(
+                            DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, g,
+                                         plan.mask, plan.scalar)
+                        )
+                return out
+            guided = [i for i, m in enumerate(plan.mask) if m]
+            if not guided:
+                rows = slice(b, n)  # a view: bitwise the same rows diffusers' own cutoff keeps
+            else:
+                rows = torch.tensor(guided + list(range(b, n)), dtype=torch.long)
+            out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
+            if not denoiser:
+                return out  # side module outputs already have the sub-batch's rows
+            pred = _pred_of(out)
+            k = len(guided)
+            c = pred[k:]
+            run.count_nfe(cond_rows=b, uncond_rows=k, cfg=True)
+            if k == 0:
+                u = None
+                g = c
+            else:
+                u_sub = pred[:k]
+                gidx = torch.tensor(guided, device=pred.device)
+                s = plan.scale_rows(guided, pred)
+                g = c.clone()
+                g[gidx] = u_sub + s * (c[gidx] - u_sub)
+                u = None
+                if run.wants_calls:
+                    u = torch.full_like(c, float("nan"))
+                    u[gidx] = u_sub
+            if run.wants_calls:
+                run.observe(
+                    DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, g, plan.mask,
+                                 plan.scale_tensor(pred))
+                )
+            return _with_pred(out, torch.cat([g, g]))
+
+        return forward
+
+    # -- two-call CFG (Flux true CFG) -----------------------------------------------------------
+    def _wrap_calls(self, orig):
+        run = self.run
+
+        def forward(*args, **kwargs):
+            x = _first_tensor(args, kwargs)
+            b = x.shape[0]
+            name = self._call_name
+            if name != "uncond":
+                run.before_denoiser()
+                out = orig(*args, **kwargs)
+                run.count_nfe(cond_rows=b, uncond_rows=0, cfg=False)
+                self._cond_out = (run.step, out)
+                if run.wants_calls:
+                    pred = _pred_of(out)
+                    run.pending_cond = (x, pred, _timestep_of(args, kwargs))
+                return out
+            run.flux_true_cfg = True
+            plan = run.plan(b)
+            step, cond_out = self._cond_out
+            c = _pred_of(cond_out)
+            guided = [i for i, m in enumerate(plan.mask) if m]
+            if plan.passthrough:
+                out = orig(*args, **kwargs)
+                u = _pred_of(out)
+            elif not guided:
+                # neg = cond makes the pipeline's neg + s·(cond − neg) equal cond exactly.
+                out = _with_pred(cond_out, c.clone() if isinstance(cond_out, tuple) else c)
+                u = None
+            else:
+                rows = torch.tensor(guided, dtype=torch.long)
+                sub = orig(*_take_rows(args, b, rows), **_take_rows(kwargs, b, rows))
+                u_sub = _pred_of(sub)
+                u_full = c.clone()
+                u_full[rows.to(c.device)] = u_sub
+                out = _with_pred(cond_out, u_full)
+                u = torch.full_like(c, float("nan"))
+                u[rows.to(c.device)] = u_sub
+            run.count_nfe(cond_rows=0, uncond_rows=b if plan.passthrough else len(guided), cfg=True)
+            if run.wants_calls:
+                s = run.flux_scale
+                g = c if u is None else torch.where(torch.isnan(u), c, u + s * (c - u)) if not plan.passthrough else u + s * (c - u)
+                run.observe(DenoiserCall(step, _timestep_of(args, kwargs), x, c, u, g, plan.mask, s))
+                run.pending_cond = None
+            return out
+
+        return forward

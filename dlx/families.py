@@ -1,0 +1,204 @@
+"""One table of what dlx knows about each diffusers pipeline family.
+
+Everything family-specific lives here: which module is the denoiser, how classifier-free
+guidance (CFG) lays out its batch, which callback tensors are CFG-doubled, the latent layout
+and which latent→RGB preview factors apply. Other modules look things up here instead of
+branching on pipeline classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import DlxError
+
+__all__ = ["Family", "FAMILIES", "family_of"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Facts about one family of pipelines.
+
+    CFG layouts:
+      * ``"batch"``: the pipeline doubles the batch, negative (unconditional) rows first, then
+        positive: split with ``chunk(2)``, never ``[-1:]`` (which keeps one row and breaks batch > 1).
+      * ``"calls"``: the pipeline calls the denoiser twice per step, ``cache_context("cond")`` then
+        ``cache_context("uncond")`` (Flux true CFG, driven by locals, so no callback can cut it).
+    """
+
+    name: str
+    pipelines: tuple[str, ...]
+    denoiser: str  # attribute of the pipeline: "unet" or "transformer"
+    cfg: str  # "batch" or "calls"
+    conditioning: tuple[str, ...]  # callback tensors that condition the denoiser (recorded)
+    doubled: tuple[str, ...]  # callback tensors that are CFG-doubled (negative rows first)
+    latent_format: str  # key of the preview factors in dlx.preview
+    prediction: str = "scheduler"  # "flow" for flow matching, else read from the scheduler config
+    packed: bool = False  # latents handed to callbacks as (B, seq, C·4) patches (Flux)
+    extra_doubled_modules: tuple[str, ...] = ()  # other modules fed the doubled batch (ControlNet)
+    timestep_scale: float = 1.0  # denoiser timestep argument × this = scheduler timestep
+    notes: str = field(default="", compare=False)
+
+    @property
+    def cfg_doubled(self) -> bool:
+        return self.cfg == "batch"
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family(
+            name="sd",
+            pipelines=(
+                "StableDiffusionPipeline",
+                "StableDiffusionImg2ImgPipeline",
+                "StableDiffusionInpaintPipeline",
+            ),
+            denoiser="unet",
+            cfg="batch",
+            conditioning=("prompt_embeds",),
+            doubled=("prompt_embeds",),
+            latent_format="sd15",
+        ),
+        Family(
+            name="sd-controlnet",
+            pipelines=(
+                "StableDiffusionControlNetPipeline",
+                "StableDiffusionControlNetImg2ImgPipeline",
+                "StableDiffusionControlNetInpaintPipeline",
+            ),
+            denoiser="unet",
+            cfg="batch",
+            conditioning=("prompt_embeds",),
+            doubled=("prompt_embeds", "image"),
+            latent_format="sd15",
+            extra_doubled_modules=("controlnet",),
+        ),
+        Family(
+            name="sdxl",
+            pipelines=(
+                "StableDiffusionXLPipeline",
+                "StableDiffusionXLImg2ImgPipeline",
+                "StableDiffusionXLInpaintPipeline",
+            ),
+            denoiser="unet",
+            cfg="batch",
+            conditioning=("prompt_embeds", "add_text_embeds", "add_time_ids"),
+            doubled=("prompt_embeds", "add_text_embeds", "add_time_ids"),
+            latent_format="sdxl",
+        ),
+        Family(
+            name="sd3",
+            pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+            denoiser="transformer",
+            cfg="batch",
+            conditioning=("prompt_embeds", "pooled_prompt_embeds"),
+            doubled=("prompt_embeds", "pooled_prompt_embeds"),
+            latent_format="sd3",
+            prediction="flow",
+        ),
+        Family(
+            name="flux",
+            pipelines=("FluxPipeline",),
+            denoiser="transformer",
+            cfg="calls",
+            conditioning=("prompt_embeds",),
+            doubled=(),
+            latent_format="flux",
+            prediction="flow",
+            packed=True,
+            timestep_scale=1000.0,  # Flux passes timestep / 1000 to its transformer
+        ),
+    ]
+}
+
+_BY_CLASS = {cls: fam for fam in FAMILIES.values() for cls in fam.pipelines}
+
+
+def family_of(pipe) -> Family:
+    """The family of a pipeline instance (or class), matched on its class or any base class."""
+    cls = pipe if isinstance(pipe, type) else type(pipe)
+    for klass in cls.__mro__:
+        fam = _BY_CLASS.get(klass.__name__)
+        if fam is not None:
+            return fam
+    supported = ", ".join(f"{f.name} ({', '.join(f.pipelines)})" for f in FAMILIES.values())
+    if not hasattr(cls, "_callback_tensor_inputs"):
+        raise DlxError(
+            f"{cls.__name__} has no `callback_on_step_end`, so dlx cannot observe or steer its denoising "
+            f"loop. Supported families: {supported}"
+        )
+    raise DlxError(f"pipeline class {cls.__name__} is not supported by dlx. Supported families: {supported}")
+
+
+def check_tensor_inputs(pipe, names) -> list[str]:
+    """Validate callback tensor names against what the pipeline exposes; return them as a list."""
+    exposed = list(getattr(pipe, "_callback_tensor_inputs", []))
+    missing = [n for n in names if n not in exposed]
+    if missing:
+        raise DlxError(
+            f"{type(pipe).__name__} does not expose {missing} to callbacks; it exposes {exposed}"
+        )
+    return list(names)
+
+
+# --- noise levels -------------------------------------------------------------------------------
+
+
+def _vp_sigmas(scheduler) -> torch.Tensor | None:
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    if ac is None:
+        return None
+    ac = ac.double()
+    return ((1 - ac) / ac).sqrt()
+
+
+def sigma_at(family: Family, scheduler, t) -> float:
+    """Noise level σ of scheduler timestep ``t``: VP σ = √((1−ᾱ)/ᾱ) (interpolated in log σ for
+    fractional t, as the Karras-sigma schedulers do) or, for flow matching, σ = t / T."""
+    t = float(t)
+    if family.prediction == "flow":
+        return t / float(scheduler.config.num_train_timesteps)
+    sig = _vp_sigmas(scheduler)
+    if sig is None:
+        return math.nan
+    n = sig.numel()
+    lo = min(max(int(math.floor(t)), 0), n - 1)
+    hi = min(lo + 1, n - 1)
+    w = t - lo
+    if w <= 0 or hi == lo:
+        return float(sig[lo])
+    return float(torch.exp((1 - w) * sig[lo].log() + w * sig[hi].log()))
+
+
+def prediction_type(family: Family, scheduler) -> str:
+    if family.prediction == "flow":
+        return "flow"
+    return getattr(scheduler.config, "prediction_type", "epsilon")
+
+
+def denoised(family: Family, scheduler, x_in: torch.Tensor, pred: torch.Tensor, t) -> torch.Tensor:
+    """x0, the denoised estimate, from the denoiser's input ``x_in`` and its output ``pred``.
+
+    For ε- and v-prediction the denoiser input is in variance-preserving form
+    (x = √ᾱ·x0 + √(1−ᾱ)·ε, also after Euler's ``scale_model_input``); for flow matching
+    x = (1−σ)·x0 + σ·noise and x0 = x − σ·v.
+    """
+    kind = prediction_type(family, scheduler)
+    sigma = sigma_at(family, scheduler, t)
+    x = x_in.float()
+    p = pred.float()
+    if kind == "flow":
+        return x - sigma * p
+    a = 1.0 / math.sqrt(1.0 + sigma * sigma)  # √ᾱ
+    s = sigma * a  # √(1−ᾱ)
+    if kind == "epsilon":
+        return (x - s * p) / a
+    if kind == "v_prediction":
+        return a * x - s * p
+    if kind == "sample":
+        return p
+    raise DlxError(f"scheduler prediction_type {kind!r} is not supported for x0")

@@ -1,0 +1,284 @@
+"""Recorder: an observer that fills a Trace with every step of a run. It never changes the run."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import platform
+
+import torch
+
+from ._tap import DenoiserCall
+from .errors import DlxError
+from .families import check_tensor_inputs, denoised, family_of, sigma_at
+from .session import Part, Run, attach
+from .trace import Step, Trace
+
+__all__ = ["Recorder", "record"]
+
+_KEEP = ("latents", "x0", "cond", "uncond", "embeds")
+_STORAGE = ("cpu", "device")
+
+
+class Recorder(Part):
+    """Records latents, conditioning, guidance state, predictions, x0 and timing of every step.
+
+    Args:
+        pipe: the pipeline to record (its family decides which conditioning tensors to keep).
+        keep: what to keep among ``"latents", "x0", "cond", "uncond", "embeds"``. Predictions and
+            x0 need the denoiser tap: use ``dlx.record(pipe)`` or ``dlx.attach(pipe, rec)``.
+        dtype: store tensors in this dtype (default: as the run produced them).
+        downsample: average-pool spatial dims of 4-D tensors by this factor (saves memory on big runs).
+        storage: ``"cpu"`` (tensors stay on the device during the run, so no per-step host sync,
+            and move to the CPU once the run ends) or ``"device"`` (stay where they are).
+
+    As a plain ``callback_on_step_end`` (with ``callback_on_step_end_tensor_inputs=rec.tensor_inputs``)
+    it records what callbacks can see: latents, conditioning, the guidance state read at each step's
+    end, and per-step time between callbacks (step 0 has none); it composes with
+    ``MultiPipelineCallbacks`` and diffusers' official callbacks (put it last, so it sees final
+    latents). Attached, it also gets the predictions, x0, exact per-step guidance and NFE.
+    """
+
+    observer = True
+    wants_calls = True
+
+    def __init__(self, pipe, *, keep=_KEEP, dtype: torch.dtype | None = None,
+                 downsample: int | None = None, storage: str = "cpu"):
+        self.family = family_of(pipe)
+        keep = tuple(keep)
+        bad = [k for k in keep if k not in _KEEP]
+        if bad:
+            raise DlxError(f"argument `keep` has unknown entries {bad}; choose from {list(_KEEP)}")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise DlxError(f"argument `dtype` must be a torch.dtype; got {dtype!r}")
+        if downsample is not None and (isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1):
+            raise DlxError(f"argument `downsample` must be a positive int or None; got {downsample!r}")
+        if storage not in _STORAGE:
+            raise DlxError(f"argument `storage` must be one of {list(_STORAGE)}; got {storage!r}")
+        self.keep = keep
+        self.dtype = dtype
+        self.downsample = downsample
+        self.storage = storage
+        self.wants_calls = any(k in keep for k in ("x0", "cond", "uncond"))
+        names = ["latents"] + (list(self.family.conditioning) if "embeds" in keep else [])
+        self.tensor_inputs = check_tensor_inputs(pipe, names)
+        self.trace = Trace()
+        self._reset()
+
+    def _reset(self):
+        self._calls: dict[int, DenoiserCall] = {}
+        self._ip_scale: dict[int, float] = {}
+        self._cond_ids: dict[str, tuple] = {}
+        self._last_mark = None
+        self._bare_steps = False
+
+    # -- storage --------------------------------------------------------------------------------
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if self.downsample and self.downsample > 1 and t.ndim == 4:
+            t = torch.nn.functional.avg_pool2d(t.float(), self.downsample).to(t.dtype)
+        # clone: CUDA-graph outputs are overwritten by the next replay
+        return t.to(dtype=self.dtype or t.dtype, copy=True)
+
+    # -- attached --------------------------------------------------------------------------------
+    def on_run_start(self, run: Run):
+        if self.trace.steps:
+            raise DlxError("this Recorder already holds a run; create a new Recorder (or dlx.record block) per run")
+        self._reset()
+        self._ip_procs = [p for p in _attn_processors(run.pipe) if isinstance(getattr(p, "scale", None), list)]
+
+    def on_denoiser(self, run: Run, call: DenoiserCall):
+        if call.step in self._calls:  # extra evaluations (Heun's 2nd order, SD3 skip-layer): keep the first
+            return
+        self._calls[call.step] = call
+        if self._ip_procs:
+            self._ip_scale[call.step] = float(self._ip_procs[0].scale[0])
+        # Keep what we need now: the next CUDA-graph replay may overwrite these buffers.
+        keep = {}
+        if "cond" in self.keep:
+            keep["cond"] = self._store(call.cond)
+        if "uncond" in self.keep and call.uncond is not None:
+            keep["uncond"] = self._store(call.uncond)
+        if "x0" in self.keep:
+            keep["x0"] = self._store(denoised(self.family, run.pipe.scheduler, call.x_in, call.guided,
+                                              run.t_of(call.step)))
+        self._calls[call.step] = keep
+
+    def on_step_end(self, run: Run, step, timestep, callback_kwargs):
+        pipe = run.pipe
+        plan = run.step_plans[step] if step < len(run.step_plans) else None
+        kept = self._calls.get(step, {})
+        b = None
+        lat = callback_kwargs.get("latents")
+        if lat is not None:
+            b = lat.shape[0]
+        if plan is not None:
+            mask = torch.tensor(plan.mask)
+            scale = torch.tensor(plan.scale, dtype=torch.float32)
+            cfg_active = bool(mask.any())
+            gscale = float(scale.mean())
+        else:
+            if self.family.cfg == "calls":
+                cfg_active = bool(run.flux_true_cfg) and "uncond" in kept
+                gscale = run.flux_scale
+            else:
+                cfg_active = bool(getattr(pipe, "do_classifier_free_guidance", False))
+                gscale = float(pipe.guidance_scale)
+            n = b or 1
+            mask = torch.full((n,), cfg_active)
+            scale = torch.full((n,), gscale, dtype=torch.float32)
+        nfe = run.step_nfe[step] if step < len(run.step_nfe) else math.nan
+        s = Step(
+            index=int(step), timestep=run.t_of(step), sigma=run.sigma(step),
+            guidance_scale=gscale, cfg_active=cfg_active, nfe=float(nfe),
+            ip_adapter_scale=self._ip_scale.get(step),
+            conditioning=self._conditioning(callback_kwargs),
+            latents=self._store(lat) if ("latents" in self.keep and lat is not None) else None,
+            x0=kept.get("x0"), cond=kept.get("cond"), uncond=kept.get("uncond"),
+            cfg_mask=mask, scale=scale,
+        )
+        self.trace.steps.append(s)
+        return callback_kwargs
+
+    def on_run_end(self, run: Run, error):
+        ms = run.step_ms()
+        for s, v in zip(self.trace.steps, ms):
+            s.step_ms = float(v)
+        self._finish(run.pipe, run.call_kwargs, run, error)
+
+    # -- bare callback ---------------------------------------------------------------------------
+    def __call__(self, pipe, step, timestep, callback_kwargs):
+        run = Run.current(pipe)
+        if run is not None and self in run.parts:
+            return self.on_step_end(run, step, timestep, callback_kwargs)
+        # Not attached: record what a callback can see.
+        import time
+
+        now = time.perf_counter()
+        if step == 0 or not self._bare_steps:
+            if self.trace.steps:
+                raise DlxError("this Recorder already holds a run; create a new Recorder per run")
+            self._reset()
+            self._bare_steps = True
+        fam = self.family
+        lat = callback_kwargs.get("latents")
+        if fam.cfg == "batch":
+            cfg_active = bool(getattr(pipe, "do_classifier_free_guidance", False))
+            gscale = float(pipe.guidance_scale)
+        else:
+            cfg_active, gscale = False, math.nan
+        b = lat.shape[0] if lat is not None else 1
+        s = Step(
+            index=int(step), timestep=float(timestep),
+            sigma=sigma_at(fam, pipe.scheduler, timestep),
+            guidance_scale=gscale, cfg_active=cfg_active, nfe=math.nan,
+            step_ms=(now - self._last_mark) * 1e3 if self._last_mark is not None else math.nan,
+            conditioning=self._conditioning(callback_kwargs),
+            latents=self._store(lat) if ("latents" in self.keep and lat is not None) else None,
+            cfg_mask=torch.full((b,), cfg_active), scale=torch.full((b,), gscale),
+        )
+        self.trace.steps.append(s)
+        self._last_mark = now
+        if step == int(getattr(pipe, "num_timesteps", -1)) - 1:
+            self._finish(pipe, {}, None, None)
+        return callback_kwargs
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _conditioning(self, callback_kwargs) -> int:
+        """Index of the conditioning in force; store it again only if a tensor changed."""
+        if "embeds" not in self.keep:
+            return 0
+        cur = {k: callback_kwargs[k] for k in self.family.conditioning if k in callback_kwargs}
+        ids = {k: (id(v), v.data_ptr(), tuple(v.shape), v._version) for k, v in cur.items()}
+        if not self.trace.conditioning or ids != self._cond_ids:
+            self.trace.conditioning.append({k: self._store(v) for k, v in cur.items()})
+            self._cond_ids = ids
+        return len(self.trace.conditioning) - 1
+
+    def _finish(self, pipe, call_kwargs, run, error):
+        t = self.trace
+        if self.storage == "cpu":
+            for s in t.steps:
+                for k, v in s.tensors().items():
+                    setattr(s, k, v.cpu())
+            t.conditioning = [{k: v.cpu() for k, v in c.items()} for c in t.conditioning]
+        t.meta.update(_meta(pipe, self.family, call_kwargs))
+        if run is not None:
+            t.meta["batch"] = run.batch
+            t.meta["num_steps"] = run.num_steps
+            t.meta["nfe"] = run.nfe.tolist() if run.nfe is not None else None
+            t.meta["stop_reason"] = run.stop_reason or (
+                f"error: {type(error).__name__}: {error}" if error is not None else "completed"
+            )
+            t.meta["parts"] = [_describe(p) for p in run.parts if p is not self]
+            t.meta["timing"] = "cuda-events" if run.cuda else "perf_counter"
+        else:
+            t.meta.setdefault("stop_reason", "completed")
+            t.meta["timing"] = "perf_counter (between callbacks; step 0 not timed)"
+        t.meta["last_guided_step"] = t.last_guided_step
+        t.meta["recorded"] = list(self.keep)
+
+
+def _describe(part) -> dict:
+    d = {"type": type(part).__name__}
+    report = getattr(part, "report", None)
+    if isinstance(report, dict):
+        d.update(report)
+    return d
+
+
+def _attn_processors(pipe):
+    den = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return list(getattr(den, "attn_processors", {}).values()) if den is not None else []
+
+
+def _seed_of(gen):
+    if isinstance(gen, torch.Generator):
+        return int(gen.initial_seed())
+    if isinstance(gen, (list, tuple)) and gen and all(isinstance(g, torch.Generator) for g in gen):
+        return [int(g.initial_seed()) for g in gen]
+    return None
+
+
+def _meta(pipe, family, call_kwargs) -> dict:
+    import diffusers
+
+    from . import __version__
+
+    den = getattr(pipe, family.denoiser)
+    try:
+        dev = next(den.parameters()).device
+        dtype = str(next(den.parameters()).dtype)
+    except StopIteration:  # pragma: no cover
+        dev, dtype = torch.device("cpu"), "?"
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    sched = pipe.scheduler
+    keys = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "true_cfg_scale",
+            "height", "width", "num_images_per_prompt", "strength", "eta", "guidance_rescale")
+    return {
+        "pipeline": type(pipe).__name__,
+        "family": family.name,
+        "scheduler": type(sched).__name__,
+        "scheduler_config": {k: v for k, v in dict(sched.config).items() if not k.startswith("_")},
+        "call": {k: call_kwargs[k] for k in keys if k in call_kwargs and isinstance(call_kwargs[k], (str, int, float, list, type(None)))},
+        "seed": _seed_of(call_kwargs.get("generator")),
+        "dtype": dtype,
+        "device": str(dev),
+        "device_name": device_name,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "dlx": __version__},
+        "recorded_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@contextlib.contextmanager
+def record(pipe, *parts: Part, **recorder_kwargs):
+    """``with dlx.record(pipe, *controls) as trace: pipe(...)`` records one call into ``trace``.
+
+    Extra parts (cutoffs, interrupts, previews) are attached too; keyword arguments go to
+    ``Recorder``. The trace is complete when the call returns (or raises: then
+    ``trace.stop_reason`` names the error).
+    """
+    rec = Recorder(pipe, **recorder_kwargs)
+    with attach(pipe, *parts, rec):
+        yield rec.trace
