@@ -113,6 +113,25 @@ class _Seeded:
         return self._fork.__exit__(*exc)
 
 
+class _QuietDiffusers:
+    """Raise diffusers' log level to ERROR for a block, then restore it.
+
+    ModelMixin.to(dtype=...) warns about "modules that should be kept in float32: []" even when
+    there are none; that noise would otherwise hit every dtype cast and IP-Adapter load here.
+    """
+
+    def __enter__(self):
+        from diffusers.utils import logging as dlogging
+
+        self._logging = dlogging
+        self._level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        self._logging.set_verbosity(self._level)
+        return False
+
+
 # ---------------------------------------------------------------------------------------------
 # tokenizers, written to a temporary directory and loaded back (fully offline)
 # ---------------------------------------------------------------------------------------------
@@ -572,7 +591,12 @@ def tiny_pipeline(
         pipe.scheduler = _make_scheduler(family, scheduler, pipe.scheduler.config)
     elif sched_obj is not None:
         pipe.scheduler = sched_obj
-    pipe = pipe.to(device=device, dtype=dtype)
+    # Models are built on CPU in float32; move only when asked (diffusers warns on every dtype cast).
+    if dtype != torch.float32:
+        with _QuietDiffusers():
+            pipe = pipe.to(dtype=dtype)
+    if torch.device(device).type != "cpu":
+        pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -803,7 +827,7 @@ def add_tiny_ip_adapter(pipe, seed: int = 0):
     pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
     with _Seeded(seed, "ip_adapter"):
         state_dict = _ip_adapter_state_dict(pipe.unet, image_embed_dim=embed_dim)
-    pipe.load_ip_adapter(state_dict, subfolder="", weight_name="", image_encoder_folder=None)
-    # load_ip_adapter builds the projection in the UNet's dtype/device; keep them consistent anyway.
-    pipe.unet.to(device=pipe.device, dtype=pipe.unet.dtype)
+    # load_ip_adapter puts the new layers on the UNet's device and dtype itself.
+    with _QuietDiffusers():
+        pipe.load_ip_adapter(state_dict, subfolder="", weight_name="", image_encoder_folder=None)
     return pipe
