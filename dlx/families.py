@@ -126,7 +126,14 @@ def family_of(pipe) -> Family:
         if fam is not None:
             return fam
     supported = ", ".join(f"{f.name} ({', '.join(f.pipelines)})" for f in FAMILIES.values())
-    if not hasattr(cls, "_callback_tensor_inputs"):
+    import inspect
+
+    call = getattr(cls, "__call__", None)
+    try:
+        takes_callback = "callback_on_step_end" in inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        takes_callback = False
+    if not takes_callback or not hasattr(cls, "_callback_tensor_inputs"):
         raise DlxError(
             f"{cls.__name__} has no `callback_on_step_end`, so dlx cannot observe or steer its denoising "
             f"loop. Supported families: {supported}"
@@ -191,6 +198,8 @@ def denoised(family: Family, scheduler, x_in: torch.Tensor, pred: torch.Tensor, 
     sigma = sigma_at(family, scheduler, t)
     x = x_in.float()
     p = pred.float()
+    if x.ndim == p.ndim and x.shape[1] != p.shape[1]:
+        x = x[:, : p.shape[1]]  # inpaint UNets also take mask and masked-image channels
     if kind == "flow":
         return x - sigma * p
     a = 1.0 / math.sqrt(1.0 + sigma * sigma)  # √ᾱ

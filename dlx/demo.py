@@ -1,0 +1,40 @@
+"""The model behind ``python -m dlx demo``: the embedded shapes model when shipped, else a tiny one."""
+
+from __future__ import annotations
+
+from .errors import DlxError
+
+
+def _shapes_available() -> bool:
+    try:
+        from . import zoo
+
+        return "shapes" in zoo.available()
+    except Exception:  # zoo not built yet or weights missing
+        return False
+
+
+def demo_pipeline(model: str = "auto", steps: int = 25, seed: int = 0, prompt=None, guidance_scale=None):
+    """(pipeline, call kwargs, label) for the demo; ``model`` is 'auto', 'shapes' or 'tiny'."""
+    import torch
+
+    if model not in ("auto", "shapes", "tiny"):
+        raise DlxError(f"argument `model` must be 'auto', 'shapes' or 'tiny'; got {model!r}")
+    if model == "shapes" or (model == "auto" and _shapes_available()):
+        from . import zoo
+
+        info = zoo.info("shapes")
+        pipe = zoo.load("shapes", device="cpu", dtype=torch.float32)
+        kwargs = dict(
+            prompt=prompt or info.get("example_prompt", "a red circle left of a blue square"),
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale if guidance_scale is not None else info.get("recommended_guidance_scale", 3.0),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        return pipe, kwargs, "embedded shapes model (dlx.zoo)"
+    from .testing import example_inputs, tiny_pipeline
+
+    pipe = tiny_pipeline("sd", seed=seed)
+    kwargs = example_inputs("sd", steps=steps, seed=seed, prompt=prompt or "a red circle",
+                            guidance_scale=guidance_scale if guidance_scale is not None else 5.0)
+    return pipe, kwargs, "tiny random-weight SD pipeline (dlx.testing)"

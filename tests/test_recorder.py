@@ -1,0 +1,236 @@
+"""Recorder and record(): every step seen, output untouched, pipeline left as found."""
+
+import math
+
+import pytest
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, SDCFGCutoffCallback
+
+import dlx
+from dlx.families import family_of
+from dlx.session import Part
+from dlx.testing import FAMILIES, example_inputs
+
+from .helpers import bitwise, pipe_for, pipeline_state, run
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_records_every_step_without_changing_the_output(family):
+    pipe = pipe_for(family)
+    ref = run(pipe, family)
+    before = pipeline_state(pipe)
+    with dlx.record(pipe) as trace:
+        out = run(pipe, family)
+    assert bitwise(out, ref), "recording changed the output"
+    assert pipeline_state(pipe) == before
+    assert len(trace) == pipe.num_timesteps == 4
+    assert bitwise(trace[-1].latents, out), "final recorded latents differ from output_type='latent'"
+    fam = family_of(pipe)
+    for i, s in enumerate(trace):
+        assert s.index == i
+        assert s.latents.shape == out.shape
+        assert s.cond.shape == out.shape and s.uncond.shape == out.shape and s.x0.shape == out.shape
+        assert s.cfg_active and s.nfe == 2.0
+        assert s.step_ms > 0 and math.isfinite(s.sigma)
+        assert not torch.equal(s.cond, s.uncond)
+    assert len(trace.conditioning) == 1, "unchanged embeddings must be stored once"
+    assert set(trace.conditioning[0]) == set(fam.conditioning)
+    b = out.shape[0]
+    assert trace.conditioning[0]["prompt_embeds"].shape[0] == (b if fam.cfg == "calls" else 2 * b)
+    assert trace.meta["pipeline"] == type(pipe).__name__ and trace.meta["family"] == fam.name
+    assert trace.meta["stop_reason"] == "completed" and trace.nfe == [8.0]
+    assert trace.meta["seed"] == 0 and trace.meta["versions"]["dlx"] == dlx.__version__
+
+
+def test_latents_in_the_trace_are_each_step_of_the_run():
+    pipe = pipe_for("sd")
+    seen = []
+
+    def spy(p, i, t, kw):
+        seen.append(kw["latents"].clone())
+        return kw
+
+    with dlx.record(pipe) as trace:
+        run(pipe, "sd", callback_on_step_end=spy, callback_on_step_end_tensor_inputs=["latents"])
+    assert len(seen) == len(trace)
+    for s, lat in zip(trace, seen):
+        assert bitwise(s.latents, lat)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_x0_matches_the_schedulers_own_estimate(scheduler):
+    pipe = pipe_for("sd", scheduler)
+    sched = pipe.scheduler
+    orig = sched.step
+    x0s = []
+
+    def step(*a, **k):
+        k["return_dict"] = True
+        res = orig(*a, **k)
+        x0s.append(res.pred_original_sample.clone())
+        return (res.prev_sample,)
+
+    sched.step = step
+    try:
+        with dlx.record(pipe) as trace:
+            run(pipe, "sd")
+    finally:
+        del sched.step
+    assert len(x0s) == len(trace)
+    for s, ref in zip(trace, x0s):
+        # float32 arithmetic along two routes: agree to 1e-4 relative
+        assert torch.allclose(s.x0, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "sd-controlnet"])
+def test_pipeline_restored_after_an_exception_inside_the_loop(family):
+    pipe = pipe_for(family)
+    ref = run(pipe, family)
+    before = pipeline_state(pipe)
+
+    def boom(p, i, t, kw):
+        if i == 1:
+            raise RuntimeError("boom at step 1")
+        return kw
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with dlx.record(pipe, dlx.CFGCutoff(ratio=0.5)) as trace:
+            run(pipe, family, callback_on_step_end=boom)
+    assert pipeline_state(pipe) == before
+    assert "boom" in trace.stop_reason and len(trace) == 1
+    assert bitwise(run(pipe, family), ref), "the pipeline no longer produces its old output"
+
+
+class _Explode(Part):
+    wants_calls = True
+
+    def on_denoiser(self, run, call):
+        if call.step == 2:
+            raise KeyboardInterrupt  # also a user pressing stop in Jupyter
+
+
+def test_restored_after_interrupt_from_inside_the_denoiser():
+    pipe = pipe_for("sd")
+    run(pipe, "sd")
+    before = pipeline_state(pipe)
+    with pytest.raises(KeyboardInterrupt):
+        with dlx.record(pipe, _Explode()) as trace:
+            run(pipe, "sd")
+    assert pipeline_state(pipe) == before
+    assert len(trace) == 2 and trace.stop_reason.startswith("error: KeyboardInterrupt")
+
+
+def test_plain_callback_records_what_callbacks_see_and_composes_with_official_callbacks():
+    pipe = pipe_for("sd")
+    rec = dlx.Recorder(pipe)
+    assert rec.tensor_inputs == ["latents", "prompt_embeds"]
+    official = SDCFGCutoffCallback(cutoff_step_ratio=0.5)
+    ref = run(pipe, "sd", callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5))
+    out = run(pipe, "sd", callback_on_step_end=MultiPipelineCallbacks([official, rec]))
+    assert bitwise(out, ref)
+    t = rec.trace
+    assert len(t) == 4 and bitwise(t[-1].latents, out)
+    assert t[0].cond is None  # predictions need the tap
+    # the official callback sliced the embeddings after step 2: stored again, with the cond half
+    assert len(t.conditioning) == 2 and t.conditioning[1]["prompt_embeds"].shape[0] == 1
+    assert [s.conditioning for s in t] == [0, 0, 1, 1]
+    assert math.isnan(t[0].step_ms) and t[1].step_ms > 0
+
+
+def test_attached_recorder_sees_the_official_cutoff_take_effect():
+    pipe = pipe_for("sdxl")
+    from diffusers.callbacks import SDXLCFGCutoffCallback
+
+    ref = run(pipe, "sdxl", callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=0.5))
+    with dlx.record(pipe) as trace:
+        out = run(pipe, "sdxl", callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=0.5))
+    assert bitwise(out, ref)
+    # diffusers' callback fires after step int(4·0.5) = 2, so steps 0..2 are guided
+    assert [s.cfg_active for s in trace] == [True, True, True, False]
+    assert [s.nfe for s in trace] == [2, 2, 2, 1]
+    assert trace[3].uncond is None and trace.last_guided_step == 2
+
+
+def test_storage_options():
+    pipe = pipe_for("sd")
+    with dlx.record(pipe, keep=("latents", "cond"), dtype=torch.float16, downsample=2) as trace:
+        out = run(pipe, "sd")
+    s = trace[0]
+    assert s.latents.dtype == torch.float16 and s.cond.dtype == torch.float16
+    assert s.latents.shape[-1] == out.shape[-1] // 2
+    assert s.uncond is None and s.x0 is None and trace.conditioning == []
+    assert torch.allclose(s.latents.float(), torch.nn.functional.avg_pool2d(trace[0].latents.float(), 1), atol=0)
+
+
+def test_one_run_per_recorder():
+    pipe = pipe_for("sd")
+    with pytest.raises(dlx.DlxError, match="already holds a run"):
+        with dlx.record(pipe):
+            run(pipe, "sd")
+            run(pipe, "sd")
+    assert pipeline_state(pipe)["class"].__name__ == "StableDiffusionPipeline"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(keep=("latents", "noise")), r"`keep`.*'noise'"),
+        (dict(dtype="fp16"), r"`dtype`.*'fp16'"),
+        (dict(downsample=0), r"`downsample`.*0"),
+        (dict(storage="disk"), r"`storage`.*'disk'"),
+    ],
+)
+def test_bad_recorder_arguments(kwargs, match):
+    with pytest.raises(dlx.DlxError, match=match):
+        dlx.Recorder(pipe_for("sd"), **kwargs)
+
+
+class _Wants(Part):
+    tensor_inputs = ["add_text_embeds"]
+
+
+def test_asking_for_a_tensor_the_pipeline_does_not_expose_lists_what_it_exposes():
+    pipe = pipe_for("sd")
+    with pytest.raises(dlx.DlxError, match=r"\['add_text_embeds'\].*exposes \['latents', 'prompt_embeds', 'negative_prompt_embeds'\]"):
+        with dlx.attach(pipe, _Wants()):
+            run(pipe, "sd")
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and "_dlx_session" not in type(pipe).__dict__
+
+
+def test_pipeline_without_callbacks_cannot_be_recorded():
+    from diffusers import PixArtAlphaPipeline
+
+    with pytest.raises(dlx.DlxError, match="PixArtAlphaPipeline has no `callback_on_step_end`"):
+        dlx.family_of(PixArtAlphaPipeline)
+
+
+def test_unsupported_pipeline_names_its_class_and_the_supported_families():
+    class KandinskyV22Pipeline:
+        _callback_tensor_inputs = ["latents"]
+
+        def __call__(self, prompt, callback_on_step_end=None):
+            pass
+
+    with pytest.raises(dlx.DlxError, match=r"KandinskyV22Pipeline is not supported.*sdxl \(StableDiffusionXLPipeline"):
+        dlx.Recorder(KandinskyV22Pipeline())
+
+
+def test_attach_rejects_non_parts_and_nesting():
+    pipe = pipe_for("sd")
+    with pytest.raises(dlx.DlxError, match="got <function"):
+        with dlx.attach(pipe, lambda *a: a):
+            pass
+    with dlx.attach(pipe):
+        with pytest.raises(dlx.DlxError, match="already attached"):
+            with dlx.attach(pipe):
+                pass
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and "_dlx_session" not in type(pipe).__dict__
+
+
+def test_example_inputs_give_batch_rows_to_the_trace():
+    pipe = pipe_for("sd")
+    with dlx.record(pipe) as trace:
+        pipe(**example_inputs("sd", batch=2, num_images_per_prompt=2))
+    assert trace.meta["batch"] == 4 and trace[0].cond.shape[0] == 4
+    df = trace.to_frame(per_sample=True)
+    assert len(df) == 4 * 4 and set(df["sample"]) == {0, 1, 2, 3}
