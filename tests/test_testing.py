@@ -217,6 +217,23 @@ def test_components_have_independent_weights():
     assert not torch.equal(emb1, emb2)
 
 
+def test_adding_a_component_does_not_shift_others():
+    # Same seed and config: the UNet of sd-controlnet (built alongside a ControlNet) and of
+    # sd-img2img must equal sd's, since each component is seeded from its own name.
+    base = cached("sd").unet.state_dict()
+    for family in ("sd-controlnet", "sd-img2img"):
+        other = cached(family).unet.state_dict()
+        assert all(torch.equal(base[k], other[k]) for k in base)
+
+
+@pytest.mark.parametrize("family", ["sd-img2img", "sdxl-img2img"])
+@pytest.mark.parametrize("steps", [1, 5])
+def test_img2img_step_counts(family, steps):
+    calls = []
+    run(cached(family), family, steps=steps, callback_on_step_end=lambda p, i, t, kw: calls.append(i) or kw)
+    assert len(calls) == steps
+
+
 def test_global_rng_untouched():
     state = torch.get_rng_state()
     T.tiny_pipeline("sd", seed=5)
