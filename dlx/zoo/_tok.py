@@ -51,4 +51,5 @@ def write_tokenizer(folder: str | Path):
 
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
                         model_max_length=MAX_TOKENS, pad_token="<|endoftext|>")
+    tok.save_pretrained(str(folder))  # tokenizer_config.json keeps model_max_length
     return tok

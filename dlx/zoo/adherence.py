@@ -1,0 +1,336 @@
+"""Prompt adherence for the shapes model: does each image show what its caption says?
+
+Per image and per object of the caption:
+  colour: a connected region of that palette colour exists (pixels assigned to the nearest
+          of palette + background colours, within a distance; the largest connected
+          component after a 3x3 opening; at least MIN_AREA pixels);
+  shape:  a small shipped CNN classifies that region's mask (cropped, resampled to 24x24)
+          as the caption's shape;
+  relation (captions with one): the centroids of the two regions stand in that relation,
+          by at least REL_MARGIN pixels along the relation's axis.
+`ok` is the conjunction. `n_extra` counts regions of palette colours the caption does not
+name (reported, not part of `ok`).
+
+Only torch is imported at module import; pandas when a DataFrame is asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dlx.zoo import shapes_data as sd
+
+MIN_AREA = 30
+COLOUR_TOL = 0.30
+REL_MARGIN = 3.0
+CROP = 24
+CLASSIFIER_FILE = "adherence_classifier.safetensors"
+
+
+class ShapeNet(nn.Module):
+    """Mask crop (1, 24, 24) -> shape logits."""
+
+    def __init__(self, n_shapes: int = len(sd.SHAPES)):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 12
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 6
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 3
+            nn.Flatten(), nn.Linear(64 * 9, 64), nn.ReLU(), nn.Linear(64, n_shapes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images / uint8 or float arrays (H, W, 3) / a tensor (B, 3, H, W) in [0, 1]
+    -> float tensor (B, 3, 64, 64) on the CPU."""
+    if isinstance(images, torch.Tensor):
+        x = images.detach().float().cpu()
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if x.shape[1] != 3 and x.shape[-1] == 3:
+            x = x.permute(0, 3, 1, 2)
+        if x.max() > 1.5:
+            x = x / 255.0
+    else:
+        import numpy as np
+
+        arrs = []
+        for im in images:
+            a = np.asarray(im.convert("RGB") if hasattr(im, "convert") else im)
+            a = a.astype("float32") / (255.0 if a.dtype == np.uint8 or a.max() > 1.5 else 1.0)
+            arrs.append(torch.from_numpy(a).permute(2, 0, 1))
+        x = torch.stack(arrs)
+    if x.shape[-1] != sd.IMAGE_SIZE or x.shape[-2] != sd.IMAGE_SIZE:
+        x = F.interpolate(x, size=(sd.IMAGE_SIZE, sd.IMAGE_SIZE), mode="area")
+    return x.clamp(0, 1)
+
+
+def segment(x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel label: palette index, len(PALETTE) for background, -1 for neither."""
+    B = x.shape[0]
+    border = torch.cat([x[:, :, 0, :], x[:, :, -1, :], x[:, :, :, 0], x[:, :, :, -1]], 2)
+    bg = border.median(dim=2).values  # (B, 3)
+    pal = sd.PALETTE.to(x.device)
+    cols = torch.cat([pal.unsqueeze(0).expand(B, -1, -1), bg.unsqueeze(1)], 1)  # (B, K+1, 3)
+    d = torch.cdist(x.flatten(2).transpose(1, 2), cols)  # (B, HW, K+1)
+    dmin, lab = d.min(2)
+    lab = torch.where(dmin < COLOUR_TOL, lab, torch.full_like(lab, -1))
+    return lab.view(B, *x.shape[2:])
+
+
+def _largest_component(mask: torch.Tensor) -> torch.Tensor:
+    """mask (N, H, W) bool -> its largest 8-connected component, after a 3x3 opening."""
+    m = mask.float().unsqueeze(1)
+    m = -F.max_pool2d(-m, 3, 1, 1)  # erode
+    m = F.max_pool2d(m, 3, 1, 1) * mask.float().unsqueeze(1)  # dilate within the mask
+    N, _, H, W = m.shape
+    idx = torch.arange(1, H * W + 1, dtype=torch.float32, device=m.device).view(1, 1, H, W)
+    lab = idx * m
+    for _ in range(H * 2):
+        new = F.max_pool2d(lab, 3, 1, 1) * m
+        if torch.equal(new, lab):
+            break
+        lab = new
+    lab = lab.view(N, -1).long()
+    out = torch.zeros(N, H * W, dtype=torch.bool, device=m.device)
+    for i in range(N):
+        if lab[i].max() == 0:
+            continue
+        counts = torch.bincount(lab[i], minlength=H * W + 1)
+        counts[0] = 0
+        out[i] = lab[i] == counts.argmax()
+    return out.view(N, H, W)
+
+
+def _crops(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mask (N, H, W) bool -> (crops (N, 1, CROP, CROP), centroids (N, 2) xy, areas (N,))."""
+    N, H, W = mask.shape
+    m = mask.float()
+    area = m.flatten(1).sum(1)
+    ys = torch.arange(H, dtype=torch.float32).view(1, H, 1) + 0.5
+    xs = torch.arange(W, dtype=torch.float32).view(1, 1, W) + 0.5
+    a = area.clamp_min(1)
+    cx = (m * xs).flatten(1).sum(1) / a
+    cy = (m * ys).flatten(1).sum(1) / a
+    big = 1e4
+    x0 = torch.where(mask, xs.expand(N, H, W), big).flatten(1).min(1).values
+    x1 = torch.where(mask, xs.expand(N, H, W), -big).flatten(1).max(1).values
+    y0 = torch.where(mask, ys.expand(N, H, W), big).flatten(1).min(1).values
+    y1 = torch.where(mask, ys.expand(N, H, W), -big).flatten(1).max(1).values
+    bx, by = (x0 + x1) / 2, (y0 + y1) / 2
+    side = (torch.maximum(x1 - x0, y1 - y0) + 3).clamp_min(4)
+    lin = torch.linspace(-0.5, 0.5, CROP)
+    gx = (bx.view(N, 1, 1) + side.view(N, 1, 1) * lin.view(1, 1, CROP)) / W * 2 - 1
+    gy = (by.view(N, 1, 1) + side.view(N, 1, 1) * lin.view(1, CROP, 1)) / H * 2 - 1
+    grid = torch.stack([gx.expand(N, CROP, CROP), gy.expand(N, CROP, CROP)], -1)
+    crops = F.grid_sample(m.unsqueeze(1), grid, mode="bilinear", align_corners=False)
+    return crops, torch.stack([cx, cy], 1), area
+
+
+_CLF: dict = {}
+
+
+def load_classifier(path: str | Path | None = None) -> ShapeNet:
+    from dlx.errors import DlxError
+
+    path = Path(path) if path else Path(__file__).parent / "shapes" / CLASSIFIER_FILE
+    key = str(path)
+    if key not in _CLF:
+        if not path.is_file():
+            raise DlxError(f"adherence classifier weights missing: {path} (folder {path.parent})")
+        from safetensors.torch import load_file
+
+        net = ShapeNet()
+        net.load_state_dict(load_file(str(path)))
+        _CLF[key] = net.eval()
+    return _CLF[key]
+
+
+@torch.no_grad()
+def analyse(x: torch.Tensor, colours: list[list[int]], net: ShapeNet | None = None):
+    """For images x (B,3,64,64) and per image a list of colour indices, the region of each
+    colour: returns dict of tensors (B, 2): present, shape (pred, -1 if absent),
+    shape_p, cx, cy; and n_extra (B,)."""
+    net = net or load_classifier()
+    B = x.shape[0]
+    lab = segment(x)
+    K = len(sd.COLOURS)
+    masks = torch.stack([lab == k for k in range(K)], 1).float()  # (B, K, H, W)
+    opened = F.max_pool2d(-F.max_pool2d(-masks, 3, 1, 1), 3, 1, 1) * masks
+    present_any = opened.flatten(2).sum(2) >= MIN_AREA  # (B, K)
+    pairs = [(i, j, c) for i, cs in enumerate(colours) for j, c in enumerate(cs)]
+    out = {k: torch.zeros(B, 2) for k in ("cx", "cy", "shape_p")}
+    out["present"] = torch.zeros(B, 2, dtype=torch.bool)
+    out["shape"] = torch.full((B, 2), -1, dtype=torch.long)
+    if pairs:
+        ii = torch.tensor([p[0] for p in pairs])
+        cc = torch.tensor([p[2] for p in pairs])
+        comp = _largest_component(lab[ii] == cc.view(-1, 1, 1))
+        crops, cent, area = _crops(comp)
+        prob = net(crops).softmax(-1)
+        for n, (i, j, c) in enumerate(pairs):
+            present = bool(area[n] >= MIN_AREA)
+            out["present"][i, j] = present
+            out["shape"][i, j] = int(prob[n].argmax()) if present else -1
+            out["shape_p"][i, j] = prob[n].max()
+            out["cx"][i, j], out["cy"][i, j] = cent[n, 0], cent[n, 1]
+    n_extra = torch.zeros(B, dtype=torch.long)
+    for i, cs in enumerate(colours):
+        n_extra[i] = sum(int(present_any[i, k]) for k in range(K) if k not in cs)
+    out["n_extra"] = n_extra
+    return out
+
+
+def adherence(images, prompts, as_frame: bool = True, net: ShapeNet | None = None):
+    """Per image, whether it shows its prompt: a pandas DataFrame, one row per image, with
+    columns prompt, template, colour0, shape0, colour1, shape1, relation (nullable
+    booleans: <NA> where the prompt has no such part), ok (bool), n_extra (int),
+    shape0_pred, shape1_pred (shape names or None).  With as_frame=False, a list of dicts.
+    Prompts must be captions of the shapes language (dlx.zoo.info("shapes")); the images
+    PIL images, arrays (H, W, 3) or a tensor (B, 3, H, W) in [0, 1]."""
+    from dlx.errors import DlxError
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    x = to_tensor(images)
+    if x.shape[0] != len(prompts):
+        raise DlxError(f"{x.shape[0]} images but {len(prompts)} prompts")
+    parsed = [sd.parse(p) for p in prompts]
+    colours = [[sd.COLOURS.index(o["colour"]) for o in q["objects"]] for q in parsed]
+    res = analyse(x, colours, net)
+    rows = []
+    for i, (p, q) in enumerate(zip(prompts, parsed)):
+        row = {"prompt": p, "template": q["template"]}
+        oks = []
+        for j in range(2):
+            if j < len(q["objects"]):
+                present = bool(res["present"][i, j])
+                pred = int(res["shape"][i, j])
+                shape_ok = present and sd.SHAPES[pred] == q["objects"][j]["shape"]
+                row[f"colour{j}"], row[f"shape{j}"] = present, shape_ok
+                row[f"shape{j}_pred"] = sd.SHAPES[pred] if present else None
+                oks += [present, shape_ok]
+            else:
+                row[f"colour{j}"] = row[f"shape{j}"] = None
+                row[f"shape{j}_pred"] = None
+        rel = q["relation"]
+        if rel is None:
+            row["relation"] = None
+        else:
+            dx = float(res["cx"][i, 1] - res["cx"][i, 0])  # second minus first
+            dy = float(res["cy"][i, 1] - res["cy"][i, 0])
+            both = bool(res["present"][i, 0] and res["present"][i, 1])
+            hold = {"left of": dx > REL_MARGIN, "right of": -dx > REL_MARGIN,
+                    "above": dy > REL_MARGIN, "below": -dy > REL_MARGIN}[rel]
+            row["relation"] = both and hold
+            oks.append(row["relation"])
+        row["ok"] = all(oks)
+        row["n_extra"] = int(res["n_extra"][i])
+        rows.append(row)
+    if not as_frame:
+        return rows
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=["prompt", "template", "colour0", "shape0", "colour1",
+                                     "shape1", "relation", "ok", "n_extra", "shape0_pred",
+                                     "shape1_pred"])
+    for c in ("colour0", "shape0", "colour1", "shape1", "relation"):
+        df[c] = df[c].astype("boolean")
+    df["ok"] = df["ok"].astype(bool)
+    return df
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Generation-like damage for training the classifier: blur, noise, colour shifts."""
+    B = x.shape[0]
+    k = torch.tensor([0.25, 0.5, 0.25])
+    blur = (k.view(1, 3) * k.view(3, 1)).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    xb = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), blur, groups=3)
+    w = torch.rand(B, 1, 1, 1, generator=g)
+    x = w * xb + (1 - w) * x
+    x = x + 0.06 * torch.rand(B, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
+    x = x + 0.05 * (torch.rand(B, 3, 1, 1, generator=g) - 0.5)
+    return x.clamp(0, 1)
+
+
+def train_classifier(steps: int = 1500, batch: int = 128, seed: int = 7, out: str | Path | None = None,
+                     log=print) -> dict:
+    """Train ShapeNet on regions segmented from fresh renders (as adherence() sees them);
+    returns measured accuracies on fresh, unaugmented renders of another seed."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net = ShapeNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    K = len(sd.COLOURS)
+    for step in range(steps):
+        sc = sd.sample_scenes(batch, g)
+        x = augment(sd.render(sc), g)
+        lab = segment(x)
+        n_obj = torch.where(sc.template == sd.T_SINGLE, 1, 2)
+        cols = torch.cat([sc.colour[:, 0], sc.colour[:, 1][n_obj == 2]])
+        shp = torch.cat([sc.shape[:, 0], sc.shape[:, 1][n_obj == 2]])
+        img = torch.cat([torch.arange(batch), torch.arange(batch)[n_obj == 2]])
+        masks = lab[img] == cols.view(-1, 1, 1)
+        comp = _largest_component(masks)
+        crops, _, area = _crops(comp)
+        keep = area >= MIN_AREA
+        loss = F.cross_entropy(net(crops[keep]), shp[keep])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"classifier step {step} loss {loss.item():.4f}")
+    net.eval()
+    _CLF.clear()
+    metrics = evaluate_metric(net, n=2000, seed=seed + 1000)
+    if out:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_metric(net: ShapeNet | None = None, n: int = 2000, seed: int = 12345) -> dict:
+    """Accuracy of the metric on fresh renders: per-object shape accuracy, share of renders
+    judged ok for their own caption, and share judged ok for a mismatched caption."""
+    net = net or load_classifier()
+    g = torch.Generator().manual_seed(seed)
+    sc = sd.sample_scenes(n, g)
+    x = sd.render(sc)
+    caps = sc.captions()
+    n_obj = [1 if int(t) == sd.T_SINGLE else 2 for t in sc.template]
+    cols = [sc.colour[i, :n_obj[i]].tolist() for i in range(n)]
+    res = analyse(x, cols, net)
+    correct = total = 0
+    for i in range(n):
+        for j in range(n_obj[i]):
+            total += 1
+            correct += int(res["shape"][i, j] == sc.shape[i, j])
+    ok_true = sum(r["ok"] for r in adherence(x, caps, False, net)) / n
+    # mismatched: each caption corrupted in one part (a shape, a colour or the relation)
+    wrong = []
+    for i in range(n):
+        c0, c1 = int(sc.colour[i, 0]), int(sc.colour[i, 1])
+        s0, s1 = int(sc.shape[i, 0]), int(sc.shape[i, 1])
+        t, r = int(sc.template[i]), int(sc.relation[i])
+        kind = int(torch.randint(3 if t == sd.T_RELATION else 2, (1,), generator=g))
+        if kind == 0:  # another shape for one object
+            s0 = (s0 + 1 + int(torch.randint(len(sd.SHAPES) - 1, (1,), generator=g))) % len(sd.SHAPES)
+        elif kind == 1:  # a colour that is not in the image
+            free = [k for k in range(len(sd.COLOURS)) if k not in (c0, c1)]
+            c0 = free[int(torch.randint(len(free), (1,), generator=g))]
+        else:  # the opposite relation
+            r = r ^ 1
+        wrong.append(sd.caption(t, [c0, c1], [s0, s1], r))
+    ok_wrong = sum(r["ok"] for r in adherence(x, wrong, False, net)) / n
+    return {"shape_accuracy": correct / total, "ok_on_own_caption": ok_true,
+            "ok_on_mismatched_caption": ok_wrong, "n_renders": n}

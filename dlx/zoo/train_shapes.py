@@ -1,0 +1,363 @@
+"""Train the shipped "shapes" text-to-image pipeline (dlx/zoo/shapes/).
+
+    python -m dlx.zoo.train_shapes --workdir ckpt --export out/shapes --vae-seconds 60 \
+        --unet-minutes 6.5 --sweep out/sweep.json
+
+Stages, all in one process and time-boxed so a run fits a 10-minute GPU lease:
+  1. vae:   AutoencoderKL 64x64x3 -> 16x16x4 on fresh renders (L1 + MSE + tiny KL);
+            then the latent scaling factor = 1 / std of the latents;
+  2. unet:  UNet2DConditionModel + CLIPTextModel from scratch, v-prediction on a
+            zero-terminal-SNR "scaled_linear" schedule, caption dropout to the empty
+            caption "" (exactly the pipeline's unconditional input), EMA of the weights;
+  3. export: StableDiffusionPipeline (DDIM, trailing spacing) in fp16 with save_pretrained;
+  4. sweep: adherence over guidance scales on the 200 held-out (prompt, seed) pairs.
+
+Reproducible from --seed: data come from torch generators seeded from it, whose states
+are checkpointed with the models, the EMA and the optimiser in <workdir>/ckpt.pt every
+--ckpt-every seconds; --resume continues from there (same data stream, same optimiser
+state).  --init-from <exported pipeline folder> warm-starts the UNet and the text encoder
+from an exported (fp16) pipeline and keeps its VAE: a resume for when only the exported
+pipeline could be carried between machines (the optimiser moments restart with a short
+warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dlx.zoo import shapes_data as sd
+from dlx.zoo._tok import build_vocab_merges, write_tokenizer
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=32,
+)
+UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(64, 128, 160),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=128, attention_head_dim=32, norm_num_groups=32,
+)
+TEXT_CONFIG = dict(
+    hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+    max_position_embeddings=sd.MAX_TOKENS, projection_dim=128,
+    bos_token_id=0, eos_token_id=1, pad_token_id=1,
+)
+SCHEDULE = dict(
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+    beta_end=0.012, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+    timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+)
+SWEEP_SCALES = [float(s) for s in os.environ.get("DLX_SWEEP_SCALES", "1,1.5,2,3,4,5,6,7.5").split(",")]
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def build_models(vocab_size: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = AutoencoderKL(**VAE_CONFIG)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, **TEXT_CONFIG))
+    return vae, unet, te
+
+
+def make_pipeline(vae, unet, te, tokenizer):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    sched = DDIMScheduler(**SCHEDULE)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def export(vae, unet, te, folder: Path, tok_dir: Path):
+    """save_pretrained in fp16 (loads in fp32 with torch_dtype); tokenizer with its
+    vocab.json and merges.txt."""
+    import copy
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tok = CLIPTokenizer.from_pretrained(str(tok_dir))
+    pipe = make_pipeline(copy.deepcopy(vae).half(), copy.deepcopy(unet).half(),
+                         copy.deepcopy(te).half(), tok)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(tok_dir / f, folder / "tokenizer" / f)
+    return folder
+
+
+@torch.no_grad()
+def measure(pipe, pairs, scales, steps: int = 25, batch: int = 200, log=log) -> dict:
+    """Adherence (share of images judged ok) per guidance scale on (prompt, seed) pairs.
+    Noise comes from CPU generators seeded per pair, so any device draws the same."""
+    from dlx.zoo.adherence import adherence
+
+    out = {}
+    for s in scales:
+        frames = []
+        for i in range(0, len(pairs), batch):
+            chunk = pairs[i:i + batch]
+            gens = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
+            imgs = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=s,
+                        generator=gens, output_type="pt").images
+            frames.append(adherence(imgs.float().cpu(), [p for p, _ in chunk]))
+        import pandas as pd
+
+        df = pd.concat(frames, ignore_index=True)
+        by_t = df.groupby("template")["ok"].mean().round(4).to_dict()
+        out[str(s)] = {"adherence": round(float(df["ok"].mean()), 4), "by_template": by_t,
+                       "relation": (round(float(df["relation"].dropna().astype(bool).mean()), 4)
+                                    if df["relation"].notna().any() else None),
+                       "n": len(df)}
+        log(f"scale {s}: adherence {out[str(s)]['adherence']:.3f} {by_t}")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="ckpt")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-seconds", type=float, default=60)
+    ap.add_argument("--vae-batch", type=int, default=64)
+    ap.add_argument("--unet-minutes", type=float, default=6.0, help="time box of this run's UNet stage")
+    ap.add_argument("--max-steps", type=int, default=10**9)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--dropout", type=float, default=0.15, help="caption dropout to the empty caption")
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--ckpt-every", type=float, default=120, help="seconds")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-from", default=None)
+    ap.add_argument("--export", default=None, help="folder to save the fp16 pipeline in")
+    ap.add_argument("--sweep", default=None, help="json file for the guidance-scale sweep")
+    ap.add_argument("--sweep-only", action="store_true", help="only sweep the pipeline in --export")
+    ap.add_argument("--sweep-n", type=int, default=200)
+    ap.add_argument("--sweep-steps", type=int, default=25)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    if args.sweep_only:
+        return sweep(args, dev)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    tok_dir = work / "tokenizer"
+    write_tokenizer(tok_dir)
+    vocab, _ = build_vocab_merges()
+    torch.manual_seed(args.seed)
+
+    vae, unet, te = build_models(len(vocab))
+    ckpt_path = work / "ckpt.pt"
+    state = {"stage": "vae", "vae_step": 0, "step": 0, "scaling_factor": None,
+             "history": [], "unet_seconds": 0.0}
+    ema_unet = ema_te = None
+    opt_state = None
+    g = torch.Generator(device=dev).manual_seed(args.seed)
+    if args.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        vae.load_state_dict(ck["vae"]); unet.load_state_dict(ck["unet"]); te.load_state_dict(ck["te"])  # noqa: E702
+        ema_unet, ema_te, opt_state = ck["ema_unet"], ck["ema_te"], ck.get("opt")
+        state = ck["state"]
+        g.set_state(ck["gen_state"])
+        log(f"resumed from {ckpt_path}: stage {state['stage']} step {state['step']}")
+    elif args.init_from:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        src = Path(args.init_from)
+        vae = AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(src / "unet", torch_dtype=torch.float32)
+        te = CLIPTextModel.from_pretrained(src / "text_encoder", torch_dtype=torch.float32)
+        prev = json.loads((src / "train_state.json").read_text()) if (src / "train_state.json").exists() else {}
+        state.update({"stage": "unet", "scaling_factor": vae.config.scaling_factor,
+                      "step": prev.get("step", 0), "vae_step": prev.get("vae_step", 0),
+                      "history": prev.get("history", []), "unet_seconds": prev.get("unet_seconds", 0.0),
+                      "init_from": str(src)})
+        g.manual_seed(args.seed + 7919 * (1 + state["step"]))  # a fresh, seeded data stream
+        log(f"warm start from {src} at step {state['step']}")
+    vae.to(dev); unet.to(dev); te.to(dev)  # noqa: E702
+
+    def save_ckpt():
+        torch.save({"vae": vae.state_dict(), "unet": unet.state_dict(), "te": te.state_dict(),
+                    "ema_unet": ema_unet, "ema_te": ema_te,
+                    "opt": opt.state_dict() if state["stage"] != "vae" else None,
+                    "state": state, "gen_state": g.get_state(), "args": vars(args)},
+                   str(ckpt_path) + ".tmp")
+        os.replace(str(ckpt_path) + ".tmp", ckpt_path)
+
+    # ---------------- stage 1: the VAE ----------------
+    if state["stage"] == "vae":
+        vopt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+        t0 = time.time()
+        vae.train()
+        while time.time() - t0 < args.vae_seconds and state["vae_step"] < args.max_steps:
+            sc = sd.sample_scenes(args.vae_batch, g, device=dev)
+            x = sd.render(sc) * 2 - 1
+            with torch.autocast(**amp):
+                post = vae.encode(x).latent_dist
+                rec = vae.decode(post.sample()).sample.float()
+            kl = post.kl().mean()
+            loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl
+            lr = 1e-3 * min(1.0, (state["vae_step"] + 1) / 200)
+            for pg in vopt.param_groups:
+                pg["lr"] = lr
+            vopt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            vopt.step()
+            state["vae_step"] += 1
+            if state["vae_step"] % 200 == 0:
+                log(f"vae step {state['vae_step']} loss {loss.item():.4f} kl {kl.item():.1f}")
+        vae.eval()
+        with torch.no_grad():
+            sc = sd.sample_scenes(2048, g, device=dev)
+            x = sd.render(sc) * 2 - 1
+            z = vae.encode(x).latent_dist.sample()
+            rec = vae.decode(z).sample.clamp(-1, 1)
+            err = (rec - x).abs().mean().item()
+            state["scaling_factor"] = float(1.0 / z.std())
+            state["vae_l1"] = err
+            state["latent_mean"] = z.mean(dim=(0, 2, 3)).tolist()
+        vae.register_to_config(scaling_factor=state["scaling_factor"])
+        log(f"vae done: {state['vae_step']} steps, recon L1 {err:.4f} (in [-1,1]), "
+            f"scaling factor {state['scaling_factor']:.4f}, latent mean {state['latent_mean']}")
+        state["stage"] = "unet"
+    vae.register_to_config(scaling_factor=state["scaling_factor"])
+    vae.requires_grad_(False).eval()
+
+    # ---------------- stage 2: UNet + text encoder ----------------
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULE.items()
+                                   if k not in ("set_alpha_to_one", "steps_offset")})
+    acp = noise_sched.alphas_cumprod.to(dev)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    warm_base = state["step"]
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+        warm_base = -10**9  # the optimiser carries on: no new warm-up
+    if ema_unet is None:
+        ema_unet = {k: v.detach().float().clone().cpu() for k, v in unet.state_dict().items()}
+        ema_te = {k: v.detach().float().clone().cpu() for k, v in te.state_dict().items()}
+    ema_u = {k: v.to(dev) for k, v in ema_unet.items()}
+    ema_t = {k: v.to(dev) for k, v in ema_te.items()}
+    empty = sd.empty_ids(vocab, args.batch, device=dev)
+    unet.train(); te.train()  # noqa: E702
+    t0 = time.time()
+    last_ck = t0
+    losses = []
+    sf = state["scaling_factor"]
+    while time.time() - t0 < args.unet_minutes * 60 and state["step"] < args.max_steps:
+        sc = sd.sample_scenes(args.batch, g, device=dev)
+        with torch.no_grad():
+            x = sd.render(sc) * 2 - 1
+            with torch.autocast(**amp):
+                lat = vae.encode(x).latent_dist.sample(generator=g).float() * sf
+            ids = sd.token_ids(sc, vocab)
+            drop = torch.rand(args.batch, generator=g, device=dev) < args.dropout
+            ids = torch.where(drop.view(-1, 1), empty, ids)
+            t = torch.randint(0, 1000, (args.batch,), generator=g, device=dev)
+            noise = torch.randn(lat.shape, generator=g, device=dev)
+            a = acp[t].view(-1, 1, 1, 1)
+            noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
+            target = a.sqrt() * noise - (1 - a).sqrt() * lat  # v
+        with torch.autocast(**amp):
+            enc = te(ids)[0]
+            pred = unet(noisy, t, encoder_hidden_states=enc).sample
+        loss = F.mse_loss(pred.float(), target)
+        lr = args.lr * min(1.0, (state["step"] - warm_base + 1) / args.warmup)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state["step"] += 1
+        d = min(args.ema, (1 + state["step"]) / (10 + state["step"]))
+        with torch.no_grad():
+            for src_sd, ema in ((unet.state_dict(), ema_u), (te.state_dict(), ema_t)):
+                keys = [k for k in ema if ema[k].is_floating_point()]
+                torch._foreach_lerp_([ema[k] for k in keys], [src_sd[k].float() for k in keys], 1 - d)
+        losses.append(loss.detach())
+        if state["step"] % 250 == 0:
+            m = torch.stack(losses).mean().item()
+            losses = []
+            el = time.time() - t0
+            state["history"].append([state["step"], round(m, 5)])
+            log(f"step {state['step']} loss {m:.4f} lr {lr:.2e} {el:.0f}s "
+                f"({(state['step'] - (warm_base if warm_base > 0 else 0)) / max(el, 1e-9):.1f} it/s this run)")
+        if time.time() - last_ck > args.ckpt_every:
+            state["unet_seconds"] += time.time() - last_ck
+            ema_unet = {k: v.cpu() for k, v in ema_u.items()}
+            ema_te = {k: v.cpu() for k, v in ema_t.items()}
+            save_ckpt()
+            last_ck = time.time()
+    state["unet_seconds"] += time.time() - last_ck
+    ema_unet = {k: v.cpu() for k, v in ema_u.items()}
+    ema_te = {k: v.cpu() for k, v in ema_t.items()}
+    save_ckpt()
+    log(f"unet stage done at step {state['step']}; {state['unet_seconds']:.0f} s of UNet training in all")
+
+    # ---------------- stage 3: export the EMA weights ----------------
+    if args.export:
+        unet.load_state_dict(ema_unet)
+        te.load_state_dict(ema_te)
+        vae_c, unet_c, te_c = vae.cpu().float(), unet.cpu().float(), te.cpu().float()
+        folder = export(vae_c, unet_c, te_c, Path(args.export), tok_dir)
+        info = dict(state)
+        info.update({"batch": args.batch, "lr": args.lr, "dropout": args.dropout, "ema": args.ema,
+                     "seed": args.seed, "device_name": torch.cuda.get_device_name() if cuda else "cpu"})
+        (folder / "train_state.json").write_text(json.dumps(info, indent=1))
+        log(f"exported to {folder}")
+
+    if args.sweep:
+        sweep(args, dev, state["step"])
+
+
+def sweep(args, dev, step=None):
+    """Stage 4: adherence over guidance scales for the pipeline in --export."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(args.export)
+    if step is None and (folder / "train_state.json").exists():
+        step = json.loads((folder / "train_state.json").read_text()).get("step")
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(dev)
+    pairs = sd.heldout_pairs(args.sweep_n)
+    res = measure(pipe, pairs, SWEEP_SCALES, steps=args.sweep_steps)
+    Path(args.sweep).write_text(json.dumps({"step": step, "steps": args.sweep_steps,
+                                            "n": len(pairs), "scales": res}, indent=1))
+    return res
+
+if __name__ == "__main__":
+    main()
