@@ -477,12 +477,15 @@ class Preview(Part):
     def _due(self, step: int, num_steps) -> bool:
         return step % self.every == 0 or (num_steps is not None and step == num_steps - 1)
 
-    def _rgb(self, x, fam, pipe, call_kwargs):
-        _check_sample(self.sample, x.shape[0])
+    def _rgb(self, x, fam, pipe, call_kwargs, sliced: bool = False) -> torch.Tensor:
+        """uint8 (h, w, 3) of our sample of ``x`` (batch-first; ``sliced``: already that sample)."""
+        if not sliced:
+            _check_sample(self.sample, x.shape[0])
+            x = x[self.sample:self.sample + 1]
+        # Flux unpacking uses the call's size; without one the grid must be square (Flux's default size is).
         hw = (call_kwargs.get("height"), call_kwargs.get("width"))
         vsf = getattr(pipe, "vae_scale_factor", None) if hw[0] is not None else None
-        return _render(x[self.sample:self.sample + 1], fam, self.factors, self.taesd, hw, vsf,
-                       type(pipe).__name__)[0]
+        return _render(x, fam, self.factors, self.taesd, hw, vsf, type(pipe).__name__)[0]
 
     def _emit(self, step, rgb):
         self.report["previews"] = self.report.get("previews", 0) + 1
@@ -499,12 +502,9 @@ class Preview(Part):
             return  # extra evaluations (Heun, skip-layer guidance): the first one is the step's
         _check_sample(self.sample, call.x_in.shape[0])
         s = slice(self.sample, self.sample + 1)
+        # x0 of one sample only: a few elementwise kernels on one latent.
         x0 = denoised(run.family, run.pipe.scheduler, call.x_in[s], call.guided[s], run.t_of(step))
-        self._pending[step] = _render(x0, run.family, self.factors, self.taesd,
-                                      (run.call_kwargs.get("height"), run.call_kwargs.get("width")),
-                                      getattr(run.pipe, "vae_scale_factor", None)
-                                      if run.call_kwargs.get("height") is not None else None,
-                                      type(run.pipe).__name__)[0]
+        self._pending[step] = self._rgb(x0, run.family, run.pipe, run.call_kwargs, sliced=True)
 
     def on_step_end(self, run: Run, step, timestep, callback_kwargs):
         if self.kind == "x0":
