@@ -118,7 +118,10 @@ def _comfy(name, rows, bias, scaling, shift=None):
 
 
 #: The preview maps, keyed by ``Family.latent_format`` (plus ``"sdxl-guide"``). Rows = latent
-#: channels, columns = R, G, B. Numbers from ComfyUI ``comfy/latent_formats.py``.
+#: channels, columns = R, G, B. Numbers from ComfyUI ``comfy/latent_formats.py``. Each expects
+#: model-space latents, as diffusers hands them to callbacks: ``"sd15"`` VAE z × 0.18215,
+#: ``"sdxl"`` and ``"sdxl-guide"`` z × 0.13025, ``"sd3"`` (z − 0.0609) × 1.5305, ``"flux"``
+#: (z − 0.1159) × 0.3611 after unpacking diffusers' (B, seq, 64) packing to (B, 16, h, w).
 LATENT_RGB: dict[str, LatentRGB] = {
     "sd15": _comfy("sd15", [
         [0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177],
