@@ -1,0 +1,158 @@
+"""Recorder overhead and CFG-cutoff savings on an SD1.5-architecture pipeline (random weights).
+
+UNet: diffusers' default ``UNet2DConditionModel`` config with ``cross_attention_dim=768`` (the
+SD1.5 architecture), fp16, 512×512 (64×64 latents), 25 steps, DPM-Solver++. The text encoder and
+VAE are small random models (no weights can be downloaded); calls use ``output_type="latent"``
+so the figures are the denoising loop alone, the strictest denominator for an overhead.
+
+Variants run interleaved (one call of each per round), medians of ``--reps`` rounds, eager and
+``torch.compile(mode="reduce-overhead")`` (CUDA graphs):
+  bare                  the pipeline alone, full CFG
+  record                dlx.record: latents, embeddings, cond + uncond predictions, x0, timing
+  record-latents        dlx.record(keep=("latents",))
+  cutoff-0.5            dlx.CFGCutoff(ratio=0.5) attached (unguided steps skip the uncond pass)
+  official-cutoff-0.5   diffusers' SDCFGCutoffCallback(cutoff_step_ratio=0.5) (guides 13 of 25)
+  no-cfg                guidance_scale=1 (the floor a cutoff approaches)
+
+Usage: python bench/bench_recorder.py --out results.json  (GPU)
+       python bench/bench_recorder.py --device cpu --size 64 --steps 4 --reps 2 --modes eager  (smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+
+def build(device, dtype, size):
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dlx.testing import _clip_tokenizer  # the offline tokenizer of dlx's tiny pipelines
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=size // 8)  # SD1.5 architecture
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32)
+    tok = _clip_tokenizer()
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=1024, num_attention_heads=12,
+                                      num_hidden_layers=2, vocab_size=max(1000, len(tok)),
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id, max_position_embeddings=77))
+    sched = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        algorithm_type="dpmsolver++")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def variants(pipe):
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    import dlx
+
+    def call(**kw):
+        return lambda: pipe(**{**BASE, **kw}).images
+
+    def attached(**rec):
+        def f():
+            with dlx.record(pipe, **rec):
+                return pipe(**BASE).images
+        return f
+
+    return {
+        "bare": call(),
+        "record": attached(),
+        "record-latents": attached(keep=("latents",)),
+        "cutoff-0.5": lambda: _attach_only(pipe, dlx.CFGCutoff(ratio=0.5)),
+        "official-cutoff-0.5": lambda: pipe(**BASE, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5)).images,
+        "no-cfg": call(guidance_scale=1.0),
+    }
+
+
+def _attach_only(pipe, *parts):
+    import dlx
+
+    with dlx.attach(pipe, *parts):
+        return pipe(**BASE).images
+
+
+BASE: dict = {}
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = build(device, dtype, args.size)
+    BASE.update(prompt="a photo of a red circle", num_inference_steps=args.steps, guidance_scale=7.5,
+                height=args.size, width=args.size, output_type="latent")
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+               "torch": torch.__version__, "size": args.size, "steps": args.steps, "reps": args.reps,
+               "date": time.strftime("%Y-%m-%d"), "modes": {}}
+    import diffusers
+
+    results["diffusers"] = diffusers.__version__
+    for mode in args.modes.split(","):
+        if mode == "compiled":
+            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+        fns = variants(pipe)
+        for name, fn in fns.items():  # warm-up: compile every batch size, fill caches
+            for _ in range(3 if mode == "compiled" else 1):
+                BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
+                fn()
+        times = {k: [] for k in fns}
+        for _ in range(args.reps):
+            for name, fn in fns.items():
+                BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
+                times[name].append(timed(fn, device))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        # per-step times from CUDA events, for the regime: guided vs unguided steps
+        import dlx
+
+        BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
+        with dlx.record(pipe, dlx.CFGCutoff(ratio=0.5)) as tr:
+            pipe(**BASE)
+        df = tr.to_frame()
+        step_guided = float(df[df.cfg_active].step_ms.iloc[1:].median())
+        step_unguided = float(df[~df.cfg_active].step_ms.iloc[1:].median())
+        results["modes"][mode] = {
+            "median_ms": med, "all_ms": times,
+            "overhead_pct": {k: 100 * (v / med["bare"] - 1) for k, v in med.items()},
+            "step_ms_guided": step_guided, "step_ms_unguided": step_unguided,
+        }
+        print(f"\n== {mode} ({results['device']}, {args.size}², {args.steps} steps, median of {args.reps}) ==")
+        print(f"{'variant':22s} {'median ms':>10s} {'vs bare':>9s}")
+        for k, v in med.items():
+            print(f"{k:22s} {v:10.1f} {100 * (v / med['bare'] - 1):+8.2f}%")
+        print(f"per-step (CUDA events / perf_counter): guided {step_guided:.2f} ms, unguided {step_unguided:.2f} ms")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
