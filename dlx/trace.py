@@ -171,11 +171,12 @@ class Trace:
         return pd.DataFrame(rows)
 
     # -- previews (a view of the trace; logic in dlx.preview) ---------------------------------
-    def previews(self, kind: str = "x0", size: int = 128, sample: int = 0, factors=None):
-        """PIL previews of every step: ``kind="x0"`` (denoised estimate) or ``"latent"`` (x_t)."""
+    def previews(self, kind: str = "x0", size: int = 128, sample: int = 0, factors=None, taesd=None):
+        """PIL previews of every step: ``kind="x0"`` (denoised estimate) or ``"latent"`` (x_t);
+        ``factors`` overrides the family's latent→RGB map, ``taesd`` decodes with an AutoencoderTiny."""
         from . import preview
 
-        return preview.trace_previews(self, kind=kind, size=size, sample=sample, factors=factors)
+        return preview.trace_previews(self, kind=kind, size=size, sample=sample, factors=factors, taesd=taesd)
 
     # -- files --------------------------------------------------------------------------------
     def save(self, path) -> Path:
