@@ -63,7 +63,7 @@ def test_official_callback_crashes_at_batch_two_and_ours_does_not():
     assert out.shape[0] == 2 and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd", "sd-img2img", "sd-inpaint", "sdxl-img2img", "sd3", "flux"])
 @pytest.mark.parametrize("ratio", [0, 0.3, 0.5, 1])
 def test_cutoff_equals_the_matching_interval_bitwise(family, ratio):
     pipe = pipe_for(family)
@@ -77,7 +77,9 @@ def test_ratio_semantics_are_round_half_up_of_r_times_n():
     assert boundary(0.5, 5) == 3 and boundary(0.1, 5) == 1 and boundary(0.29, 100) == 29
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "sd-controlnet"])
+# Not sd-inpaint: diffusers' inpaint pipeline itself does not reproduce a sample alone from a
+# generator list (its masked-image latents differ by up to 1.6 without dlx), so the premise fails.
+@pytest.mark.parametrize("family", ["sd", "sd-img2img", "sdxl", "sdxl-img2img", "sd3", "sd-controlnet"])
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
 def test_batch_of_three_prompts_equals_each_sample_alone(family, ratio):
     pipe = pipe_for(family)
