@@ -151,7 +151,7 @@ class Tap:
                 # No CFG batch (or an extra cond-only call such as SD3 skip-layer guidance).
                 out = orig(*args, **kwargs)
                 if denoiser:
-                    run.count_nfe(cond_rows=n, uncond_rows=0, cfg=cfg)
+                    run.count_nfe(n, cond=True)
                     if not cfg:
                         pred = _pred_of(out)
                         run.observe(
@@ -166,7 +166,7 @@ class Tap:
                 if denoiser:
                     pred = _pred_of(out)
                     u, c = pred.chunk(2)
-                    run.count_nfe(cond_rows=b, uncond_rows=b, cfg=True)
+                    run.count_nfe(b, cond=True, uncond=plan.mask)
                     if run.wants_calls:
                         g = u + plan.scalar * (c - u)
                         run.observe(
@@ -185,7 +185,7 @@ class Tap:
             pred = _pred_of(out)
             k = len(guided)
             c = pred[k:]
-            run.count_nfe(cond_rows=b, uncond_rows=k, cfg=True)
+            run.count_nfe(b, cond=True, uncond=plan.mask)
             if k == 0:
                 u = None
                 g = c
@@ -219,7 +219,7 @@ class Tap:
             if name != "uncond":
                 run.before_denoiser()
                 out = orig(*args, **kwargs)
-                run.count_nfe(cond_rows=b, uncond_rows=0, cfg=False)
+                run.count_nfe(b, cond=True)
                 self._cond_out = (run.step, out)
                 if run.wants_calls:
                     pred = _pred_of(out)
@@ -246,10 +246,15 @@ class Tap:
                 out = _with_pred(cond_out, u_full)
                 u = torch.full_like(c, float("nan"))
                 u[rows.to(c.device)] = u_sub
-            run.count_nfe(cond_rows=0, uncond_rows=b if plan.passthrough else len(guided), cfg=True)
+            run.count_nfe(b, cond=False, uncond=plan.mask)
             if run.wants_calls:
                 s = run.flux_scale
-                g = c if u is None else torch.where(torch.isnan(u), c, u + s * (c - u)) if not plan.passthrough else u + s * (c - u)
+                if u is None:
+                    g = c
+                elif plan.passthrough:
+                    g = u + s * (c - u)
+                else:  # unguided rows of u are NaN: they keep the conditional prediction
+                    g = torch.where(torch.isnan(u), c, u + s * (c - u))
                 run.observe(DenoiserCall(step, _timestep_of(args, kwargs), x, c, u, g, plan.mask, s))
                 run.pending_cond = None
             return out

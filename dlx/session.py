@@ -189,20 +189,16 @@ class Run:
         self._plan_cache = (self.step, plan)
         return plan
 
-    def count_nfe(self, cond_rows: int, uncond_rows: int, cfg: bool):
-        b = self.batch or max(cond_rows, 1)
-        if self.nfe is None:
-            self.nfe = torch.zeros(b, dtype=torch.float64)
+    def count_nfe(self, batch: int, cond: bool, uncond=None):
+        """Add one call's denoiser evaluations, per sample: the conditional row of every sample
+        (if ``cond``) and the unconditional rows where ``uncond`` (per-sample bools) is True."""
+        per = torch.full((batch,), 1.0 if cond else 0.0, dtype=torch.float64)
+        if uncond is not None:
+            per += torch.tensor(uncond, dtype=torch.float64)
+        self.nfe = per if self.nfe is None or self.nfe.shape != per.shape else self.nfe + per
         while len(self.step_nfe) <= self.step:
             self.step_nfe.append(0.0)
-        self.step_nfe[self.step] += (cond_rows + uncond_rows) / b
-        plan = self._plan_cache[1] if self._plan_cache and self._plan_cache[0] == self.step else None
-        self.nfe += cond_rows / b
-        if uncond_rows:
-            if plan is not None and len(plan.mask) == b and uncond_rows == sum(plan.mask):
-                self.nfe += torch.tensor(plan.mask, dtype=torch.float64)
-            else:
-                self.nfe += uncond_rows / b
+        self.step_nfe[self.step] += float(per.mean())
 
     def observe(self, call: DenoiserCall):
         for p in self.parts:
