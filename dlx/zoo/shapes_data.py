@@ -140,16 +140,22 @@ def sample_scenes(n: int, generator: torch.Generator, device="cpu",
     radius = R_MIN + (R_MAX - R_MIN) * U(n, 2)
     lo, hi = MARGIN, IMAGE_SIZE - MARGIN
 
-    # placement along the relation's axis: object 0 before (left/above) or after object 1
+    # placement along the relation's axis: object 0 before (left/above) or after object 1,
+    # each in its own half of the canvas (so the relation also holds against the centre),
+    # never overlapping
     r0, r1 = radius[:, 0], radius[:, 1]
     gap_min = r0 + r1 + 3.0
-    gap_max = (hi - lo) - r0 - r1
-    gap = gap_min + (gap_max - gap_min) * U(n)
+    mid = IMAGE_SIZE / 2
     first = relation % 2 == 0  # left of / above: object 0 has the smaller coordinate
     r_first = torch.where(first, r0, r1)
     r_second = torch.where(first, r1, r0)
-    a_first = lo + r_first + (hi - lo - r_first - r_second - gap) * U(n)
-    a_second = a_first + gap
+    f_lo = lo + r_first
+    f_hi = torch.minimum(torch.full_like(f_lo, mid - 2.0), hi - r_second - gap_min)
+    a_first = f_lo + (f_hi - f_lo) * U(n)
+    s_lo = torch.maximum(torch.full_like(f_lo, mid + 2.0), a_first + gap_min)
+    s_hi = hi - r_second
+    a_second = s_lo + (s_hi - s_lo) * U(n)
+    gap = a_second - a_first
     a0 = torch.where(first, a_first, a_second)
     a1 = torch.where(first, a_second, a_first)
     # across the axis: object 0 anywhere, object 1 within half the gap of it

@@ -146,6 +146,10 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--dropout", type=float, default=0.15, help="caption dropout to the empty caption")
     ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--mix", default="0.2,0.65,0.15",
+                    help="training shares of the single, relation and and templates")
+    ap.add_argument("--high-t", type=float, default=0.0,
+                    help="share of samples with t drawn from the noisier half (layout is decided there)")
     ap.add_argument("--ckpt-every", type=float, default=120, help="seconds")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--init-from", default=None)
@@ -275,8 +279,9 @@ def main(argv=None):
     last_ck = t0
     losses = []
     sf = state["scaling_factor"]
+    mix = dict(zip(sd.TEMPLATE_NAMES, (float(v) for v in args.mix.split(","))))
     while time.time() - t0 < args.unet_minutes * 60 and state["step"] < args.max_steps:
-        sc = sd.sample_scenes(args.batch, g, device=dev)
+        sc = sd.sample_scenes(args.batch, g, device=dev, template_weights=mix)
         with torch.no_grad():
             x = sd.render(sc) * 2 - 1
             with torch.autocast(**amp):
@@ -285,6 +290,8 @@ def main(argv=None):
             drop = torch.rand(args.batch, generator=g, device=dev) < args.dropout
             ids = torch.where(drop.view(-1, 1), empty, ids)
             t = torch.randint(0, 1000, (args.batch,), generator=g, device=dev)
+            hi_t = torch.randint(500, 1000, (args.batch,), generator=g, device=dev)
+            t = torch.where(torch.rand(args.batch, generator=g, device=dev) < args.high_t, hi_t, t)
             noise = torch.randn(lat.shape, generator=g, device=dev)
             a = acp[t].view(-1, 1, 1, 1)
             noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
