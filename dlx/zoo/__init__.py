@@ -1,5 +1,79 @@
 """Small models that ship inside dlx (no downloads): `load`, `info`, `adherence`.
 
-Importing this module is light: diffusers, transformers and pandas are imported only
-when a model is loaded or a DataFrame is built.
+    import dlx.zoo, torch
+    pipe = dlx.zoo.load("shapes", device="cpu", dtype=torch.float32)
+    facts = dlx.zoo.info("shapes")           # language, recommended scale, measured numbers
+    img = pipe("a red circle left of a blue square",
+               guidance_scale=facts["recommended_guidance_scale"], num_inference_steps=25,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    dlx.zoo.adherence([img], ["a red circle left of a blue square"])   # DataFrame
+
+Importing this module is light: torch, diffusers, transformers and pandas are imported only
+when a model is loaded or adherence is measured.
 """
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODELS = ("shapes",)
+_ROOT = Path(__file__).resolve().parent
+
+# files a pipeline folder must hold, beside its JSON configs
+_WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors")
+
+
+def path(name: str = "shapes") -> Path:
+    """The folder of a shipped model."""
+    from dlx.errors import DlxError
+
+    if name not in MODELS:
+        raise DlxError(f"unknown zoo model {name!r}; shipped: {', '.join(MODELS)}")
+    return _ROOT / name
+
+
+def info(name: str = "shapes") -> dict:
+    """The model card's facts as data: caption language (colours, shapes, relations,
+    templates), recommended guidance scale, image size, measured numbers."""
+    from dlx.errors import DlxError
+
+    f = path(name) / "info.json"
+    if not f.is_file():
+        raise DlxError(f"model facts missing: {f} (folder {f.parent})")
+    return json.loads(f.read_text())
+
+
+def load(name: str = "shapes", device="cpu", dtype=None, folder: str | Path | None = None):
+    """The shipped StableDiffusionPipeline, loaded offline with from_pretrained (fp16 files
+    upcast to `dtype`, float32 by default), progress bar off, no safety checker.
+    `folder` loads a copy of the model's folder instead of the shipped one."""
+    import torch
+    from dlx.errors import DlxError
+
+    folder = Path(folder) if folder is not None else path(name)
+    if not (folder / "model_index.json").is_file():
+        raise DlxError(f"not a pipeline folder (no model_index.json): {folder}")
+    missing = [w for w in _WEIGHTS if not (folder / w).is_file()]
+    if missing:
+        raise DlxError(f"zoo model {name!r} in {folder} lacks its weights file(s): "
+                       f"{', '.join(missing)} (renamed or deleted?)")
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(folder), torch_dtype=dtype or torch.float32, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise DlxError(f"could not load zoo model {name!r} from {folder}: {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def adherence(images, prompts, **kw):
+    """Per image, whether it shows its shapes-language prompt (see dlx.zoo.metric):
+    a pandas DataFrame with one row per image, boolean columns and an overall `ok`."""
+    from dlx.zoo.metric import adherence as _adherence
+
+    return _adherence(images, prompts, **kw)

@@ -110,7 +110,7 @@ def export(vae, unet, te, folder: Path, tok_dir: Path):
 def measure(pipe, pairs, scales, steps: int = 25, batch: int = 200, log=log) -> dict:
     """Adherence (share of images judged ok) per guidance scale on (prompt, seed) pairs.
     Noise comes from CPU generators seeded per pair, so any device draws the same."""
-    from dlx.zoo.adherence import adherence
+    from dlx.zoo.metric import adherence
 
     out = {}
     for s in scales:
