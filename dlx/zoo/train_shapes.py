@@ -128,7 +128,7 @@ def measure(pipe, pairs, scales, steps: int = 25, batch: int = 200, log=log) -> 
         out[str(s)] = {"adherence": round(float(df["ok"].mean()), 4), "by_template": by_t,
                        "relation": (round(float(df["relation"].dropna().astype(bool).mean()), 4)
                                     if df["relation"].notna().any() else None),
-                       "n": len(df)}
+                       "n": len(df), "first32": round(float(df["ok"].iloc[:32].mean()), 4)}
         log(f"scale {s}: adherence {out[str(s)]['adherence']:.3f} {by_t}")
     return out
 

@@ -1,0 +1,143 @@
+"""The shipped shapes model: loads offline, generates, its metric is right on renders, and a
+small re-measurement agrees with its model card."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dlx.zoo
+from dlx.errors import DlxError
+from dlx.zoo import shapes_data as sd
+from dlx.zoo.metric import adherence, evaluate_metric
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return dlx.zoo.load("shapes", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def facts():
+    return dlx.zoo.info("shapes")
+
+
+def test_import_is_light():
+    code = ("import sys, dlx.zoo; heavy = [m for m in ('diffusers', 'transformers', 'pandas') "
+            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_info_describes_the_language(facts):
+    assert facts["image_size"] == 64
+    assert set(facts["colours"]) >= {"red", "blue"} and "circle" in facts["shapes"]
+    assert "left of" in facts["relations"]
+    assert 1.0 <= facts["recommended_guidance_scale"] <= 7.5
+    m = facts["measured"]
+    assert m["size_on_disk_bytes"] <= 30e6
+    assert m["largest_file_bytes"] <= 16 * 2**20
+    # every template renders a caption the parser and the tokenizer accept
+    t = facts["templates"]["relation"].format(colour="red", shape="circle", relation="left of",
+                                              colour2="blue", shape2="square")
+    assert sd.parse(t)["relation"] == "left of"
+
+
+def test_tokenizer_gives_one_token_per_word(pipe):
+    tok = pipe.tokenizer
+    assert tok.model_max_length == sd.MAX_TOKENS
+    ids = tok("a red circle left of a blue square").input_ids
+    assert len(ids) == 8 + 2  # eight words, bos, eos
+    sc = sd.sample_scenes(64, torch.Generator().manual_seed(3))
+    ref = tok(sc.captions(), padding="max_length", max_length=tok.model_max_length).input_ids
+    assert sd.token_ids(sc, tok.get_vocab()).tolist() == ref
+
+
+def test_generates_an_image_that_follows_a_prompt(pipe, facts):
+    prompt = "a yellow circle"
+    out = pipe(prompt, num_inference_steps=25, guidance_scale=facts["recommended_guidance_scale"],
+               generator=torch.Generator().manual_seed(1), output_type="pt").images
+    assert out.shape == (1, 3, 64, 64)
+    assert out.std() > 0.1  # not a flat or noise-free blank image
+    df = dlx.zoo.adherence(out, [prompt])
+    assert list(df.columns[:8]) == ["prompt", "template", "colour0", "shape0", "colour1", "shape1",
+                                    "relation", "ok"]
+    assert df["colour0"].iloc[0]  # a single yellow object is the easiest case
+
+
+def test_metric_is_right_on_fresh_renders():
+    m = evaluate_metric(n=300, seed=4242)
+    assert m["shape_accuracy"] >= 0.98
+    assert m["ok_on_own_caption"] >= 0.98
+    assert m["ok_on_mismatched_caption"] <= 0.02
+
+
+def test_metric_columns_and_mismatches():
+    sc = sd.sample_scenes(8, torch.Generator().manual_seed(9), template_weights={"relation": 1.0})
+    imgs = sd.render(sc)
+    caps = sc.captions()
+    df = adherence(imgs, caps)
+    assert df["ok"].all() and df["relation"].all()
+    # same objects, opposite relation: every image fails on the relation alone
+    flipped = [sd.caption(1, c.tolist(), s.tolist(), int(r) ^ 1)
+               for c, s, r in zip(sc.colour, sc.shape, sc.relation)]
+    df2 = adherence(imgs, flipped)
+    assert not df2["ok"].any() and df2["colour0"].all() and df2["shape0"].all()
+    # PIL images are accepted too
+    from PIL import Image
+
+    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).astype("uint8")) for im in imgs[:2]]
+    assert adherence(pil, caps[:2])["ok"].all()
+    with pytest.raises(DlxError):
+        adherence(imgs[:1], ["a red elephant"])
+
+
+def test_remeasurement_agrees_with_the_card(pipe, facts):
+    """The first 32 held-out pairs, 25 steps, at the recommended scale and at 1.0.  The card
+    stores these same 32 pairs' adherence, so the tolerance only covers numerical drift
+    between CPUs (3 of 32 images); against the card's 200-pair numbers, sampling error of 32
+    pairs (0.2)."""
+    from dlx.zoo.train_shapes import measure
+
+    m = facts["measured"]
+    rec = facts["recommended_guidance_scale"]
+    pairs = sd.heldout_pairs(200)[:32]
+    got = measure(pipe, pairs, [rec, 1.0], steps=25, batch=32, log=lambda *a: None)
+    for key, scale in (("adherence_recommended", rec), ("adherence_scale_1", 1.0)):
+        card = m[key]
+        assert abs(got[str(scale)]["adherence"] - card["first32"]) <= 3 / 32 + 1e-9, (key, got, card)
+        assert abs(got[str(scale)]["adherence"] - card["adherence"]) <= 0.2, (key, got, card)
+
+
+def _copy(tmp_path):
+    dst = tmp_path / "shapes_copy"
+    shutil.copytree(dlx.zoo.path("shapes"), dst)
+    return dst
+
+
+def test_renamed_weights_file_is_a_clear_error(tmp_path):
+    dst = _copy(tmp_path)
+    w = dst / "unet" / "diffusion_pytorch_model.safetensors"
+    w.rename(w.with_name("renamed.safetensors"))
+    with pytest.raises(DlxError, match="shapes_copy"):
+        dlx.zoo.load("shapes", folder=dst)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    dst = _copy(tmp_path)
+    (dst / "text_encoder" / "model.safetensors").unlink()
+    with pytest.raises(DlxError, match="shapes_copy") as e:
+        dlx.zoo.load("shapes", folder=dst)
+    assert isinstance(e.value, ValueError)
+
+
+def test_unknown_model_and_bad_caption():
+    with pytest.raises(DlxError):
+        dlx.zoo.load("nope")
+    with pytest.raises(DlxError):
+        sd.parse("a red circle left of a red square")  # colours must differ
+    assert json.loads((dlx.zoo.path("shapes") / "model_index.json").read_text())["_class_name"] == \
+        "StableDiffusionPipeline"
