@@ -54,7 +54,7 @@ class _Control(Part):
 
     def on_run_end(self, run: Run, error):
         if run.nfe is not None:
-            self.report["nfe"] = run.nfe.tolist()
+            self.report["nfe"] = list(run.nfe)
             if run.num_steps:
                 self.report["nfe_full_cfg"] = 2.0 * run.num_steps
         self.report["guided_steps_run"] = [i for i, p in enumerate(run.step_plans) if p is not None and any(p.mask)]

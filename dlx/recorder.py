@@ -114,10 +114,9 @@ class Recorder(Part):
         if lat is not None:
             b = lat.shape[0]
         if plan is not None:
-            mask = torch.tensor(plan.mask)
-            scale = torch.tensor(plan.scale, dtype=torch.float32)
-            cfg_active = bool(mask.any())
-            gscale = float(scale.mean())
+            mask, scale = plan.mask, plan.scale  # tuples; tensors are made once, at the end
+            cfg_active = any(mask)
+            gscale = sum(scale) / len(scale)
         else:
             if self.family.cfg == "calls":
                 cfg_active = bool(run.flux_true_cfg) and "uncond" in kept
@@ -126,8 +125,7 @@ class Recorder(Part):
                 cfg_active = bool(getattr(pipe, "do_classifier_free_guidance", False))
                 gscale = float(pipe.guidance_scale)
             n = b or 1
-            mask = torch.full((n,), cfg_active)
-            scale = torch.full((n,), gscale, dtype=torch.float32)
+            mask, scale = (cfg_active,) * n, (gscale,) * n
         nfe = run.step_nfe[step] if step < len(run.step_nfe) else math.nan
         s = Step(
             index=int(step), timestep=run.t_of(step), sigma=run.sigma(step),
@@ -198,6 +196,10 @@ class Recorder(Part):
 
     def _finish(self, pipe, call_kwargs, run, error):
         t = self.trace
+        for s in t.steps:
+            if not isinstance(s.cfg_mask, torch.Tensor):
+                s.cfg_mask = torch.tensor(s.cfg_mask, dtype=torch.bool)
+                s.scale = torch.tensor(s.scale, dtype=torch.float32)
         if self.storage == "cpu":
             for s in t.steps:
                 for k, v in s.tensors().items():
@@ -207,7 +209,7 @@ class Recorder(Part):
         if run is not None:
             t.meta["batch"] = run.batch
             t.meta["num_steps"] = run.num_steps
-            t.meta["nfe"] = run.nfe.tolist() if run.nfe is not None else None
+            t.meta["nfe"] = list(run.nfe) if run.nfe is not None else None
             t.meta["stop_reason"] = run.stop_reason or (
                 f"error: {type(error).__name__}: {error}" if error is not None else "completed"
             )
@@ -229,7 +231,8 @@ def _describe(part) -> dict:
 
 
 def _attn_processors(pipe):
-    den = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    # never `a or b` on modules: a compiled (Optimized)Module raises on truth testing (len())
+    den = getattr(pipe, family_of(pipe).denoiser, None)
     return list(getattr(den, "attn_processors", {}).values()) if den is not None else []
 
 

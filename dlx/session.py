@@ -115,15 +115,18 @@ class Run:
         self.flux_true_cfg = False
         self.flux_scale = float(call_kwargs.get("true_cfg_scale", 1.0))
         self.pending_cond = None
-        self.nfe: torch.Tensor | None = None  # per sample, summed over the run
+        self.nfe: list[float] | None = None  # per sample, summed over the run
         self.step_nfe: list[float] = []  # mean per-sample evaluations, per step
         self.step_plans: list[Plan | None] = []
         self.wants_calls = any(p.wants_calls for p in self.parts)
         self.controls = [p for p in self.parts if type(p).guidance is not Part.guidance]
         self._plan_cache: tuple[int, Plan] | None = None
-        self.device = getattr(pipe, "_execution_device", None) or getattr(pipe, "device", torch.device("cpu"))
+        self.device = getattr(pipe, "_execution_device", None)
+        if self.device is None:
+            self.device = getattr(pipe, "device", torch.device("cpu"))
         self.cuda = torch.device(self.device).type == "cuda"
-        self.timesteps: torch.Tensor | None = None
+        self.timesteps: list[float] | None = None
+        self.sigmas: list[float] | None = None
         self.marks: list = []  # step-boundary timing marks: CUDA events or perf_counter values
         self.t_start = None
 
@@ -141,7 +144,8 @@ class Run:
             # The loop runs over a suffix of scheduler.timesteps (all of them, or the tail for
             # img2img); a CPU copy taken once lets every later lookup avoid a device sync.
             ts = self.pipe.scheduler.timesteps
-            self.timesteps = ts[len(ts) - self.num_steps:].detach().float().cpu()
+            self.timesteps = ts[len(ts) - self.num_steps:].detach().float().cpu().tolist()
+            self.sigmas = [sigma_at(self.family, self.pipe.scheduler, t) for t in self.timesteps]
             for p in self.parts:
                 p.on_loop_start(self)
             self.marks.append(self._mark())
@@ -191,14 +195,16 @@ class Run:
 
     def count_nfe(self, batch: int, cond: bool, uncond=None):
         """Add one call's denoiser evaluations, per sample: the conditional row of every sample
-        (if ``cond``) and the unconditional rows where ``uncond`` (per-sample bools) is True."""
-        per = torch.full((batch,), 1.0 if cond else 0.0, dtype=torch.float64)
-        if uncond is not None:
-            per += torch.tensor(uncond, dtype=torch.float64)
-        self.nfe = per if self.nfe is None or self.nfe.shape != per.shape else self.nfe + per
+        (if ``cond``) and the unconditional rows where ``uncond`` (per-sample bools) is True.
+        Plain Python on the per-step hot path: no tensor ops, no device work."""
+        per = [(1.0 if cond else 0.0) + (1.0 if uncond is not None and uncond[j] else 0.0) for j in range(batch)]
+        if self.nfe is None or len(self.nfe) != batch:
+            self.nfe = per
+        else:
+            self.nfe = [a + b for a, b in zip(self.nfe, per)]
         while len(self.step_nfe) <= self.step:
             self.step_nfe.append(0.0)
-        self.step_nfe[self.step] += float(per.mean())
+        self.step_nfe[self.step] += sum(per) / batch
 
     def observe(self, call: DenoiserCall):
         for p in self.parts:
@@ -249,8 +255,8 @@ class Run:
         return float(ts[step]) if ts is not None and step < len(ts) else float("nan")
 
     def sigma(self, step: int) -> float:
-        t = self.t_of(step)
-        return float("nan") if t != t else sigma_at(self.family, self.pipe.scheduler, t)
+        sig = self.sigmas
+        return sig[step] if sig is not None and step < len(sig) else float("nan")
 
 
 class _Chain:
@@ -266,7 +272,8 @@ class _Chain:
 
 
 def _ip_adapter_scales(pipe):
-    den = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    # never `a or b` on modules: a compiled (Optimized)Module raises on truth testing (len())
+    den = getattr(pipe, family_of(pipe).denoiser, None)
     if den is None or not hasattr(den, "attn_processors"):
         return []
     return [(p, list(p.scale)) for p in den.attn_processors.values() if isinstance(getattr(p, "scale", None), list)]

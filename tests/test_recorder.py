@@ -234,3 +234,27 @@ def test_example_inputs_give_batch_rows_to_the_trace():
     assert trace.meta["batch"] == 4 and trace[0].cond.shape[0] == 4
     df = trace.to_frame(per_sample=True)
     assert len(df) == 4 * 4 and set(df["sample"]) == {0, 1, 2, 3}
+
+
+def test_records_a_compiled_denoiser_without_changing_its_output():
+    # torch.compile wraps the UNet in an OptimizedModule (its truth test raises); dynamo's eager
+    # backend keeps this fast on a CPU while exercising the same wrapper
+    pipe = tiny_pipeline_compiled()
+    fwd = pipe.unet.__dict__.get("forward")  # OptimizedModule keeps its compiled forward here
+    assert fwd is not None
+    ref = run(pipe, "sd")
+    with dlx.record(pipe, dlx.CFGCutoff(ratio=0.5)) as trace:
+        cut = run(pipe, "sd")
+    with dlx.record(pipe) as trace2:
+        out = run(pipe, "sd")
+    assert bitwise(out, ref) and len(trace2) == 4 and trace2[0].cond is not None
+    assert trace.nfe == [6.0] and not bitwise(cut, ref)
+    assert pipe.unet.__dict__.get("forward") is fwd, "the compiled forward must be restored"
+
+
+def tiny_pipeline_compiled():
+    from dlx.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd")
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    return pipe
