@@ -199,6 +199,9 @@ def main(argv=None):
         vae = AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32)
         unet = UNet2DConditionModel.from_pretrained(src / "unet", torch_dtype=torch.float32)
         te = CLIPTextModel.from_pretrained(src / "text_encoder", torch_dtype=torch.float32)
+        if te.config.vocab_size != len(vocab):  # the language grew: new words get new rows
+            log(f"text encoder vocabulary {te.config.vocab_size} -> {len(vocab)}")
+            te.resize_token_embeddings(len(vocab))
         prev = json.loads((src / "train_state.json").read_text()) if (src / "train_state.json").exists() else {}
         state.update({"stage": "unet", "scaling_factor": vae.config.scaling_factor,
                       "step": prev.get("step", 0), "vae_step": prev.get("vae_step", 0),
