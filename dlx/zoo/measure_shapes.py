@@ -41,7 +41,7 @@ def time_generation(pipe, runs: int = 7, steps: int = 25, scale: float = 4.0) ->
     for i in range(runs + 1):
         g = torch.Generator().manual_seed(i)
         t = time.perf_counter()
-        pipe("a red circle on the left and a blue square on the right", num_inference_steps=steps, guidance_scale=scale,
+        pipe("a red circle left of a blue square", num_inference_steps=steps, guidance_scale=scale,
              generator=g, output_type="pt")
         if i:  # the first run warms up
             ts.append(time.perf_counter() - t)
@@ -61,6 +61,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     import dlx.zoo
+    from dlx.zoo import metric
     from dlx.zoo.metric import evaluate_metric
     from dlx.zoo.train_shapes import measure
 
@@ -100,10 +101,10 @@ def main(argv=None):
         "palette_rgb": [[round(v, 3) for v in c] for c in sd.PALETTE.tolist()],
         "shapes": sd.SHAPES,
         "relations": sd.RELATIONS,
-        "sides": [list(x) for x in sd.SIDES],
         "vocab_size": len(pipe.tokenizer),
         "templates": sd.TEMPLATES,
         "template_weights_eval": sd.TEMPLATE_WEIGHTS,
+        "template_weights_train": {"single": 0.1, "relation": 0.8, "and": 0.1},
         "two_objects_differ_in_colour": True,
         "tokenizer_max_length": sd.MAX_TOKENS,
         "recommended_guidance_scale": rec,
@@ -114,10 +115,34 @@ def main(argv=None):
         "training": {k: train.get(k) for k in ("step", "vae_step", "batch", "lr", "dropout", "ema",
                                                 "seed", "device_name", "unet_seconds", "scaling_factor",
                                                 "vae_l1", "runs")},
+        "metric": {"colour_tol": metric.COLOUR_TOL, "min_area": metric.MIN_AREA,
+                   "rel_margin": metric.REL_MARGIN},
         "measured": measured,
     }
     info_path.write_text(json.dumps(info, indent=1) + "\n")
     print(json.dumps(measured, indent=1))
+    if not args.skip_adherence:
+        (FOLDER / "README.md").write_text(render_card(info, bars(info)))
+
+
+def bars(info: dict) -> str:
+    m = info["measured"]
+    a_rec = m["adherence_recommended"]["adherence"]
+    a_one = m["adherence_scale_1"]["adherence"]
+    t = m["cpu_seconds_25_steps_cfg_batch1"]["median_s"]
+    fr = m["metric_on_fresh_renders"]
+    rows = [
+        ("whole pipeline <= 30 MB on disk", f"{m['size_on_disk_bytes'] / 1e6:.1f} MB", m["size_on_disk_bytes"] <= 30e6),
+        ("25 steps, batch 1, CFG <= 2 s on a 2-core CPU", f"{t:.2f} s", t <= 2.0),
+        ("recommended scale chosen by measuring 1 to 7.5", f"{info['recommended_guidance_scale']}", True),
+        ("adherence >= 80% at the recommended scale", f"{a_rec:.1%}", a_rec >= 0.8),
+        ("scale 1.0 at least 10 points below", f"{a_one:.1%} ({(a_rec - a_one) * 100:+.1f} points)",
+         a_rec - a_one >= 0.10),
+        ("classifier >= 98% on fresh renders", f"{fr['shape_accuracy']:.1%}", fr["shape_accuracy"] >= 0.98),
+    ]
+    out = ["| bar | measured | met |", "| --- | --- | --- |"]
+    out += [f"| {a} | {b} | {'yes' if c else '**no**'} |" for a, b, c in rows]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
