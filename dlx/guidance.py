@@ -282,8 +282,7 @@ class IPAdapterCutoff(_Control):
 
     def on_run_start(self, run: Run):
         super().on_run_start(run)
-        den = getattr(run.pipe, run.family.denoiser)
-        self._procs = [p for p in den.attn_processors.values() if isinstance(getattr(p, "scale", None), list)]
+        self._procs = run.ip_processors
         if not self._procs:
             raise DlxError(f"IPAdapterCutoff: {type(run.pipe).__name__} has no IP-Adapter loaded (pipe.load_ip_adapter)")
         self._saved = [list(p.scale) for p in self._procs]

@@ -86,7 +86,7 @@ class Recorder(Part):
         if self.trace.steps:
             raise DlxError("this Recorder already holds a run; create a new Recorder (or dlx.record block) per run")
         self._reset()
-        self._ip_procs = [p for p in _attn_processors(run.pipe) if isinstance(getattr(p, "scale", None), list)]
+        self._ip_procs = run.ip_processors
 
     def on_denoiser(self, run: Run, call: DenoiserCall):
         if call.step in self._calls:  # extra evaluations (Heun's 2nd order, SD3 skip-layer): keep the first
@@ -201,9 +201,7 @@ class Recorder(Part):
                 s.cfg_mask = torch.tensor(s.cfg_mask, dtype=torch.bool)
                 s.scale = torch.tensor(s.scale, dtype=torch.float32)
         if self.storage == "cpu":
-            for s in t.steps:
-                for k, v in s.tensors().items():
-                    setattr(s, k, v.cpu())
+            _steps_to_cpu(t.steps)
             t.conditioning = [{k: v.cpu() for k, v in c.items()} for c in t.conditioning]
         t.meta.update(_meta(pipe, self.family, call_kwargs))
         if run is not None:
@@ -222,18 +220,29 @@ class Recorder(Part):
         t.meta["recorded"] = list(self.keep)
 
 
+def _steps_to_cpu(steps) -> None:
+    """Move every step's tensors to the CPU with one copy (and one sync) per field, not per step."""
+    for name in ("latents", "x0", "cond", "uncond"):
+        vals = [getattr(s, name) for s in steps]
+        if not vals or any(v is None for v in vals) or vals[0].device.type == "cpu":
+            for s, v in zip(steps, vals):
+                if v is not None:
+                    setattr(s, name, v.cpu())
+            continue
+        if len({(v.shape, v.dtype, v.device) for v in vals}) == 1:
+            for s, v in zip(steps, torch.stack(vals).cpu().unbind(0)):
+                setattr(s, name, v)
+        else:
+            for s, v in zip(steps, vals):
+                setattr(s, name, v.cpu())
+
+
 def _describe(part) -> dict:
     d = {"type": type(part).__name__}
     report = getattr(part, "report", None)
     if isinstance(report, dict):
         d.update(report)
     return d
-
-
-def _attn_processors(pipe):
-    # never `a or b` on modules: a compiled (Optimized)Module raises on truth testing (len())
-    den = getattr(pipe, family_of(pipe).denoiser, None)
-    return list(getattr(den, "attn_processors", {}).values()) if den is not None else []
 
 
 def _seed_of(gen):

@@ -187,10 +187,11 @@ class Trace:
         tensors = {}
         for s in self.steps:
             for k, v in s.tensors().items():
-                tensors[f"steps.{s.index}.{k}"] = v.detach().cpu().contiguous()
+                # clone: steps may be views of one stacked tensor; safetensors refuses shared storage
+                tensors[f"steps.{s.index}.{k}"] = v.detach().cpu().clone()
         for j, c in enumerate(self.conditioning):
             for k, v in c.items():
-                tensors[f"cond.{j}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"cond.{j}.{k}"] = v.detach().cpu().clone()
         header = {
             "format_version": FORMAT_VERSION,
             "meta": self.meta,
