@@ -8,6 +8,7 @@ so the figures are the denoising loop alone, the strictest denominator for an ov
 Variants run interleaved (one call of each per round), medians of ``--reps`` rounds, eager and
 ``torch.compile(mode="reduce-overhead")`` (CUDA graphs):
   bare                  the pipeline alone, full CFG
+  attach                dlx.attach with no parts: the session and denoiser tap alone
   record                dlx.record: latents, embeddings, cond + uncond predictions, x0, timing
   record-latents        dlx.record(keep=("latents",))
   cutoff-0.5            dlx.CFGCutoff(ratio=0.5) attached (unguided steps skip the uncond pass)
@@ -68,6 +69,7 @@ def variants(pipe):
 
     return {
         "bare": call(),
+        "attach": lambda: _attach_only(pipe),
         "record": attached(),
         "record-latents": attached(keep=("latents",)),
         "cutoff-0.5": lambda: _attach_only(pipe, dlx.CFGCutoff(ratio=0.5)),
@@ -121,7 +123,7 @@ def main():
             pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
         fns = variants(pipe)
         for name, fn in fns.items():  # warm-up: compile every batch size, fill caches
-            for _ in range(3 if mode == "compiled" else 1):
+            for _ in range(3):
                 BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
                 fn()
         times = {k: [] for k in fns}
@@ -130,25 +132,32 @@ def main():
                 BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
                 times[name].append(timed(fn, device))
         med = {k: statistics.median(v) for k, v in times.items()}
-        # per-step times from CUDA events, for the regime: guided vs unguided steps
+        # paired: the median over rounds of (variant / bare of the same round) cancels slow drifts
+        paired = {k: 100 * (statistics.median(a / b for a, b in zip(v, times["bare"])) - 1) for k, v in times.items()}
+        # per-step times from the trace's CUDA events: guided vs unguided steps (3 runs, medians)
         import dlx
 
-        BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
-        with dlx.record(pipe, dlx.CFGCutoff(ratio=0.5)) as tr:
-            pipe(**BASE)
-        df = tr.to_frame()
-        step_guided = float(df[df.cfg_active].step_ms.iloc[1:].median())
-        step_unguided = float(df[~df.cfg_active].step_ms.iloc[1:].median())
+        guided, unguided = [], []
+        for _ in range(3):
+            BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
+            with dlx.record(pipe, dlx.CFGCutoff(ratio=0.5)) as tr:
+                pipe(**BASE)
+            df = tr.to_frame()
+            guided += list(df[df.cfg_active].step_ms.iloc[1:])
+            unguided += list(df[~df.cfg_active].step_ms)
+        step_guided, step_unguided = statistics.median(guided), statistics.median(unguided)
         results["modes"][mode] = {
             "median_ms": med, "all_ms": times,
             "overhead_pct": {k: 100 * (v / med["bare"] - 1) for k, v in med.items()},
+            "paired_overhead_pct": paired,
             "step_ms_guided": step_guided, "step_ms_unguided": step_unguided,
         }
-        print(f"\n== {mode} ({results['device']}, {args.size}², {args.steps} steps, median of {args.reps}) ==")
-        print(f"{'variant':22s} {'median ms':>10s} {'vs bare':>9s}")
+        print(f"\n== {mode} ({results['device']}, {args.size}², {args.steps} steps, {args.reps} interleaved rounds) ==")
+        print(f"{'variant':22s} {'median ms':>10s} {'vs bare':>9s} {'paired':>9s} {'min ms':>8s} {'max ms':>8s}")
         for k, v in med.items():
-            print(f"{k:22s} {v:10.1f} {100 * (v / med['bare'] - 1):+8.2f}%")
-        print(f"per-step (CUDA events / perf_counter): guided {step_guided:.2f} ms, unguided {step_unguided:.2f} ms")
+            print(f"{k:22s} {v:10.1f} {100 * (v / med['bare'] - 1):+8.2f}% {paired[k]:+8.2f}% "
+                  f"{min(times[k]):8.1f} {max(times[k]):8.1f}")
+        print(f"per-step from CUDA events (cutoff 0.5 run): guided {step_guided:.2f} ms, unguided {step_unguided:.2f} ms")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -163,22 +163,30 @@ def _vp_sigmas(scheduler) -> torch.Tensor | None:
     return ((1 - ac) / ac).sqrt()
 
 
-def sigma_at(family: Family, scheduler, t) -> float:
-    """Noise level σ of scheduler timestep ``t``: VP σ = √((1−ᾱ)/ᾱ) (interpolated in log σ for
+def sigmas_at(family: Family, scheduler, timesteps) -> list[float]:
+    """Noise level σ of each scheduler timestep: VP σ = √((1−ᾱ)/ᾱ) (interpolated in log σ for
     fractional t, as the Karras-sigma schedulers do) or, for flow matching, σ = t / T."""
-    t = float(t)
+    ts = [float(t) for t in timesteps]
     if family.prediction == "flow":
-        return t / float(scheduler.config.num_train_timesteps)
+        T = float(scheduler.config.num_train_timesteps)
+        return [t / T for t in ts]
     sig = _vp_sigmas(scheduler)
     if sig is None:
-        return math.nan
+        return [math.nan] * len(ts)
+    log_sig = sig.log()
     n = sig.numel()
-    lo = min(max(int(math.floor(t)), 0), n - 1)
-    hi = min(lo + 1, n - 1)
-    w = t - lo
-    if w <= 0 or hi == lo:
-        return float(sig[lo])
-    return float(torch.exp((1 - w) * sig[lo].log() + w * sig[hi].log()))
+    out = []
+    for t in ts:
+        lo = min(max(int(math.floor(t)), 0), n - 1)
+        hi = min(lo + 1, n - 1)
+        w = t - lo
+        out.append(float(sig[lo]) if w <= 0 or hi == lo else math.exp((1 - w) * float(log_sig[lo]) + w * float(log_sig[hi])))
+    return out
+
+
+def sigma_at(family: Family, scheduler, t) -> float:
+    """Noise level σ of one scheduler timestep (see ``sigmas_at``)."""
+    return sigmas_at(family, scheduler, [t])[0]
 
 
 def prediction_type(family: Family, scheduler) -> str:
@@ -187,15 +195,14 @@ def prediction_type(family: Family, scheduler) -> str:
     return getattr(scheduler.config, "prediction_type", "epsilon")
 
 
-def denoised(family: Family, scheduler, x_in: torch.Tensor, pred: torch.Tensor, t) -> torch.Tensor:
+def denoised(family: Family, scheduler, x_in: torch.Tensor, pred: torch.Tensor, sigma: float) -> torch.Tensor:
     """x0, the denoised estimate, from the denoiser's input ``x_in`` and its output ``pred``.
 
     For ε- and v-prediction the denoiser input is in variance-preserving form
     (x = √ᾱ·x0 + √(1−ᾱ)·ε, also after Euler's ``scale_model_input``); for flow matching
-    x = (1−σ)·x0 + σ·noise and x0 = x − σ·v.
+    x = (1−σ)·x0 + σ·noise and x0 = x − σ·v. ``sigma`` is the step's noise level (``sigmas_at``).
     """
     kind = prediction_type(family, scheduler)
-    sigma = sigma_at(family, scheduler, t)
     x = x_in.float()
     p = pred.float()
     if x.ndim == p.ndim and x.shape[1] != p.shape[1]:

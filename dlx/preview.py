@@ -506,7 +506,7 @@ class Preview(Part):
         _check_sample(self.sample, call.x_in.shape[0])
         s = slice(self.sample, self.sample + 1)
         # x0 of one sample only: a few elementwise kernels on one latent.
-        x0 = denoised(run.family, run.pipe.scheduler, call.x_in[s], call.guided[s], run.t_of(step))
+        x0 = denoised(run.family, run.pipe.scheduler, call.x_in[s], call.guided[s], run.sigma(step))
         self._pending[step] = self._rgb(x0, run.family, run.pipe, run.call_kwargs, sliced=True)
 
     def on_step_end(self, run: Run, step, timestep, callback_kwargs):

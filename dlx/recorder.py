@@ -102,7 +102,7 @@ class Recorder(Part):
             keep["uncond"] = self._store(call.uncond)
         if "x0" in self.keep:
             keep["x0"] = self._store(denoised(self.family, run.pipe.scheduler, call.x_in, call.guided,
-                                              run.t_of(call.step)))
+                                              run.sigma(call.step)))
         self._calls[call.step] = keep
 
     def on_step_end(self, run: Run, step, timestep, callback_kwargs):

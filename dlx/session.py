@@ -21,7 +21,7 @@ import torch
 
 from ._tap import DenoiserCall, Tap
 from .errors import DlxError
-from .families import Family, family_of, sigma_at
+from .families import Family, family_of, sigmas_at
 
 __all__ = ["attach", "Part", "Run"]
 
@@ -146,7 +146,7 @@ class Run:
             # img2img); a CPU copy taken once lets every later lookup avoid a device sync.
             ts = self.pipe.scheduler.timesteps
             self.timesteps = ts[len(ts) - self.num_steps:].detach().float().cpu().tolist()
-            self.sigmas = [sigma_at(self.family, self.pipe.scheduler, t) for t in self.timesteps]
+            self.sigmas = sigmas_at(self.family, self.pipe.scheduler, self.timesteps)
             for p in self.parts:
                 p.on_loop_start(self)
             self.marks.append(self._mark())
