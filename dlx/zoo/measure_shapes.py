@@ -274,7 +274,8 @@ Per image: each pixel takes the nearest of the six palette colours and the backg
 (median of the border), if within distance {tol} in RGB; for each object of the prompt, the
 largest 8-connected component of its colour (after a 3x3 opening) must have at least
 {min_area} pixels (`colour0`/`colour1`), a small shipped CNN (`adherence_classifier.safetensors`,
-trained on masks segmented from fresh, randomly blurred and noised renders) must call its
+trained with `dlx.zoo.metric.train_classifier` for 30 steps of batch 64, seed 7, on masks
+segmented from fresh, randomly blurred and noised renders) must call its
 mask crop the prompt's shape (`shape0`/`shape1`), and for relation prompts the component
 centroids must stand in the relation by more than {margin} px along its axis
 (`relation`). `ok` is the conjunction; `n_extra` counts other palette colours present
