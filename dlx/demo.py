@@ -5,13 +5,13 @@ from __future__ import annotations
 from .errors import DlxError
 
 
-def _shapes_available() -> bool:
-    try:
-        from . import zoo
+DEMO_PROMPT = "a red circle and a blue square"
 
-        return "shapes" in zoo.available()
-    except Exception:  # zoo not built yet or weights missing
-        return False
+
+def _shapes_available() -> bool:
+    from . import zoo
+
+    return (zoo.path("shapes") / "model_index.json").is_file()
 
 
 def demo_pipeline(model: str = "auto", steps: int = 25, seed: int = 0, prompt=None, guidance_scale=None):
@@ -26,9 +26,9 @@ def demo_pipeline(model: str = "auto", steps: int = 25, seed: int = 0, prompt=No
         info = zoo.info("shapes")
         pipe = zoo.load("shapes", device="cpu", dtype=torch.float32)
         kwargs = dict(
-            prompt=prompt or info.get("example_prompt", "a red circle left of a blue square"),
+            prompt=prompt or DEMO_PROMPT,
             num_inference_steps=steps,
-            guidance_scale=guidance_scale if guidance_scale is not None else info.get("recommended_guidance_scale", 3.0),
+            guidance_scale=guidance_scale if guidance_scale is not None else info["recommended_guidance_scale"],
             generator=torch.Generator().manual_seed(seed),
         )
         return pipe, kwargs, "embedded shapes model (dlx.zoo)"

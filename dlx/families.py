@@ -209,8 +209,8 @@ def denoised(family: Family, scheduler, x_in: torch.Tensor, pred: torch.Tensor, 
         x = x[:, : p.shape[1]]  # inpaint UNets also take mask and masked-image channels
     if kind == "flow":
         return x - sigma * p
-    a = 1.0 / math.sqrt(1.0 + sigma * sigma)  # √ᾱ
-    s = sigma * a  # √(1−ᾱ)
+    alpha_bar = 1.0 / (1.0 + sigma * sigma)  # 0 at σ = ∞ (zero terminal SNR schedules)
+    a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)  # √ᾱ, √(1−ᾱ)
     if kind == "epsilon":
         return (x - s * p) / a
     if kind == "v_prediction":

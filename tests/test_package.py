@@ -76,3 +76,10 @@ def test_demo_records_and_prints_the_per_step_table(tmp_path):
     import dlx
 
     assert len(dlx.Trace.load(tmp_path / "t.safetensors")) == 4
+
+
+def test_main_job_runs_on_the_embedded_model():
+    out = subprocess.run([sys.executable, "-m", "dlx", "demo", "--steps", "6"], capture_output=True, text=True,
+                         check=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}).stdout
+    assert "embedded shapes model" in out and "nfe/sample=[12.0]" in out
+    assert "NaN" not in out.split("x0_std")[1].splitlines()[1], "x0 of the first step (σ = ∞) must be finite"

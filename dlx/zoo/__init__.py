@@ -61,12 +61,23 @@ def load(name: str = "shapes", device="cpu", dtype=None, folder: str | Path | No
                        f"{', '.join(missing)} (renamed or deleted?)")
     from diffusers import StableDiffusionPipeline
 
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()  # a 5-component local load needs no progress bars
+    tlog.disable_progress_bar()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(folder), torch_dtype=dtype or torch.float32, safety_checker=None,
+            str(folder), dtype=dtype or torch.float32, safety_checker=None,
             feature_extractor=None, requires_safety_checker=False, local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise DlxError(f"could not load zoo model {name!r} from {folder}: {e}") from e
+    finally:
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -77,3 +88,17 @@ def adherence(images, prompts, **kw):
     from dlx.zoo.metric import adherence as _adherence
 
     return _adherence(images, prompts, **kw)
+
+
+def latent_rgb(name: str = "shapes", vae=None, n: int = 32, seed: int = 0):
+    """Latent→RGB preview map for this model's VAE, fitted by least squares on ``n`` fresh
+    renders (``dlx.fit_latent_rgb``); pass the loaded pipeline's ``vae`` to skip loading it."""
+    import torch
+
+    from dlx.preview import fit_latent_rgb
+    from dlx.zoo.shapes_data import render, sample_scenes
+
+    if vae is None:
+        vae = load(name).vae
+    images = render(sample_scenes(n, torch.Generator().manual_seed(seed)))
+    return fit_latent_rgb(vae, images, name=f"{name}-fitted")
