@@ -168,7 +168,8 @@ class Tap:
                     u, c = pred.chunk(2)
                     run.count_nfe(b, cond=True, uncond=plan.mask)
                     if run.wants_calls:
-                        g = u + plan.scalar * (c - u)
+                        # one kernel; observers only (the pipeline combines its own prediction)
+                        g = torch.lerp(u, c, plan.scalar)
                         run.observe(
                             DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, g,
                                          plan.mask, plan.scalar)
@@ -202,7 +203,7 @@ class Tap:
             if run.wants_calls:
                 run.observe(
                     DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, g, plan.mask,
-                                 plan.scale_tensor(pred))
+                                 plan.scale_value())
                 )
             return _with_pred(out, torch.cat([g, g]))
 

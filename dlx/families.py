@@ -203,18 +203,20 @@ def denoised(family: Family, scheduler, x_in: torch.Tensor, pred: torch.Tensor, 
     x = (1−σ)·x0 + σ·noise and x0 = x − σ·v. ``sigma`` is the step's noise level (``sigmas_at``).
     """
     kind = prediction_type(family, scheduler)
+    # float32 arithmetic (x ≈ s·ε at high noise: half precision would cancel badly), in as few
+    # kernels as possible: this runs on every recorded step
     x = x_in.float()
     p = pred.float()
     if x.ndim == p.ndim and x.shape[1] != p.shape[1]:
         x = x[:, : p.shape[1]]  # inpaint UNets also take mask and masked-image channels
     if kind == "flow":
-        return x - sigma * p
+        return torch.sub(x, p, alpha=sigma)
     alpha_bar = 1.0 / (1.0 + sigma * sigma)  # 0 at σ = ∞ (zero terminal SNR schedules)
     a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)  # √ᾱ, √(1−ᾱ)
     if kind == "epsilon":
-        return (x - s * p) / a
+        return torch.sub(x, p, alpha=s).div_(a)
     if kind == "v_prediction":
-        return a * x - s * p
+        return torch.sub(x * a, p, alpha=s)
     if kind == "sample":
-        return p
+        return p.clone() if p is pred else p  # never hand out the denoiser's own buffer
     raise DlxError(f"scheduler prediction_type {kind!r} is not supported for x0")

@@ -74,12 +74,14 @@ class Recorder(Part):
         self._bare_steps = False
 
     # -- storage --------------------------------------------------------------------------------
-    def _store(self, t: torch.Tensor) -> torch.Tensor:
+    def _store(self, t: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        """A copy of ``t`` to keep (``fresh``: ``t`` is ours already, copy only to convert)."""
         t = t.detach()
         if self.downsample and self.downsample > 1 and t.ndim == 4:
             t = torch.nn.functional.avg_pool2d(t.float(), self.downsample).to(t.dtype)
-        # clone: CUDA-graph outputs are overwritten by the next replay
-        return t.to(dtype=self.dtype or t.dtype, copy=True)
+            fresh = True
+        # otherwise copy: CUDA-graph outputs are overwritten by the next replay
+        return t.to(dtype=self.dtype or t.dtype, copy=not fresh)
 
     # -- attached --------------------------------------------------------------------------------
     def on_run_start(self, run: Run):
@@ -102,7 +104,7 @@ class Recorder(Part):
             keep["uncond"] = self._store(call.uncond)
         if "x0" in self.keep:
             keep["x0"] = self._store(denoised(self.family, run.pipe.scheduler, call.x_in, call.guided,
-                                              run.sigma(call.step)))
+                                              run.sigma(call.step)), fresh=True)
         self._calls[call.step] = keep
 
     def on_step_end(self, run: Run, step, timestep, callback_kwargs):

@@ -89,7 +89,8 @@ class Plan:
             return vals[0]
         return torch.tensor(vals, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.ndim - 1)))
 
-    def scale_tensor(self, like: torch.Tensor):
+    def scale_value(self):
+        """The scale as a float when uniform, else a per-sample CPU tensor (for observers)."""
         if all(s == self.scale[0] for s in self.scale):
             return self.scale[0]
         return torch.tensor(self.scale, dtype=torch.float32)
@@ -129,7 +130,6 @@ class Run:
         self.timesteps: list[float] | None = None
         self.sigmas: list[float] | None = None
         self.marks: list = []  # step-boundary timing marks: CUDA events or perf_counter values
-        self.t_start = None
 
     @classmethod
     def current(cls, pipe) -> "Run | None":
@@ -289,7 +289,6 @@ class _Session:
         self.pipe = pipe
         self.family = family_of(pipe)
         self.parts = list(parts)
-        self.runs = 0
 
     def call(self, orig_call, pipe, args, kwargs):
         user_cb = kwargs.pop("callback_on_step_end", None)
@@ -313,7 +312,6 @@ class _Session:
         ip_scales = [(p, list(p.scale)) for p in run.ip_processors]
         tap = Tap(run)
         Run._active[id(pipe)] = run
-        self.runs += 1
         try:
             for p in self.parts:
                 p.on_run_start(run)

@@ -8,7 +8,7 @@ from diffusers.callbacks import SD3CFGCutoffCallback, SDCFGCutoffCallback, SDXLC
 
 import dlx
 from dlx.guidance import boundary
-from dlx.testing import add_tiny_ip_adapter, example_inputs, tiny_pipeline
+from dlx.testing import add_tiny_ip_adapter, tiny_pipeline
 
 from .helpers import bitwise, pipe_for, pipeline_state, run
 
@@ -305,7 +305,6 @@ def test_interrupt_on_time_budget_and_as_a_plain_callback():
         run(pipe, "sd", steps=6)
     assert len(trace) == 1 and "time budget" in trace.stop_reason
     stop = dlx.Interrupt(after_step=0)
-    seen = []
     rec = dlx.Recorder(pipe)
     from diffusers.callbacks import MultiPipelineCallbacks
 

@@ -57,9 +57,17 @@ def test_latents_in_the_trace_are_each_step_of_the_run():
         assert bitwise(s.latents, lat)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "ddim-v"])
 def test_x0_matches_the_schedulers_own_estimate(scheduler):
-    pipe = pipe_for("sd", scheduler)
+    if scheduler == "ddim-v":  # the same outputs read as v-prediction
+        from diffusers import DDIMScheduler
+
+        pipe = pipe_for("sd")
+        pipe = type(pipe)(**{**pipe.components, "scheduler": DDIMScheduler.from_config(
+            pipe.scheduler.config, prediction_type="v_prediction")})
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe = pipe_for("sd", scheduler)
     sched = pipe.scheduler
     orig = sched.step
     x0s = []
@@ -258,3 +266,17 @@ def tiny_pipeline_compiled():
     pipe = tiny_pipeline("sd")
     pipe.unet = torch.compile(pipe.unet, backend="eager")
     return pipe
+
+
+def test_x0_of_flow_matching_is_x_minus_sigma_v():
+    # FlowMatchEuler: x_{i+1} = x_i + (σ_{i+1} − σ_i)·v_i, and x0_i = x_i − σ_i·v_i
+    pipe = pipe_for("sd3")
+    with dlx.record(pipe) as trace:
+        run(pipe, "sd3", steps=5)
+    sig = pipe.scheduler.sigmas.double()
+    for i in range(1, 5):
+        x_i = trace[i - 1].latents.double()
+        v = (trace[i].latents.double() - x_i) / (sig[i + 1] - sig[i])
+        expected = x_i - sig[i] * v
+        assert trace[i].sigma == pytest.approx(float(sig[i]), rel=1e-5)
+        assert torch.allclose(trace[i].x0.double(), expected, rtol=1e-4, atol=1e-4)

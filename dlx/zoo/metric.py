@@ -268,7 +268,6 @@ def train_classifier(steps: int = 1500, batch: int = 128, seed: int = 7, out: st
     net = ShapeNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    K = len(sd.COLOURS)
     for step in range(steps):
         sc = sd.sample_scenes(batch, g)
         x = augment(sd.render(sc), g)
