@@ -196,6 +196,13 @@ class Tap:
                 s = plan.scale_rows(guided, pred)
                 g = c.clone()
                 g[gidx] = u_sub + s * (c[gidx] - u_sub)
+                rescale = float(getattr(run.pipe, "guidance_rescale", 0.0) or 0.0)
+                if rescale > 0:
+                    # the pipeline would rescale against the conditional prediction (arXiv
+                    # 2305.08891, per sample); on [g, g] its own rescale is then the identity
+                    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+                    g[gidx] = rescale_noise_cfg(g[gidx], c[gidx], guidance_rescale=rescale)
                 u = None
                 if run.wants_calls:
                     u = torch.full_like(c, float("nan"))

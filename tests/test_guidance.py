@@ -103,12 +103,15 @@ def test_num_images_per_prompt_two_equals_each_sample_alone(family):
         assert torch.allclose(both[j : j + 1], alone, **BATCH_TOL)
 
 
-def test_per_sample_scales_equal_each_sample_run_at_its_scale():
-    pipe = pipe_for("sd")
+@pytest.mark.parametrize("family, rescale", [("sd", 0.0), ("sd", 0.7), ("sdxl", 0.7)])
+def test_per_sample_scales_equal_each_sample_run_at_its_scale(family, rescale):
+    pipe = pipe_for(family)
     gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
-    mixed = _latents(pipe, "sd", [dlx.GuidanceSchedule(lambda p: [3.0, 7.0])], num_images_per_prompt=2, generator=gens)
+    mixed = _latents(pipe, family, [dlx.GuidanceSchedule(lambda p: [3.0, 7.0])], num_images_per_prompt=2,
+                     generator=gens, guidance_rescale=rescale)
     for j, s in enumerate([3.0, 7.0]):
-        alone = run(pipe, "sd", guidance_scale=s, generator=torch.Generator().manual_seed(1 + j))
+        alone = run(pipe, family, guidance_scale=s, generator=torch.Generator().manual_seed(1 + j),
+                    guidance_rescale=rescale)
         assert torch.allclose(mixed[j : j + 1], alone, **BATCH_TOL)
 
 
