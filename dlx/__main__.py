@@ -23,6 +23,10 @@ def _demo(args) -> int:
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 4):
         print(trace.to_frame().drop(columns=["timestep"]).to_string(index=False))
     print(trace)
+    t = trace.timing()
+    if t["regime"] != "unknown":
+        print(f"timing ({t['timer']}): guided step {t['guided_ms']:.1f} ms, unguided {t['unguided_ms']:.1f} ms "
+              f"-> {t['regime']}, an unguided step saves {100 * t['saving']:.0f}%")
     if args.out:
         path = trace.save(args.out)
         print(f"trace written to {path}")
