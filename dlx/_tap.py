@@ -169,10 +169,10 @@ class Tap:
                     run.count_nfe(b, cond=True, uncond=plan.mask)
                     if run.wants_calls:
                         # one kernel; observers only (the pipeline combines its own prediction)
-                        g = torch.lerp(u, c, plan.scalar)
+                        g = torch.lerp(u, c, plan.default)
                         run.observe(
                             DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, g,
-                                         plan.mask, plan.scalar)
+                                         plan.mask, plan.default)
                         )
                 return out
             guided = [i for i, m in enumerate(plan.mask) if m]

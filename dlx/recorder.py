@@ -6,6 +6,7 @@ import contextlib
 import datetime as _dt
 import math
 import platform
+import time
 
 import torch
 
@@ -153,8 +154,6 @@ class Recorder(Part):
         if run is not None and self in run.parts:
             return self.on_step_end(run, step, timestep, callback_kwargs)
         # Not attached: record what a callback can see.
-        import time
-
         now = time.perf_counter()
         if step == 0 or not self._bare_steps:
             if self.trace.steps:

@@ -21,7 +21,7 @@ import torch
 
 from ._tap import DenoiserCall, Tap
 from .errors import DlxError
-from .families import Family, family_of, sigmas_at
+from .families import Family, check_tensor_inputs, family_of, sigmas_at
 
 __all__ = ["attach", "Part", "Run"]
 
@@ -78,10 +78,6 @@ class Plan:
     @property
     def passthrough(self) -> bool:
         return all(self.mask) and all(s == self.default for s in self.scale)
-
-    @property
-    def scalar(self) -> float:
-        return self.default
 
     def scale_rows(self, rows, like: torch.Tensor):
         vals = [self.scale[i] for i in rows]
@@ -301,10 +297,7 @@ class _Session:
         for name in [*(user_inputs or []), *(n for p in self.parts for n in p.tensor_inputs)]:
             if name not in inputs:
                 inputs.append(name)
-        exposed = list(getattr(pipe, "_callback_tensor_inputs", []))
-        bad = [n for n in inputs if n not in exposed]
-        if bad:
-            raise DlxError(f"{type(pipe).__name__} does not expose {bad} to callbacks; it exposes {exposed}")
+        check_tensor_inputs(pipe, inputs)
 
         run = Run(self, pipe, kwargs)
         saved = {k: pipe.__dict__[k] for k in ("_guidance_scale", "_interrupt") if k in pipe.__dict__}
