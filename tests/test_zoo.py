@@ -41,16 +41,18 @@ def test_info_describes_the_language(facts):
     assert m["size_on_disk_bytes"] <= 30e6
     assert m["largest_file_bytes"] <= 16 * 2**20
     # every template renders a caption the parser and the tokenizer accept
-    t = facts["templates"]["relation"].format(colour="red", shape="circle", relation="left of",
-                                              colour2="blue", shape2="square")
+    t = facts["templates"]["relation"].format(colour="red", shape="circle", side="left",
+                                              colour2="blue", shape2="square", side2="right")
     assert sd.parse(t)["relation"] == "left of"
+    assert sd.parse(facts["templates"]["and"].format(colour="red", shape="circle", colour2="blue",
+                                                     shape2="square"))["relation"] is None
 
 
 def test_tokenizer_gives_one_token_per_word(pipe):
     tok = pipe.tokenizer
     assert tok.model_max_length == sd.MAX_TOKENS
-    ids = tok("a red circle left of a blue square").input_ids
-    assert len(ids) == 8 + 2  # eight words, bos, eos
+    ids = tok("a red circle on the left and a blue square on the right").input_ids
+    assert len(ids) == 13 + 2  # thirteen words, bos, eos
     sc = sd.sample_scenes(64, torch.Generator().manual_seed(3))
     ref = tok(sc.captions(), padding="max_length", max_length=tok.model_max_length).input_ids
     assert sd.token_ids(sc, tok.get_vocab()).tolist() == ref
@@ -119,10 +121,11 @@ def test_remeasurement_agrees_with_the_card(pipe, facts):
         assert flips <= 3, (scale, flips)
         got[scale] = sum(ok) / len(ok)
         assert abs(got[scale] - m[key]["adherence"]) <= 0.2, (scale, got, m[key])
-    # guidance helps here as on the card (the card's gap, less two images of slack)
+    # guidance matters, as on the card (34.5 points over 200 pairs at 25 steps; 31 points on
+    # these 32 pairs at 12 steps): the bar of the issue is 10 points
     card_gap = m["adherence_recommended"]["adherence"] - m["adherence_scale_1"]["adherence"]
-    assert card_gap > 0
-    assert got[rec] - got[1.0] >= -2 / 32
+    assert card_gap >= 0.10
+    assert got[rec] - got[1.0] >= 0.10, got
 
 
 def _copy(tmp_path):
@@ -151,6 +154,29 @@ def test_unknown_model_and_bad_caption():
     with pytest.raises(DlxError):
         dlx.zoo.load("nope")
     with pytest.raises(DlxError):
-        sd.parse("a red circle left of a red square")  # colours must differ
+        sd.parse("a red circle on the left and a red square on the right")  # colours must differ
+    with pytest.raises(DlxError):
+        sd.parse("a red circle on the left and a blue square on the left")
     assert json.loads((dlx.zoo.path("shapes") / "model_index.json").read_text())["_class_name"] == \
         "StableDiffusionPipeline"
+
+
+def test_corrupt_captions_changes_one_fact_in_the_stated_share():
+    """Training captions are noisy on purpose (the model card says why): a share `rate` of
+    them gets exactly one fact wrong, and every noisy caption is still in the language."""
+    g = torch.Generator().manual_seed(0)
+    sc = sd.sample_scenes(20000, g)
+    same = sd.corrupt_captions(sc, 0.0, torch.Generator().manual_seed(1))
+    assert same.captions() == sc.captions()
+    noisy = sd.corrupt_captions(sc, 0.3, torch.Generator().manual_seed(1))
+    n_obj = torch.where(sc.template == sd.T_SINGLE, 1, 2).view(-1, 1)
+    used = torch.arange(2).view(1, 2) < n_obj
+    changes = (((noisy.colour != sc.colour) & used).sum(1) + ((noisy.shape != sc.shape) & used).sum(1)
+               + (noisy.relation != sc.relation).long() * (sc.template == sd.T_RELATION).long())
+    assert changes.max() == 1
+    share = changes.float().mean().item()
+    assert abs(share - 0.3) < 0.015, share  # 20000 draws: sd of the share ~0.003
+    # images are untouched: positions and sizes are the true scene's
+    assert torch.equal(noisy.centre, sc.centre) and torch.equal(noisy.radius, sc.radius)
+    for cap in noisy.captions()[:3000]:
+        sd.parse(cap)  # raises if two objects share a colour or the sides are not opposite

@@ -3,10 +3,10 @@
     import dlx.zoo, torch
     pipe = dlx.zoo.load("shapes", device="cpu", dtype=torch.float32)
     facts = dlx.zoo.info("shapes")           # language, recommended scale, measured numbers
-    img = pipe("a red circle left of a blue square",
+    img = pipe("a red circle on the left and a blue square on the right",
                guidance_scale=facts["recommended_guidance_scale"], num_inference_steps=25,
                generator=torch.Generator().manual_seed(0)).images[0]
-    dlx.zoo.adherence([img], ["a red circle left of a blue square"])   # DataFrame
+    dlx.zoo.adherence([img], ["a red circle on the left and a blue square on the right"])   # DataFrame
 
 Importing this module is light: torch, diffusers, transformers and pandas are imported only
 when a model is loaded or adherence is measured.

@@ -6,20 +6,19 @@ code feeds GPU training and CPU tests.  Only torch is imported here.
 Caption language (one word = one token of the shipped tokenizer):
 
     single:    "a {colour} {shape}"
-    relation:  "a {colour} {shape} {relation} a {colour} {shape}"
-    and:       "a {colour} {shape} and a {colour} {shape}"
+    placed:    "a {colour} {shape} on the {side} and a {colour2} {shape2} on the {side2}"
+    and:       "a {colour} {shape} and a {colour2} {shape2}"
 
-Relations are "left of", "right of", "above", "below" and are read from the first
-object to the second ("a red circle left of a blue square": the red circle's centre is
-left of the blue square's).  The two objects of one caption always have different
-colours (shapes may repeat), so a colour names one object; the background is a plain
-grey, never named.  Related objects lie in opposite halves of the canvas.
+with (side, side2) one of (left, right), (right, left), (top, bottom), (bottom, top): the
+first object lies in that half of the canvas and the second in the opposite one, so the
+first stands to the second in the relation RELATIONS[i] = "left of", "right of", "above",
+"below".  The two objects of one caption always have different colours (shapes may
+repeat), so a colour names one object; the background is a plain grey, never named.
 
-Known limit of the shipped model: it binds colours to shapes and follows a relation's axis
-(left/right versus above/below) but not its direction (which object comes first): the
-causal CLIP text encoder sees the relation word only after the first object.  Commit
-132f29e holds a language that puts a side word after each object ("a red circle on the
-left and a blue square on the right"), ready for a next training run.
+(A first language said "a red circle left of a blue square"; three GPU runs, 8.3k steps,
+learned colours, shapes and the relation's axis but placed the two objects at chance along
+it: the causal CLIP text encoder sees the relation word only after the first object.  Here
+each object's side word follows it, so it carries that object's colour and shape.)
 """
 
 from __future__ import annotations
@@ -41,11 +40,12 @@ PALETTE = torch.tensor(
         [0.10, 0.85, 0.90],  # cyan
     ]
 )
-SHAPES = ["circle", "square", "triangle", "cross"]
-RELATIONS = ["left of", "right of", "above", "below"]
+SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring", "star", "heart"]
+RELATIONS = ["left of", "right of", "above", "below"]  # how object 0 stands to object 1
+SIDES = [("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top")]
 TEMPLATES = {
     "single": "a {colour} {shape}",
-    "relation": "a {colour} {shape} {relation} a {colour2} {shape2}",
+    "relation": "a {colour} {shape} on the {side} and a {colour2} {shape2} on the {side2}",
     "and": "a {colour} {shape} and a {colour2} {shape2}",
 }
 # share of each template in the training data and in held-out evaluation sets
@@ -54,8 +54,10 @@ T_SINGLE, T_RELATION, T_AND = 0, 1, 2
 TEMPLATE_NAMES = ["single", "relation", "and"]
 
 # the closed vocabulary, in token order after the special tokens
-WORDS = ["a", "and", "of", "left", "right", "above", "below"] + COLOURS + SHAPES
-MAX_TOKENS = 16  # tokenizer model_max_length: bos + at most 9 words + eos, padded
+# (the first seven, colours and shapes keep the token ids of the first language)
+WORDS = (["a", "and", "of", "left", "right", "above", "below"] + COLOURS + SHAPES[:4]
+         + ["on", "the", "top", "bottom"] + SHAPES[4:])
+MAX_TOKENS = 16  # tokenizer model_max_length: bos + at most 13 words + eos, padded
 
 # grey levels of the plain backgrounds: dark or light, never mid grey
 BG_RANGES = ((0.05, 0.30), (0.70, 0.95))
@@ -87,43 +89,44 @@ class Scene:
 
 
 def caption(template: int, colour, shape, relation: int) -> str:
+    first = f"a {COLOURS[colour[0]]} {SHAPES[shape[0]]}"
     if template == T_SINGLE:
-        return f"a {COLOURS[colour[0]]} {SHAPES[shape[0]]}"
-    link = RELATIONS[relation] if template == T_RELATION else "and"
-    return (f"a {COLOURS[colour[0]]} {SHAPES[shape[0]]} {link} "
-            f"a {COLOURS[colour[1]]} {SHAPES[shape[1]]}")
+        return first
+    second = f"a {COLOURS[colour[1]]} {SHAPES[shape[1]]}"
+    if template == T_AND:
+        return f"{first} and {second}"
+    s0, s1 = SIDES[relation]
+    return f"{first} on the {s0} and {second} on the {s1}"
 
 
 def parse(prompt: str) -> dict:
-    """Parse a caption of the language into its parts; DlxError if it is not one."""
+    """Parse a caption of the language into its parts; DlxError if it is not one.
+    "relation" is how the first object stands to the second ("left of", ...) or None."""
     from dlx.errors import DlxError
 
     words = prompt.strip().lower().replace(",", " ").split()
-    rel_words = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
+    bad = DlxError(f"not a caption of the shapes language: {prompt!r}")
 
     def obj(ws):
         if len(ws) != 3 or ws[0] != "a" or ws[1] not in COLOURS or ws[2] not in SHAPES:
-            raise DlxError(f"not a caption of the shapes language: {prompt!r}")
+            raise bad
         return {"colour": ws[1], "shape": ws[2]}
 
     if len(words) == 3:
         return {"template": "single", "objects": [obj(words)], "relation": None}
-    if len(words) >= 7:
-        first, rest = obj(words[:3]), words[3:]
-        if rest[0] == "and":
-            rel, tail = None, rest[1:]
-        elif rest[0] in ("left", "right") and len(rest) > 1 and rest[1] == "of":
-            rel, tail = rel_words[rest[0]], rest[2:]
-        elif rest[0] in ("above", "below"):
-            rel, tail = rest[0], rest[1:]
-        else:
-            raise DlxError(f"not a caption of the shapes language: {prompt!r}")
-        second = obj(tail)
-        if second["colour"] == first["colour"]:
-            raise DlxError(f"the two objects of a caption must differ in colour: {prompt!r}")
-        return {"template": "relation" if rel else "and", "objects": [first, second],
-                "relation": rel}
-    raise DlxError(f"not a caption of the shapes language: {prompt!r}")
+    if len(words) == 7 and words[3] == "and":
+        objs, rel, template = [obj(words[:3]), obj(words[4:])], None, "and"
+    elif len(words) == 13 and words[3:5] == ["on", "the"] and words[6] == "and" \
+            and words[10:12] == ["on", "the"]:
+        sides = (words[5], words[12])
+        if sides not in SIDES:
+            raise bad
+        objs, rel, template = [obj(words[:3]), obj(words[7:10])], RELATIONS[SIDES.index(sides)], "relation"
+    else:
+        raise bad
+    if objs[0]["colour"] == objs[1]["colour"]:
+        raise DlxError(f"the two objects of a caption must differ in colour: {prompt!r}")
+    return {"template": template, "objects": objs, "relation": rel}
 
 
 def sample_scenes(n: int, generator: torch.Generator, device="cpu",
@@ -189,6 +192,43 @@ def sample_scenes(n: int, generator: torch.Generator, device="cpu",
     return Scene(template, colour, shape, relation, centre, radius, bg)
 
 
+def corrupt_captions(scene: Scene, rate: float, generator: torch.Generator) -> Scene:
+    """The scenes as a noisy captioner describes them: a share ``rate`` of them get one
+    fact wrong (equally often: an object's colour, an object's shape, or, for placed
+    captions, the sides swapped), as alt-text on the web gets details wrong.  Training on
+    such captions makes p(image | caption) put about ``rate`` of its mass on images that
+    contradict the caption; classifier-free guidance, which sharpens p(caption | image),
+    pulls samples back to the caption, as it does for models trained on web captions."""
+    g = generator
+    gd = g.device if hasattr(g, "device") else torch.device("cpu")
+    dev = scene.template.device
+    B = len(scene)
+
+    def U(*shape):
+        return torch.rand(*shape, generator=g, device=gd).to(dev)
+
+    noisy = U(B) < rate
+    two = scene.template != T_SINGLE
+    placed = scene.template == T_RELATION
+    # which fact: 0 colour, 1 shape, 2 sides (only for placed captions)
+    kind = (U(B) * torch.where(placed, 3.0, 2.0)).long().clamp_max(2)
+    k = torch.where(two, (U(B) * 2).long().clamp_max(1), torch.zeros_like(kind))  # which object
+    colour, shape, relation = scene.colour.clone(), scene.shape.clone(), scene.relation.clone()
+    rows = torch.arange(B, device=dev)
+    # a new colour for object k: differs from its own and from the other object's colour
+    nC = len(COLOURS)
+    other = colour[rows, 1 - k]
+    cand = (colour[rows, k] + 1 + (U(B) * (nC - 1)).long().clamp_max(nC - 2)) % nC
+    cand = torch.where(two & (cand == other), (cand + 1) % nC, cand)
+    cand = torch.where(two & (cand == colour[rows, k]), (cand + 1) % nC, cand)
+    new_shape = (shape[rows, k] + 1 + (U(B) * (len(SHAPES) - 1)).long().clamp_max(len(SHAPES) - 2)) % len(SHAPES)
+    do_c, do_s, do_r = noisy & (kind == 0), noisy & (kind == 1), noisy & (kind == 2)
+    colour[rows, k] = torch.where(do_c, cand, colour[rows, k])
+    shape[rows, k] = torch.where(do_s, new_shape, shape[rows, k])
+    relation = torch.where(do_r, relation ^ 1, relation)  # left<->right, top<->bottom
+    return Scene(scene.template, colour, shape, relation, scene.centre, scene.radius, scene.bg)
+
+
 def _sdf(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Signed distance (pixels, negative inside) of each shape kind; shapes (B,1,1)."""
     ax, ay = dx.abs(), dy.abs()
@@ -205,9 +245,30 @@ def _sdf(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tenso
     d_bar_h = torch.maximum(ax - r, ay - t)
     d_bar_v = torch.maximum(ax - t, ay - r)
     d_cross = torch.minimum(d_bar_h, d_bar_v)
+    # diamond: a square standing on a corner, half-diagonal 1.15 r
+    d_diamond = (ax + ay - 1.15 * r) / math.sqrt(2.0)
+    # ring: outer radius r, hole radius 0.45 r
+    d_ring = (torch.sqrt(dx * dx + dy * dy) - 0.725 * r).abs() - 0.275 * r
     out = torch.where(shape == 0, d_circle, d_square)
     out = torch.where(shape == 2, d_triangle, out)
     out = torch.where(shape == 3, d_cross, out)
+    out = torch.where(shape == 4, d_diamond, out)
+    # star: five points of radius 1.1 r, inner corners at 0.5 r (distance along the ray,
+    # close enough to a signed distance for the one-pixel anti-aliasing)
+    rho = torch.sqrt(dx * dx + dy * dy)
+    theta = torch.atan2(dx, -dy)  # 0 at the top point
+    sector = 2 * math.pi / 5
+    frac = ((theta / sector) % 1.0 - 0.5).abs() * 2  # 1 at a point, 0 between points
+    d_star = (rho - (0.5 + 0.6 * frac) * r) * 0.8
+    # heart: two lobes (circles of radius 0.58 r) over a square standing on its corner
+    lobe = 0.58 * r
+    d_lobes = torch.minimum(torch.sqrt((dx + 0.45 * r) ** 2 + (dy + 0.3 * r) ** 2),
+                            torch.sqrt((dx - 0.45 * r) ** 2 + (dy + 0.3 * r) ** 2)) - lobe
+    d_point = torch.maximum((ax + dy - 0.78 * r) / math.sqrt(2.0), -dy - 0.3 * r)
+    d_heart = torch.minimum(d_lobes, d_point)
+    out = torch.where(shape == 5, d_ring, out)
+    out = torch.where(shape == 6, d_star, out)
+    out = torch.where(shape == 7, d_heart, out)
     return out
 
 
@@ -239,36 +300,25 @@ def token_ids(scene: Scene, vocab: dict, max_len: int = MAX_TOKENS) -> torch.Ten
     B = len(scene)
     wid = lambda w: vocab[w + "</w>"]  # noqa: E731
     bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
-    pad = eos
     colour_ids = torch.tensor([wid(c) for c in COLOURS], device=dev)
     shape_ids = torch.tensor([wid(s) for s in SHAPES], device=dev)
-    a = wid("a")
-    rel_tokens = torch.tensor([[wid("left"), wid("of")], [wid("right"), wid("of")],
-                               [wid("above"), pad], [wid("below"), pad]], device=dev)
-    ids = torch.full((B, max_len), pad, dtype=torch.long, device=dev)
+    side_ids = torch.tensor([[wid(a), wid(b)] for a, b in SIDES], device=dev)
+    full = lambda v: torch.full((B,), v, dtype=torch.long, device=dev)  # noqa: E731
+    a, on, the, and_ = full(wid("a")), full(wid("on")), full(wid("the")), full(wid("and"))
+    c0, s0 = colour_ids[scene.colour[:, 0]], shape_ids[scene.shape[:, 0]]
+    c1, s1 = colour_ids[scene.colour[:, 1]], shape_ids[scene.shape[:, 1]]
+    side = side_ids[scene.relation]
+    rows = {
+        T_SINGLE: [a, c0, s0],
+        T_AND: [a, c0, s0, and_, a, c1, s1],
+        T_RELATION: [a, c0, s0, on, the, side[:, 0], and_, a, c1, s1, on, the, side[:, 1]],
+    }
+    ids = torch.full((B, max_len), eos, dtype=torch.long, device=dev)  # pad = eos
     ids[:, 0] = bos
-    ids[:, 1] = a
-    ids[:, 2] = colour_ids[scene.colour[:, 0]]
-    ids[:, 3] = shape_ids[scene.shape[:, 0]]
-    single = scene.template == T_SINGLE
-    is_and = scene.template == T_AND
-    two_word = scene.relation < 2
-    # link words: "and" | "left of" | "above"
-    link0 = torch.where(is_and, torch.full_like(single, wid("and"), dtype=torch.long),
-                        rel_tokens[scene.relation, 0])
-    n_link = torch.where(is_and | ~two_word, 1, 2)
-    # build the tail of two-object captions position by position
-    tail = torch.full((B, 7), pad, dtype=torch.long, device=dev)
-    tail[:, 0] = link0
-    tail[:, 1] = torch.where(n_link == 2, rel_tokens[scene.relation, 1], a)
-    c1 = colour_ids[scene.colour[:, 1]]
-    s1 = shape_ids[scene.shape[:, 1]]
-    tail[:, 2] = torch.where(n_link == 2, a, c1)
-    tail[:, 3] = torch.where(n_link == 2, c1, s1)
-    tail[:, 4] = torch.where(n_link == 2, s1, eos)
-    tail[:, 5] = torch.where(n_link == 2, eos, pad)
-    ids[:, 4:11] = torch.where(single.view(B, 1), pad, tail)
-    ids[:, 4] = torch.where(single, eos, ids[:, 4])
+    for t, words in rows.items():
+        sel = scene.template == t
+        row = torch.stack([full(bos)] + words + [full(eos)], 1)
+        ids[:, :row.shape[1]] = torch.where(sel.view(B, 1), row, ids[:, :row.shape[1]])
     return ids
 
 

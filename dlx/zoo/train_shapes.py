@@ -144,6 +144,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--dropout", type=float, default=0.15, help="caption dropout to the empty caption")
+    ap.add_argument("--caption-noise", type=float, default=0.0,
+                    help="share of training captions with one fact wrong (shapes_data.corrupt_captions)")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--mix", default="0.2,0.65,0.15",
                     help="training shares of the single, relation and and templates")
@@ -288,7 +290,8 @@ def main(argv=None):
             x = sd.render(sc) * 2 - 1
             with torch.autocast(**amp):
                 lat = vae.encode(x).latent_dist.sample(generator=g).float() * sf
-            ids = sd.token_ids(sc, vocab)
+            cap = sd.corrupt_captions(sc, args.caption_noise, g) if args.caption_noise > 0 else sc
+            ids = sd.token_ids(cap, vocab)
             drop = torch.rand(args.batch, generator=g, device=dev) < args.dropout
             ids = torch.where(drop.view(-1, 1), empty, ids)
             t = torch.randint(0, 1000, (args.batch,), generator=g, device=dev)
@@ -343,7 +346,7 @@ def main(argv=None):
         folder = export(vae_c, unet_c, te_c, Path(args.export), tok_dir)
         info = dict(state)
         info.update({"batch": args.batch, "lr": args.lr, "dropout": args.dropout, "ema": args.ema,
-                     "seed": args.seed, "device_name": torch.cuda.get_device_name() if cuda else "cpu"})
+                     "caption_noise": args.caption_noise, "mix": mix, "high_t": args.high_t, "seed": args.seed, "device_name": torch.cuda.get_device_name() if cuda else "cpu"})
         (folder / "train_state.json").write_text(json.dumps(info, indent=1))
         log(f"exported to {folder}")
 
