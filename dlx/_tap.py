@@ -145,7 +145,7 @@ class Tap:
         def forward(*args, **kwargs):
             x = _first_tensor(args, kwargs)
             n = x.shape[0]
-            run.before_denoiser()  # a ControlNet runs before the UNet: the loop starts there
+            run.before_denoiser(x)  # a ControlNet runs before the UNet: the loop starts there
             cfg = bool(getattr(run.pipe, "do_classifier_free_guidance", False))
             if not cfg or n % 2 or n // 2 != run.batch_hint(n // 2):
                 # No CFG batch (or an extra cond-only call such as SD3 skip-layer guidance).
@@ -225,7 +225,7 @@ class Tap:
             b = x.shape[0]
             name = self._call_name
             if name != "uncond":
-                run.before_denoiser()
+                run.before_denoiser(x)
                 out = orig(*args, **kwargs)
                 run.count_nfe(b, cond=True)
                 self._cond_out = (run.step, out)

@@ -118,10 +118,10 @@ class Run:
         self.wants_calls = any(p.wants_calls for p in self.parts)
         self.controls = [p for p in self.parts if type(p).guidance is not Part.guidance]
         self._plan_cache: tuple[int, Plan] | None = None
-        self.device = getattr(pipe, "_execution_device", None)
-        if self.device is None:
-            self.device = getattr(pipe, "device", torch.device("cpu"))
-        self.cuda = torch.device(self.device).type == "cuda"
+        # The device is read off the denoiser's input at the first call (``before_denoiser``):
+        # ``pipe._execution_device`` walks every module for offload hooks, milliseconds per call.
+        self.device: torch.device | None = None
+        self._cuda: bool | None = None
         self.ip_processors: list = []  # IP-Adapter attention processors, found once per run
         self.timesteps: list[float] | None = None
         self.sigmas: list[float] | None = None
@@ -131,10 +131,22 @@ class Run:
     def current(cls, pipe) -> "Run | None":
         return cls._active.get(id(pipe))
 
+    @property
+    def cuda(self) -> bool:
+        """Whether the denoiser runs on a CUDA device (then steps are timed with CUDA events)."""
+        if self._cuda is None:  # asked before the loop started (a call that failed early)
+            dev = getattr(self.pipe, "_execution_device", None)
+            if dev is None:
+                dev = getattr(self.pipe, "device", torch.device("cpu"))
+            return torch.device(dev).type == "cuda"
+        return self._cuda
+
     # -- called by the tap ----------------------------------------------------------------------
-    def before_denoiser(self):
+    def before_denoiser(self, x: torch.Tensor):
         if not self.loop_started:
             self.loop_started = True
+            self.device = x.device
+            self._cuda = x.device.type == "cuda"
             self.num_steps = int(getattr(self.pipe, "num_timesteps", 0) or 0) or None
             if self.num_steps is None:
                 raise DlxError(f"{type(self.pipe).__name__} did not set num_timesteps before its loop")
