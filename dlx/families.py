@@ -202,7 +202,11 @@ def denoised(family: Family, scheduler, x_in: torch.Tensor, pred: torch.Tensor, 
     (x = √ᾱ·x0 + √(1−ᾱ)·ε, also after Euler's ``scale_model_input``); for flow matching
     x = (1−σ)·x0 + σ·noise and x0 = x − σ·v. ``sigma`` is the step's noise level (``sigmas_at``).
     """
-    kind = prediction_type(family, scheduler)
+    return denoised_as(prediction_type(family, scheduler), x_in, pred, sigma)
+
+
+def denoised_as(kind: str, x_in: torch.Tensor, pred: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``denoised`` for a known ``prediction_type`` (look it up once per run, not per step)."""
     # float32 arithmetic (x ≈ s·ε at high noise: half precision would cancel badly), in as few
     # kernels as possible: this runs on every recorded step
     x = x_in.float()

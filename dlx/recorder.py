@@ -12,7 +12,7 @@ import torch
 
 from ._tap import DenoiserCall
 from .errors import DlxError
-from .families import check_tensor_inputs, denoised, family_of, sigma_at
+from .families import check_tensor_inputs, denoised_as, family_of, prediction_type, sigma_at
 from .session import Part, Run, attach
 from .trace import Step, Trace
 
@@ -20,6 +20,7 @@ __all__ = ["Recorder", "record"]
 
 _KEEP = ("latents", "x0", "cond", "uncond", "embeds")
 _STORAGE = ("cpu", "device")
+_NOTHING: dict = {}
 
 
 class Recorder(Part):
@@ -68,16 +69,28 @@ class Recorder(Part):
         self._reset()
 
     def _reset(self):
-        self._calls: dict[int, DenoiserCall] = {}
+        self._calls: dict[int, dict] = {}  # step -> the tensors kept from its denoiser call
         self._ip_scale: dict[int, float] = {}
-        self._cond_ids: dict[str, tuple] = {}
+        self._cond_ids: tuple = ()
         self._last_mark = None
         self._bare_steps = False
+        self._x0_kind: str | None = None  # the scheduler's prediction type, looked up once per run
+        # what to keep, decided once per run instead of on every step
+        keep = self.keep
+        self._keep_latents = "latents" in keep
+        self._keep_cond = "cond" in keep
+        self._keep_uncond = "uncond" in keep
+        self._keep_x0 = "x0" in keep
+        self._keep_embeds = "embeds" in keep
+        self._plain = self.dtype is None and not (self.downsample and self.downsample > 1)
 
     # -- storage --------------------------------------------------------------------------------
     def _store(self, t: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         """A copy of ``t`` to keep (``fresh``: ``t`` is ours already, copy only to convert)."""
-        t = t.detach()
+        if t.requires_grad:
+            t = t.detach()
+        if self._plain:  # no conversion: a copy (CUDA-graph outputs are overwritten by the next replay)
+            return t if fresh else t.clone()
         if self.downsample and self.downsample > 1 and t.ndim == 4:
             t = torch.nn.functional.avg_pool2d(t.float(), self.downsample).to(t.dtype)
             fresh = True
@@ -91,36 +104,39 @@ class Recorder(Part):
         self._reset()
         self._ip_procs = run.ip_processors
 
+    def on_loop_start(self, run: Run):
+        if self._keep_x0:
+            self._x0_kind = prediction_type(self.family, run.pipe.scheduler)
+
     def on_denoiser(self, run: Run, call: DenoiserCall):
-        if call.step in self._calls:  # extra evaluations (Heun's 2nd order, SD3 skip-layer): keep the first
+        step = call.step
+        calls = self._calls
+        if step in calls:  # extra evaluations (Heun's 2nd order, SD3 skip-layer): keep the first
             return
-        self._calls[call.step] = call
         if self._ip_procs:
-            self._ip_scale[call.step] = float(self._ip_procs[0].scale[0])
+            self._ip_scale[step] = float(self._ip_procs[0].scale[0])
         # Keep what we need now: the next CUDA-graph replay may overwrite these buffers.
         keep = {}
-        if "cond" in self.keep:
+        if self._keep_cond:
             keep["cond"] = self._store(call.cond)
-        if "uncond" in self.keep and call.uncond is not None:
+        if self._keep_uncond and call.uncond is not None:
             keep["uncond"] = self._store(call.uncond)
-        if "x0" in self.keep:
-            keep["x0"] = self._store(denoised(self.family, run.pipe.scheduler, call.x_in, call.guided,
-                                              run.sigma(call.step)), fresh=True)
-        self._calls[call.step] = keep
+        if self._keep_x0:
+            keep["x0"] = self._store(denoised_as(self._x0_kind, call.x_in, call.guided, run.sigma(step)), fresh=True)
+        calls[step] = keep
 
     def on_step_end(self, run: Run, step, timestep, callback_kwargs):
-        pipe = run.pipe
-        plan = run.step_plans[step] if step < len(run.step_plans) else None
-        kept = self._calls.get(step, {})
-        b = None
+        plans = run.step_plans
+        plan = plans[step] if step < len(plans) else None
+        kept = self._calls.get(step, _NOTHING)
         lat = callback_kwargs.get("latents")
-        if lat is not None:
-            b = lat.shape[0]
         if plan is not None:
             mask, scale = plan.mask, plan.scale  # tuples; tensors are made once, at the end
-            cfg_active = any(mask)
-            gscale = sum(scale) / len(scale)
+            cfg_active = plan.any_guided
+            gscale = plan.mean_scale
         else:
+            pipe = run.pipe
+            b = lat.shape[0] if lat is not None else None
             if self.family.cfg == "calls":
                 cfg_active = bool(run.flux_true_cfg) and "uncond" in kept
                 gscale = run.flux_scale
@@ -135,7 +151,7 @@ class Recorder(Part):
             guidance_scale=gscale, cfg_active=cfg_active, nfe=float(nfe),
             ip_adapter_scale=self._ip_scale.get(step),
             conditioning=self._conditioning(callback_kwargs),
-            latents=self._store(lat) if ("latents" in self.keep and lat is not None) else None,
+            latents=self._store(lat) if (self._keep_latents and lat is not None) else None,
             x0=kept.get("x0"), cond=kept.get("cond"), uncond=kept.get("uncond"),
             cfg_mask=mask, scale=scale,
         )
@@ -186,14 +202,19 @@ class Recorder(Part):
     # -- helpers ---------------------------------------------------------------------------------
     def _conditioning(self, callback_kwargs) -> int:
         """Index of the conditioning in force; store it again only if a tensor changed."""
-        if "embeds" not in self.keep:
+        if not self._keep_embeds:
             return 0
-        cur = {k: callback_kwargs[k] for k in self.family.conditioning if k in callback_kwargs}
-        ids = {k: (id(v), v.data_ptr(), tuple(v.shape), v._version) for k, v in cur.items()}
-        if not self.trace.conditioning or ids != self._cond_ids:
-            self.trace.conditioning.append({k: self._store(v) for k, v in cur.items()})
+        ids = []  # identity and version of each tensor: no device work
+        for k in self.family.conditioning:
+            if k in callback_kwargs:
+                v = callback_kwargs[k]
+                ids.append((k, id(v), v.data_ptr(), v.shape, v._version))
+        ids = tuple(ids)
+        conds = self.trace.conditioning
+        if not conds or ids != self._cond_ids:
+            conds.append({k: self._store(callback_kwargs[k]) for k, *_ in ids})
             self._cond_ids = ids
-        return len(self.trace.conditioning) - 1
+        return len(conds) - 1
 
     def _finish(self, pipe, call_kwargs, run, error):
         t = self.trace
