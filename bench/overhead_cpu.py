@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import statistics
@@ -42,6 +43,52 @@ def stub_unet(pipe):
         return (pred,) if not return_dict else UNet2DConditionOutput(sample=pred)
 
     object.__setattr__(pipe.unet, "forward", forward)
+
+
+class HookClock:
+    """Time spent inside dlx's per-step hooks (the denoiser tap minus the denoiser itself, and the
+    chained step-end callback): dlx's own per-step cost without the noise of the whole call."""
+
+    def __init__(self):
+        from dlx import session
+        from dlx._tap import Tap
+
+        self.total = 0.0
+        clock = time.perf_counter
+        wrap = Tap._wrap_batch
+        hc = self
+
+        def _wrap_batch(tap, orig, denoiser):
+            def inner(*a, **k):
+                t0 = clock()
+                out = orig(*a, **k)
+                hc.total -= clock() - t0
+                return out
+
+            fwd = wrap(tap, inner, denoiser)
+
+            def outer(*a, **k):
+                t0 = clock()
+                out = fwd(*a, **k)
+                hc.total += clock() - t0
+                return out
+
+            return outer
+
+        Tap._wrap_batch = _wrap_batch
+        chain = session._Chain.__call__
+
+        def call(self_, *a):
+            t0 = clock()
+            out = chain(self_, *a)
+            hc.total += clock() - t0
+            return out
+
+        session._Chain.__call__ = call
+
+    def take(self) -> float:
+        t, self.total = self.total, 0.0
+        return t
 
 
 def variants(pipe, kw):
@@ -73,6 +120,7 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--wall", action="store_true",
                     help="time wall clock (default: this process's CPU time, robust to other load on the machine)")
+    ap.add_argument("--no-gc", action="store_true", help="collect before each call and keep the collector off during it")
     ap.add_argument("--real-unet", action="store_true", help="keep the tiny UNet (slow, noisy)")
     args = ap.parse_args(argv)
 
@@ -82,6 +130,8 @@ def main(argv=None):
     if not args.real_unet:
         stub_unet(pipe)
     steps = args.steps
+    hooks = HookClock()
+    hook_us: dict = {}
     # Two run lengths split what dlx adds into a fixed cost per call and a marginal cost per step.
     lengths = (steps, args.short)
     vs = {L: variants(pipe, lambda L=L: example_inputs("sd", steps=L)) for L in lengths}
@@ -95,17 +145,24 @@ def main(argv=None):
         order = names[r % len(names):] + names[: r % len(names)]
         for L in lengths:
             for n in order:
+                if args.no_gc:
+                    gc.collect()
+                    gc.disable()
+                hooks.take()
                 t0 = clock()
                 vs[L][n]()
                 times[n, L].append((clock() - t0) * 1e3)
+                gc.enable()
+                if L == steps:
+                    hook_us.setdefault(n, []).append(hooks.take() / steps * 1e6)
 
     def added(n, L):  # per-round differences to bare: robust to drifts of the machine
         return [(t - b) for t, b in zip(times[n, L], times["bare", L])]
 
     print(f"tiny sd ({'real' if args.real_unet else 'stub'} UNet), CFG, batch 1, {args.rounds} interleaved rounds, "
           f"torch {torch.__version__}, 1 thread, {'wall' if args.wall else 'process CPU'} time\ndlx from {dlx.__file__}")
-    print(f"{'variant':<16}{'ms/call':>9}{'µs/step':>9}{'added µs/step':>15}{'IQR':>7}{'min-based':>11}"
-          f"{'per call µs':>13}{'per step µs':>13}")
+    print(f"{'variant':<16}{'ms/call':>9}{'µs/step':>9}{'added µs/step':>15}{'IQR':>7}"
+          f"{'per call µs':>13}{'per step µs':>13}{'in hooks µs/step':>18}")
     for n in names:
         d = added(n, steps)
         q = statistics.quantiles(d, n=4) if len(d) >= 2 else [0.0, 0.0, 0.0]
@@ -115,9 +172,10 @@ def main(argv=None):
         fixed = a_long - marginal * steps
         print(f"{n:<16}{statistics.median(times[n, steps]):>9.2f}{statistics.median(times[n, steps]) / steps * 1e3:>9.1f}"
               f"{a_long / steps:>15.1f}{(q[2] - q[0]) * 1e3 / steps:>7.1f}"
-              f"{(min(times[n, steps]) - min(times['bare', steps])) * 1e3 / steps:>11.1f}{fixed:>13.0f}{marginal:>13.1f}")
-    print(f"added µs/step: median over rounds of (variant - bare) / {steps} steps, its IQR, and the same from "
-          f"the fastest call of each;\nper call / per step: fit of the added time at {args.short} and {steps} steps")
+              f"{fixed:>13.0f}{marginal:>13.1f}{statistics.median(hook_us[n]):>18.1f}")
+    print(f"added µs/step: median over rounds of (variant - bare) / {steps} steps, and its IQR (the whole call's "
+          f"noise);\nper call / per step: fit of the added time at {args.short} and {steps} steps; in hooks: "
+          f"wall time inside dlx's tap (less the denoiser) and step-end callback, median per step")
 
     if args.profile:
         prof = cProfile.Profile()
