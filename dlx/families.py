@@ -175,13 +175,17 @@ def sigmas_at(family: Family, scheduler, timesteps) -> list[float]:
         return [math.nan] * len(ts)
     log_sig = sig.log()
     n = sig.numel()
-    out = []
+    spans = []
     for t in ts:
         lo = min(max(int(math.floor(t)), 0), n - 1)
-        hi = min(lo + 1, n - 1)
-        w = t - lo
-        out.append(float(sig[lo]) if w <= 0 or hi == lo else math.exp((1 - w) * float(log_sig[lo]) + w * float(log_sig[hi])))
-    return out
+        spans.append((lo, min(lo + 1, n - 1), t - lo))
+    # the table entries needed, read in one gather each (indexing a tensor per timestep costs
+    # microseconds each: milliseconds for a 50-step run)
+    idx = sorted({i for lo, hi, _ in spans for i in (lo, hi)})
+    sig_at = dict(zip(idx, sig[idx].tolist()))
+    log_at = dict(zip(idx, log_sig[idx].tolist()))
+    return [sig_at[lo] if w <= 0 or hi == lo else math.exp((1 - w) * log_at[lo] + w * log_at[hi])
+            for lo, hi, w in spans]
 
 
 def sigma_at(family: Family, scheduler, t) -> float:
