@@ -36,7 +36,7 @@ class DenoiserCall:
     ``on_denoiser``.
     """
 
-    __slots__ = ("step", "timestep", "x_in", "cond", "uncond", "_guided", "mask", "scale")
+    __slots__ = ("step", "timestep", "x_in", "cond", "uncond", "_guided", "mask", "scale", "lerp_guided")
 
     def __init__(self, step: int, timestep, x_in: torch.Tensor, cond: torch.Tensor,
                  uncond: torch.Tensor | None, guided: torch.Tensor | None, mask: tuple[bool, ...],
@@ -49,6 +49,9 @@ class DenoiserCall:
         self._guided = guided
         self.mask = mask
         self.scale = scale
+        #: ``guided`` is ``lerp(uncond, cond, scale)`` (the pipeline's own CFG): an observer may
+        #: compute it, or what follows from it, later from copies of ``uncond`` and ``cond``
+        self.lerp_guided = guided is None
 
     @property
     def guided(self) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from ._tap import DenoiserCall
 from .errors import DlxError
-from .families import check_tensor_inputs, denoised_as, family_of, prediction_type, sigma_at
+from .families import BATCHED_X0, check_tensor_inputs, denoised_as, denoised_steps, family_of, prediction_type, sigma_at
 from .session import Part, Run, attach
 from .trace import Step, Trace
 
@@ -75,6 +75,7 @@ class Recorder(Part):
         self._last_mark = None
         self._bare_steps = False
         self._x0_kind: str | None = None  # the scheduler's prediction type, looked up once per run
+        self._defer_x0 = False
         # what to keep, decided once per run instead of on every step
         keep = self.keep
         self._keep_latents = "latents" in keep
@@ -107,6 +108,8 @@ class Recorder(Part):
     def on_loop_start(self, run: Run):
         if self._keep_x0:
             self._x0_kind = prediction_type(self.family, run.pipe.scheduler)
+            # x0 of steps the pipeline guides itself is computed after the run, all at once
+            self._defer_x0 = self._plain and self._x0_kind in BATCHED_X0
 
     def on_denoiser(self, run: Run, call: DenoiserCall):
         step = call.step
@@ -122,7 +125,17 @@ class Recorder(Part):
         if self._keep_uncond and call.uncond is not None:
             keep["uncond"] = self._store(call.uncond)
         if self._keep_x0:
-            keep["x0"] = self._store(denoised_as(self._x0_kind, call.x_in, call.guided, run.sigma(step)), fresh=True)
+            if self._defer_x0 and call.lerp_guided:
+                # One copy of the input now instead of three kernels (guided, x0) per step; x0
+                # follows after the run (_deferred_x0), bitwise the same.
+                x, c = call.x_in, call.cond
+                if x.ndim == c.ndim and x.shape[1] != c.shape[1]:
+                    x = x[:, : c.shape[1]]  # inpaint UNets also take mask and masked-image channels
+                keep["_x0_in"] = (x.clone(), keep["uncond"] if self._keep_uncond else call.uncond.clone(),
+                                  keep["cond"] if self._keep_cond else c.clone(), call.scale)
+            else:
+                keep["x0"] = self._store(denoised_as(self._x0_kind, call.x_in, call.guided, run.sigma(step)),
+                                         fresh=True)
         calls[step] = keep
 
     def on_step_end(self, run: Run, step, timestep, callback_kwargs):
@@ -159,10 +172,30 @@ class Recorder(Part):
         return callback_kwargs
 
     def on_run_end(self, run: Run, error):
+        self._deferred_x0(run)
+        self._calls = {}
         ms = run.step_ms()
         for s, v in zip(self.trace.steps, ms):
             s.step_ms = float(v)
         self._finish(run.pipe, run.call_kwargs, run, error)
+
+    def _deferred_x0(self, run: Run):
+        """x0 of the steps whose inputs ``on_denoiser`` kept: one batched computation per group of
+        steps with the same scale and shapes (one group, unless a callback changed the scale)."""
+        groups: dict[tuple, list] = {}
+        for s in self.trace.steps:
+            args = self._calls.get(s.index, _NOTHING).get("_x0_in")
+            if args is not None:
+                x, u, c, w = args
+                key = (w, x.shape, x.dtype, x.device, u.shape, u.dtype)
+                groups.setdefault(key, []).append((s, args))
+        for members in groups.values():
+            w = members[0][1][3]
+            g = torch.lerp(torch.stack([a[1] for _, a in members]), torch.stack([a[2] for _, a in members]), w)
+            x0 = denoised_steps(self._x0_kind, torch.stack([a[0] for _, a in members]), g,
+                                [run.sigma(s.index) for s, _ in members])
+            for (s, _), v in zip(members, x0.unbind(0)):
+                s.x0 = v
 
     # -- bare callback ---------------------------------------------------------------------------
     def __call__(self, pipe, step, timestep, callback_kwargs):
