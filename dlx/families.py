@@ -247,7 +247,7 @@ def denoised_steps(kind: str, x_in: torch.Tensor, pred: torch.Tensor, sigmas) ->
     checked on an H200 with PyTorch 2.11): per element the same float32 operations, rounded the
     same way. ``sub(x, p, alpha=s)`` is a fused multiply-add (x − s·p rounded once, on CPU and
     CUDA alike), reproduced by ``_fused_sub``; ``div_(a)`` is a true division by float32 a on CPU
-    and, on CUDA, a multiplication by the reciprocal of a rounded to float32.
+    and, on CUDA, a multiplication by 1/a rounded to float32.
     """
     if kind not in BATCHED_X0:
         raise DlxError(f"denoised_steps does not handle prediction_type {kind!r}")
@@ -273,7 +273,16 @@ def denoised_steps(kind: str, x_in: torch.Tensor, pred: torch.Tensor, sigmas) ->
 
 
 def _fused_sub(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """float32 x − s·p rounded once, as a fused multiply-add does, with any broadcast ``s``.
+    """float32 x − s·p rounded once, as ``sub(x, p, alpha=s)`` (a fused multiply-add) does, for a
+    tensor ``s``. On CPU ``addcmul`` is compiled into the same FMA (tests check it; one kernel);
+    elsewhere, as on CUDA where it rounds s·p first, ``_fused_sub_exact``."""
+    if x.device.type == "cpu":
+        return torch.addcmul(x, p, s, value=-1)
+    return _fused_sub_exact(x, p, s)
+
+
+def _fused_sub_exact(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x − s·p of float32 tensors, correctly rounded to float32 on any device.
 
     In float64 the product s·p is exact and the difference is rounded once more; TwoSum gives
     that rounding's exact error, and moving an even result one step towards the exact value

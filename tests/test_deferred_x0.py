@@ -90,17 +90,19 @@ def test_x0_of_an_interrupted_run_is_complete():
     assert len(t) == 2 and all(s.x0 is not None and torch.isfinite(s.x0).all() for s in t)
 
 
-def test_fused_sub_rounds_once_like_the_per_step_op():
-    from dlx.families import _fused_sub
+@pytest.mark.parametrize("name", ["_fused_sub", "_fused_sub_exact"])  # CPU path, and the one CUDA takes
+def test_fused_sub_rounds_once_like_the_per_step_op(name):
+    import dlx.families
 
+    fused_sub = getattr(dlx.families, name)
     g = torch.Generator().manual_seed(1)
-    n = 100_000
-    x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 8)  # wide exponent range
-    p = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 8)
-    for s in (0.3, 1.0, 0.9999, 1e-3, 7.7):
-        assert bitwise(_fused_sub(x, p, torch.tensor(s)), torch.sub(x, p, alpha=s))
-        near = (torch.tensor(s).double() * p.double()).float()  # x ≈ s·p: cancellation
-        assert bitwise(_fused_sub(near, p, torch.tensor(s)), torch.sub(near, p, alpha=s))
+    for n in (100_000, 1001, 7):  # vectorized loops and their scalar tails
+        x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 8)  # wide exponent range
+        p = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 8)
+        for s in (0.3, 1.0, 0.9999, 1e-3, 7.7):
+            assert bitwise(fused_sub(x, p, torch.tensor(s)), torch.sub(x, p, alpha=s))
+            near = (torch.tensor(s).double() * p.double()).float()  # x ≈ s·p: cancellation
+            assert bitwise(fused_sub(near, p, torch.tensor(s)), torch.sub(near, p, alpha=s))
     special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, 3.4e38])
     ref = torch.sub(special, special.flip(0), alpha=0.5)
-    assert same(_fused_sub(special, special.flip(0), torch.tensor(0.5)), ref)
+    assert same(fused_sub(special, special.flip(0), torch.tensor(0.5)), ref)
