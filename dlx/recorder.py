@@ -40,6 +40,10 @@ class Recorder(Part):
     end, and per-step time between callbacks (step 0 has none); it composes with
     ``MultiPipelineCallbacks`` and diffusers' official callbacks (put it last, so it sees final
     latents). Attached, it also gets the predictions, x0, exact per-step guidance and NFE.
+
+    Per step it only copies what it keeps (one kernel per tensor, no host sync); x0 of steps
+    guided by the pipeline's own CFG or not at all is computed for all of them at once when the
+    run ends (bitwise what the per-step computation gives), so ``Step.x0`` is None until then.
     """
 
     observer = True
@@ -125,14 +129,17 @@ class Recorder(Part):
         if self._keep_uncond and call.uncond is not None:
             keep["uncond"] = self._store(call.uncond)
         if self._keep_x0:
-            if self._defer_x0 and call.lerp_guided:
-                # One copy of the input now instead of three kernels (guided, x0) per step; x0
-                # follows after the run (_deferred_x0), bitwise the same.
+            lerp = call.lerp_guided
+            if self._defer_x0 and (lerp or call.guided is call.cond):
+                # One copy of the input now instead of two or three kernels (guided, x0) per step;
+                # x0 follows after the run (_deferred_x0), bitwise the same. Steps guided by the
+                # pipeline's own CFG (lerp) or not at all (guided is cond: no CFG, cut off).
                 x, c = call.x_in, call.cond
                 if x.ndim == c.ndim and x.shape[1] != c.shape[1]:
                     x = x[:, : c.shape[1]]  # inpaint UNets also take mask and masked-image channels
-                keep["_x0_in"] = (x.clone(), keep["uncond"] if self._keep_uncond else call.uncond.clone(),
-                                  keep["cond"] if self._keep_cond else c.clone(), call.scale)
+                u = (keep["uncond"] if self._keep_uncond else call.uncond.clone()) if lerp else None
+                keep["_x0_in"] = (x.clone(), u, keep["cond"] if self._keep_cond else c.clone(),
+                                  call.scale if lerp else None)
             else:
                 keep["x0"] = self._store(denoised_as(self._x0_kind, call.x_in, call.guided, run.sigma(step)),
                                          fresh=True)
@@ -181,17 +188,19 @@ class Recorder(Part):
 
     def _deferred_x0(self, run: Run):
         """x0 of the steps whose inputs ``on_denoiser`` kept: one batched computation per group of
-        steps with the same scale and shapes (one group, unless a callback changed the scale)."""
+        steps with the same guidance scale (None: unguided, x0 from cond) and shapes: one or two
+        groups, unless a callback changed the scale mid-run."""
         groups: dict[tuple, list] = {}
         for s in self.trace.steps:
             args = self._calls.get(s.index, _NOTHING).get("_x0_in")
             if args is not None:
                 x, u, c, w = args
-                key = (w, x.shape, x.dtype, x.device, u.shape, u.dtype)
+                key = (w, x.shape, x.dtype, x.device, c.shape, c.dtype)
                 groups.setdefault(key, []).append((s, args))
-        for members in groups.values():
-            w = members[0][1][3]
-            g = torch.lerp(torch.stack([a[1] for _, a in members]), torch.stack([a[2] for _, a in members]), w)
+        for (w, *_), members in groups.items():
+            g = torch.stack([a[2] for _, a in members])
+            if w is not None:  # the pipeline's CFG: lerp(uncond, cond, scale), as in DenoiserCall.guided
+                g = torch.lerp(torch.stack([a[1] for _, a in members]), g, w)
             x0 = denoised_steps(self._x0_kind, torch.stack([a[0] for _, a in members]), g,
                                 [run.sigma(s.index) for s, _ in members])
             for (s, _), v in zip(members, x0.unbind(0)):

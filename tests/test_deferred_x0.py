@@ -56,6 +56,8 @@ def _traces(family, scheduler=None, parts=(), **kw):
     ("sdxl", None, (), {}),
     ("sd3", None, (), {}),
     ("sd-controlnet", None, (), {}),
+    ("sd", None, (), {"guidance_scale": 1.0}),  # no CFG: x0 from cond
+    ("flux", None, (lambda: dlx.CFGCutoff(step=2),), {"batch": 2}),  # true CFG (per step), then cond only
 ])
 def test_recorded_x0_is_bitwise_the_per_step_x0(monkeypatch, family, scheduler, parts, kw):
     pipe, out, deferred = _traces(family, scheduler, parts, **kw)
@@ -81,6 +83,15 @@ def test_x0_only_recorder_defers_without_keeping_predictions(monkeypatch):
     assert t.fields() == ["x0", "cfg_mask", "scale"]
     for a, b in zip(t, ref):
         assert bitwise(a.x0, b.x0)
+
+
+def test_x0_is_deferred_for_steps_the_pipeline_or_nobody_guides():
+    pipe = pipe_for("sd")
+    with dlx.record(pipe, dlx.CFGCutoff(ratio=0.5), storage="device") as t:
+        run(pipe, "sd")
+    # deferred x0 are rows of one batched result per group (guided steps, then unguided ones)
+    assert [s.x0._base is not None for s in t] == [True] * 4
+    assert t[0].x0._base is t[1].x0._base and t[2].x0._base is t[3].x0._base is not t[0].x0._base
 
 
 def test_x0_of_an_interrupted_run_is_complete():
