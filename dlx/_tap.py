@@ -206,6 +206,8 @@ class Tap:
             guided = [i for i, m in enumerate(plan.mask) if m]
             if not guided:
                 rows = slice(b, n)  # a view: bitwise the same rows diffusers' own cutoff keeps
+            elif len(guided) == b:
+                rows = slice(0, n)  # all rows (a scale schedule): no index tensor to copy to the device
             else:
                 rows = torch.tensor(guided + list(range(b, n)), dtype=torch.long)
             out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
@@ -220,7 +222,8 @@ class Tap:
                 g = c
             else:
                 u_sub = pred[:k]
-                gidx = torch.tensor(guided, device=pred.device)
+                # every sample guided: a slice, else an index (a host-to-device copy, which syncs)
+                gidx = slice(0, b) if k == b else torch.tensor(guided, device=pred.device)
                 s = plan.scale_rows(guided, pred)
                 g = c.clone()
                 g[gidx] = u_sub + s * (c[gidx] - u_sub)
