@@ -19,29 +19,55 @@ recording never changes a result.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 
 _MISSING = object()
 
 
-@dataclass
 class DenoiserCall:
     """What one denoiser evaluation produced, split per CFG half (rows of the batch of B samples).
 
     ``uncond`` is None when no sample was guided; rows of unguided samples are NaN otherwise.
-    ``guided`` holds the prediction the scheduler steps with.
+    ``guided`` holds the prediction the scheduler steps with. Passed as None, it is the
+    pipeline's own combination ``lerp(uncond, cond, scale)``, computed on first access (one
+    kernel per step saved when no observer needs it). Like ``cond`` and ``uncond`` (views of
+    the denoiser's output, which a CUDA graph overwrites on its next replay), read it inside
+    ``on_denoiser``.
     """
 
-    step: int
-    timestep: torch.Tensor
-    x_in: torch.Tensor  # denoiser input of the conditional rows (after scale_model_input)
-    cond: torch.Tensor
-    uncond: torch.Tensor | None
-    guided: torch.Tensor
-    mask: tuple[bool, ...]
-    scale: torch.Tensor | float
+    __slots__ = ("step", "timestep", "x_in", "cond", "uncond", "_guided", "mask", "scale", "lerp_guided")
+
+    def __init__(self, step: int, timestep, x_in: torch.Tensor, cond: torch.Tensor,
+                 uncond: torch.Tensor | None, guided: torch.Tensor | None, mask: tuple[bool, ...],
+                 scale: torch.Tensor | float):
+        self.step = step
+        self.timestep = timestep
+        self.x_in = x_in  # denoiser input of the conditional rows (after scale_model_input)
+        self.cond = cond
+        self.uncond = uncond
+        self._guided = guided
+        self.mask = mask
+        self.scale = scale
+        #: ``guided`` is ``lerp(uncond, cond, scale)`` (the pipeline's own CFG): an observer may
+        #: compute it, or what follows from it, later from copies of ``uncond`` and ``cond``
+        self.lerp_guided = guided is None
+
+    @property
+    def guided(self) -> torch.Tensor:
+        g = self._guided
+        if g is None:
+            g = self._guided = torch.lerp(self.uncond, self.cond, self.scale)
+        return g
+
+    @guided.setter
+    def guided(self, value: torch.Tensor) -> None:
+        self._guided = value
+
+    def __repr__(self) -> str:
+        return (f"DenoiserCall(step={self.step}, cond={tuple(self.cond.shape)}, "
+                f"uncond={'None' if self.uncond is None else tuple(self.uncond.shape)}, mask={self.mask}, "
+                f"scale={self.scale!r})")
 
 
 def _pred_of(out):
@@ -141,12 +167,15 @@ class Tap:
     # -- batch-doubled CFG (SD, SDXL, SD3, ControlNet) ------------------------------------------
     def _wrap_batch(self, orig, denoiser: bool):
         run = self.run
+        pipe = run.pipe
 
         def forward(*args, **kwargs):
             x = _first_tensor(args, kwargs)
             n = x.shape[0]
-            run.before_denoiser()  # a ControlNet runs before the UNet: the loop starts there
-            cfg = bool(getattr(run.pipe, "do_classifier_free_guidance", False))
+            if not run.loop_started:
+                run.before_denoiser(x)  # a ControlNet runs before the UNet: the loop starts there
+            # read every call: a callback may end CFG mid-run (diffusers' cutoff callbacks do)
+            cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
             if not cfg or n % 2 or n // 2 != run.batch_hint(n // 2):
                 # No CFG batch (or an extra cond-only call such as SD3 skip-layer guidance).
                 out = orig(*args, **kwargs)
@@ -164,20 +193,21 @@ class Tap:
             if plan.passthrough:
                 out = orig(*args, **kwargs)
                 if denoiser:
-                    pred = _pred_of(out)
-                    u, c = pred.chunk(2)
-                    run.count_nfe(b, cond=True, uncond=plan.mask)
+                    run.count_nfe(b, True, plan.mask)
                     if run.wants_calls:
-                        # one kernel; observers only (the pipeline combines its own prediction)
-                        g = torch.lerp(u, c, plan.default)
+                        u, c = _pred_of(out).chunk(2)
+                        # guided=None: lerp(u, c, scale) when an observer reads it (the pipeline
+                        # combines its own prediction)
                         run.observe(
-                            DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, g,
+                            DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, None,
                                          plan.mask, plan.default)
                         )
                 return out
             guided = [i for i, m in enumerate(plan.mask) if m]
             if not guided:
                 rows = slice(b, n)  # a view: bitwise the same rows diffusers' own cutoff keeps
+            elif len(guided) == b:
+                rows = slice(0, n)  # all rows (a scale schedule): no index tensor to copy to the device
             else:
                 rows = torch.tensor(guided + list(range(b, n)), dtype=torch.long)
             out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
@@ -192,7 +222,8 @@ class Tap:
                 g = c
             else:
                 u_sub = pred[:k]
-                gidx = torch.tensor(guided, device=pred.device)
+                # every sample guided: a slice, else an index (a host-to-device copy, which syncs)
+                gidx = slice(0, b) if k == b else torch.tensor(guided, device=pred.device)
                 s = plan.scale_rows(guided, pred)
                 g = c.clone()
                 g[gidx] = u_sub + s * (c[gidx] - u_sub)
@@ -225,7 +256,8 @@ class Tap:
             b = x.shape[0]
             name = self._call_name
             if name != "uncond":
-                run.before_denoiser()
+                if not run.loop_started:
+                    run.before_denoiser(x)
                 out = orig(*args, **kwargs)
                 run.count_nfe(b, cond=True)
                 self._cond_out = (run.step, out)

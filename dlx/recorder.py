@@ -12,7 +12,7 @@ import torch
 
 from ._tap import DenoiserCall
 from .errors import DlxError
-from .families import check_tensor_inputs, denoised, family_of, sigma_at
+from .families import BATCHED_X0, check_tensor_inputs, denoised_as, denoised_steps, family_of, prediction_type, sigma_at
 from .session import Part, Run, attach
 from .trace import Step, Trace
 
@@ -20,6 +20,7 @@ __all__ = ["Recorder", "record"]
 
 _KEEP = ("latents", "x0", "cond", "uncond", "embeds")
 _STORAGE = ("cpu", "device")
+_NOTHING: dict = {}
 
 
 class Recorder(Part):
@@ -39,6 +40,10 @@ class Recorder(Part):
     end, and per-step time between callbacks (step 0 has none); it composes with
     ``MultiPipelineCallbacks`` and diffusers' official callbacks (put it last, so it sees final
     latents). Attached, it also gets the predictions, x0, exact per-step guidance and NFE.
+
+    Per step it only copies what it keeps (one kernel per tensor, no host sync); x0 of steps
+    guided by the pipeline's own CFG or not at all is computed for all of them at once when the
+    run ends (bitwise what the per-step computation gives), so ``Step.x0`` is None until then.
     """
 
     observer = True
@@ -68,16 +73,29 @@ class Recorder(Part):
         self._reset()
 
     def _reset(self):
-        self._calls: dict[int, DenoiserCall] = {}
+        self._calls: dict[int, dict] = {}  # step -> the tensors kept from its denoiser call
         self._ip_scale: dict[int, float] = {}
-        self._cond_ids: dict[str, tuple] = {}
+        self._cond_ids: tuple = ()
         self._last_mark = None
         self._bare_steps = False
+        self._x0_kind: str | None = None  # the scheduler's prediction type, looked up once per run
+        self._defer_x0 = False
+        # what to keep, decided once per run instead of on every step
+        keep = self.keep
+        self._keep_latents = "latents" in keep
+        self._keep_cond = "cond" in keep
+        self._keep_uncond = "uncond" in keep
+        self._keep_x0 = "x0" in keep
+        self._keep_embeds = "embeds" in keep
+        self._plain = self.dtype is None and not (self.downsample and self.downsample > 1)
 
     # -- storage --------------------------------------------------------------------------------
     def _store(self, t: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         """A copy of ``t`` to keep (``fresh``: ``t`` is ours already, copy only to convert)."""
-        t = t.detach()
+        if t.requires_grad:
+            t = t.detach()
+        if self._plain:  # no conversion: a copy (CUDA-graph outputs are overwritten by the next replay)
+            return t if fresh else t.clone()
         if self.downsample and self.downsample > 1 and t.ndim == 4:
             t = torch.nn.functional.avg_pool2d(t.float(), self.downsample).to(t.dtype)
             fresh = True
@@ -91,36 +109,54 @@ class Recorder(Part):
         self._reset()
         self._ip_procs = run.ip_processors
 
+    def on_loop_start(self, run: Run):
+        if self._keep_x0:
+            self._x0_kind = prediction_type(self.family, run.pipe.scheduler)
+            # x0 of steps the pipeline guides itself is computed after the run, all at once
+            self._defer_x0 = self._plain and self._x0_kind in BATCHED_X0
+
     def on_denoiser(self, run: Run, call: DenoiserCall):
-        if call.step in self._calls:  # extra evaluations (Heun's 2nd order, SD3 skip-layer): keep the first
+        step = call.step
+        calls = self._calls
+        if step in calls:  # extra evaluations (Heun's 2nd order, SD3 skip-layer): keep the first
             return
-        self._calls[call.step] = call
         if self._ip_procs:
-            self._ip_scale[call.step] = float(self._ip_procs[0].scale[0])
+            self._ip_scale[step] = float(self._ip_procs[0].scale[0])
         # Keep what we need now: the next CUDA-graph replay may overwrite these buffers.
         keep = {}
-        if "cond" in self.keep:
+        if self._keep_cond:
             keep["cond"] = self._store(call.cond)
-        if "uncond" in self.keep and call.uncond is not None:
+        if self._keep_uncond and call.uncond is not None:
             keep["uncond"] = self._store(call.uncond)
-        if "x0" in self.keep:
-            keep["x0"] = self._store(denoised(self.family, run.pipe.scheduler, call.x_in, call.guided,
-                                              run.sigma(call.step)), fresh=True)
-        self._calls[call.step] = keep
+        if self._keep_x0:
+            lerp = call.lerp_guided
+            if self._defer_x0 and (lerp or call.guided is call.cond):
+                # One copy of the input now instead of two or three kernels (guided, x0) per step;
+                # x0 follows after the run (_deferred_x0), bitwise the same. Steps guided by the
+                # pipeline's own CFG (lerp) or not at all (guided is cond: no CFG, cut off).
+                x, c = call.x_in, call.cond
+                if x.ndim == c.ndim and x.shape[1] != c.shape[1]:
+                    x = x[:, : c.shape[1]]  # inpaint UNets also take mask and masked-image channels
+                u = (keep["uncond"] if self._keep_uncond else call.uncond.clone()) if lerp else None
+                keep["_x0_in"] = (x.clone(), u, keep["cond"] if self._keep_cond else c.clone(),
+                                  call.scale if lerp else None)
+            else:
+                keep["x0"] = self._store(denoised_as(self._x0_kind, call.x_in, call.guided, run.sigma(step)),
+                                         fresh=True)
+        calls[step] = keep
 
     def on_step_end(self, run: Run, step, timestep, callback_kwargs):
-        pipe = run.pipe
-        plan = run.step_plans[step] if step < len(run.step_plans) else None
-        kept = self._calls.get(step, {})
-        b = None
+        plans = run.step_plans
+        plan = plans[step] if step < len(plans) else None
+        kept = self._calls.get(step, _NOTHING)
         lat = callback_kwargs.get("latents")
-        if lat is not None:
-            b = lat.shape[0]
         if plan is not None:
             mask, scale = plan.mask, plan.scale  # tuples; tensors are made once, at the end
-            cfg_active = any(mask)
-            gscale = sum(scale) / len(scale)
+            cfg_active = plan.any_guided
+            gscale = plan.mean_scale
         else:
+            pipe = run.pipe
+            b = lat.shape[0] if lat is not None else None
             if self.family.cfg == "calls":
                 cfg_active = bool(run.flux_true_cfg) and "uncond" in kept
                 gscale = run.flux_scale
@@ -135,7 +171,7 @@ class Recorder(Part):
             guidance_scale=gscale, cfg_active=cfg_active, nfe=float(nfe),
             ip_adapter_scale=self._ip_scale.get(step),
             conditioning=self._conditioning(callback_kwargs),
-            latents=self._store(lat) if ("latents" in self.keep and lat is not None) else None,
+            latents=self._store(lat) if (self._keep_latents and lat is not None) else None,
             x0=kept.get("x0"), cond=kept.get("cond"), uncond=kept.get("uncond"),
             cfg_mask=mask, scale=scale,
         )
@@ -143,10 +179,32 @@ class Recorder(Part):
         return callback_kwargs
 
     def on_run_end(self, run: Run, error):
+        self._deferred_x0(run)
+        self._calls = {}
         ms = run.step_ms()
         for s, v in zip(self.trace.steps, ms):
             s.step_ms = float(v)
         self._finish(run.pipe, run.call_kwargs, run, error)
+
+    def _deferred_x0(self, run: Run):
+        """x0 of the steps whose inputs ``on_denoiser`` kept: one batched computation per group of
+        steps with the same guidance scale (None: unguided, x0 from cond) and shapes: one or two
+        groups, unless a callback changed the scale mid-run."""
+        groups: dict[tuple, list] = {}
+        for s in self.trace.steps:
+            args = self._calls.get(s.index, _NOTHING).get("_x0_in")
+            if args is not None:
+                x, u, c, w = args
+                key = (w, x.shape, x.dtype, x.device, c.shape, c.dtype)
+                groups.setdefault(key, []).append((s, args))
+        for (w, *_), members in groups.items():
+            g = torch.stack([a[2] for _, a in members])
+            if w is not None:  # the pipeline's CFG: lerp(uncond, cond, scale), as in DenoiserCall.guided
+                g = torch.lerp(torch.stack([a[1] for _, a in members]), g, w)
+            x0 = denoised_steps(self._x0_kind, torch.stack([a[0] for _, a in members]), g,
+                                [run.sigma(s.index) for s, _ in members])
+            for (s, _), v in zip(members, x0.unbind(0)):
+                s.x0 = v
 
     # -- bare callback ---------------------------------------------------------------------------
     def __call__(self, pipe, step, timestep, callback_kwargs):
@@ -186,21 +244,23 @@ class Recorder(Part):
     # -- helpers ---------------------------------------------------------------------------------
     def _conditioning(self, callback_kwargs) -> int:
         """Index of the conditioning in force; store it again only if a tensor changed."""
-        if "embeds" not in self.keep:
+        if not self._keep_embeds:
             return 0
-        cur = {k: callback_kwargs[k] for k in self.family.conditioning if k in callback_kwargs}
-        ids = {k: (id(v), v.data_ptr(), tuple(v.shape), v._version) for k, v in cur.items()}
-        if not self.trace.conditioning or ids != self._cond_ids:
-            self.trace.conditioning.append({k: self._store(v) for k, v in cur.items()})
+        ids = []  # identity and version of each tensor: no device work
+        for k in self.family.conditioning:
+            if k in callback_kwargs:
+                v = callback_kwargs[k]
+                ids.append((k, id(v), v.data_ptr(), v.shape, v._version))
+        ids = tuple(ids)
+        conds = self.trace.conditioning
+        if not conds or ids != self._cond_ids:
+            conds.append({k: self._store(callback_kwargs[k]) for k, *_ in ids})
             self._cond_ids = ids
-        return len(self.trace.conditioning) - 1
+        return len(conds) - 1
 
     def _finish(self, pipe, call_kwargs, run, error):
         t = self.trace
-        for s in t.steps:
-            if not isinstance(s.cfg_mask, torch.Tensor):
-                s.cfg_mask = torch.tensor(s.cfg_mask, dtype=torch.bool)
-                s.scale = torch.tensor(s.scale, dtype=torch.float32)
+        _plans_to_tensors(t.steps)
         if self.storage == "cpu":
             _steps_to_cpu(t.steps)
             t.conditioning = [{k: v.cpu() for k, v in c.items()} for c in t.conditioning]
@@ -221,21 +281,39 @@ class Recorder(Part):
         t.meta["recorded"] = list(self.keep)
 
 
-def _steps_to_cpu(steps) -> None:
-    """Move every step's tensors to the CPU with one copy (and one sync) per field, not per step."""
-    for name in ("latents", "x0", "cond", "uncond"):
-        vals = [getattr(s, name) for s in steps]
-        if not vals or any(v is None for v in vals) or vals[0].device.type == "cpu":
-            for s, v in zip(steps, vals):
-                if v is not None:
-                    setattr(s, name, v.cpu())
+def _plans_to_tensors(steps) -> None:
+    """Per-sample guidance (tuples while recording) as tensors: one tensor per field for the steps
+    of one batch size, one view of it per step (a tensor per step and field costs ~0.5 ms a run)."""
+    todo = [s for s in steps if not isinstance(s.cfg_mask, torch.Tensor)]
+    by_batch: dict[int, list] = {}
+    for s in todo:
+        by_batch.setdefault(len(s.cfg_mask), []).append(s)
+    for b, group in by_batch.items():
+        if b == 0:  # nothing to stack
+            for s in group:
+                s.cfg_mask = torch.tensor(s.cfg_mask, dtype=torch.bool)
+                s.scale = torch.tensor(s.scale, dtype=torch.float32)
             continue
+        masks = torch.tensor([s.cfg_mask for s in group], dtype=torch.bool).unbind(0)
+        scales = torch.tensor([s.scale for s in group], dtype=torch.float32).unbind(0)
+        for s, m, sc in zip(group, masks, scales):
+            s.cfg_mask, s.scale = m, sc
+
+
+def _steps_to_cpu(steps) -> None:
+    """Move every step's tensors to the CPU with one copy (and one sync) per field, not per step
+    (steps without the field, as the unguided steps' ``uncond``, are left out of the stack)."""
+    for name in ("latents", "x0", "cond", "uncond"):
+        kept = [(s, v) for s in steps if (v := getattr(s, name)) is not None]
+        if all(v.is_cpu for _, v in kept):
+            continue
+        vals = [v for _, v in kept]
         if len({(v.shape, v.dtype, v.device) for v in vals}) == 1:
-            for s, v in zip(steps, torch.stack(vals).cpu().unbind(0)):
-                setattr(s, name, v)
+            moved = torch.stack(vals).cpu().unbind(0)
         else:
-            for s, v in zip(steps, vals):
-                setattr(s, name, v.cpu())
+            moved = [v.cpu() for v in vals]
+        for (s, _), v in zip(kept, moved):
+            setattr(s, name, v)
 
 
 def _describe(part) -> dict:

@@ -14,6 +14,7 @@ original; the class is restored on exit. Nothing else about the pipeline changes
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 
@@ -69,15 +70,25 @@ class Part:
 
 @dataclass
 class Plan:
-    """Guidance for one step: per-sample mask and scale."""
+    """Guidance for one step: per-sample mask and scale. Treat as immutable: a run reuses one
+    plan for every step its guidance does not change, and the derived values are cached."""
 
     mask: tuple[bool, ...]
     scale: tuple[float, ...]
     default: float  # the pipeline's own scale
 
-    @property
+    @functools.cached_property
     def passthrough(self) -> bool:
         return all(self.mask) and all(s == self.default for s in self.scale)
+
+    @functools.cached_property
+    def any_guided(self) -> bool:
+        return any(self.mask)
+
+    @functools.cached_property
+    def mean_scale(self) -> float:
+        """The scale averaged over the samples (a trace step's ``guidance_scale``)."""
+        return sum(self.scale) / len(self.scale)
 
     def scale_rows(self, rows, like: torch.Tensor):
         vals = [self.scale[i] for i in rows]
@@ -115,13 +126,20 @@ class Run:
         self.nfe: list[float] | None = None  # per sample, summed over the run
         self.step_nfe: list[float] = []  # mean per-sample evaluations, per step
         self.step_plans: list[Plan | None] = []
-        self.wants_calls = any(p.wants_calls for p in self.parts)
+        # Per-step dispatch lists, fixed for the run: who gets denoiser calls, who acts at step end
+        # (parts in order, then the caller's callback, then observers) and who sets guidance.
+        self.call_observers = [p for p in self.parts if p.wants_calls]
+        self.wants_calls = bool(self.call_observers)
+        self.step_parts = [p for p in self.parts if not p.observer and _overrides(p, "on_step_end")]
+        self.step_observers = [p for p in self.parts if p.observer and _overrides(p, "on_step_end")]
         self.controls = [p for p in self.parts if type(p).guidance is not Part.guidance]
         self._plan_cache: tuple[int, Plan] | None = None
-        self.device = getattr(pipe, "_execution_device", None)
-        if self.device is None:
-            self.device = getattr(pipe, "device", torch.device("cpu"))
-        self.cuda = torch.device(self.device).type == "cuda"
+        self._uniform_plan: Plan | None = None  # the plan of every step when no part controls guidance
+        self._nfe_per: dict = {}  # (batch, cond, uncond) -> (per-sample evaluations, their mean)
+        # The device is read off the denoiser's input at the first call (``before_denoiser``):
+        # ``pipe._execution_device`` walks every module for offload hooks, milliseconds per call.
+        self.device: torch.device | None = None
+        self._cuda: bool | None = None
         self.ip_processors: list = []  # IP-Adapter attention processors, found once per run
         self.timesteps: list[float] | None = None
         self.sigmas: list[float] | None = None
@@ -131,10 +149,23 @@ class Run:
     def current(cls, pipe) -> "Run | None":
         return cls._active.get(id(pipe))
 
+    @property
+    def cuda(self) -> bool:
+        """Whether the denoiser runs on a CUDA device (then steps are timed with CUDA events)."""
+        if self._cuda is None:  # asked before the loop started (a call that failed early)
+            dev = getattr(self.pipe, "_execution_device", None)
+            if dev is None:
+                dev = getattr(self.pipe, "device", torch.device("cpu"))
+            return torch.device(dev).type == "cuda"
+        return self._cuda
+
     # -- called by the tap ----------------------------------------------------------------------
-    def before_denoiser(self):
+    def before_denoiser(self, x: torch.Tensor):
         if not self.loop_started:
             self.loop_started = True
+            self.device = x.device
+            self._cuda = x.device.type == "cuda"
+            self._mark = self._cuda_mark if self._cuda else time.perf_counter
             self.num_steps = int(getattr(self.pipe, "num_timesteps", 0) or 0) or None
             if self.num_steps is None:
                 raise DlxError(f"{type(self.pipe).__name__} did not set num_timesteps before its loop")
@@ -154,17 +185,29 @@ class Run:
 
     def _mark(self):
         if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
+            return self._cuda_mark()
         return time.perf_counter()
+
+    @staticmethod
+    def _cuda_mark():
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
 
     def plan(self, b: int) -> Plan:
         if self.batch is None:
             self.batch = b
-        if self._plan_cache is not None and self._plan_cache[0] == self.step:
-            return self._plan_cache[1]
+        cached = self._plan_cache
+        if cached is not None and cached[0] == self.step:
+            return cached[1]
+        # read every step: a callback may change the pipeline's scale mid-run
         default = float(self.flux_scale if self.family.cfg == "calls" else self.pipe.guidance_scale)
+        if not self.controls:
+            plan = self._uniform_plan
+            if plan is None or plan.default != default or len(plan.mask) != b:
+                plan = self._uniform_plan = Plan((True,) * b, (default,) * b, default)
+            self._plan_cache = (self.step, plan)
+            return plan
         mask = [True] * b
         scale = [default] * b
         setter = None
@@ -194,19 +237,25 @@ class Run:
         """Add one call's denoiser evaluations, per sample: the conditional row of every sample
         (if ``cond``) and the unconditional rows where ``uncond`` (per-sample bools) is True.
         Plain Python on the per-step hot path: no tensor ops, no device work."""
-        per = [(1.0 if cond else 0.0) + (1.0 if uncond is not None and uncond[j] else 0.0) for j in range(batch)]
-        if self.nfe is None or len(self.nfe) != batch:
-            self.nfe = per
+        key = (batch, cond, uncond if uncond is None or isinstance(uncond, tuple) else tuple(uncond))
+        hit = self._nfe_per.get(key)
+        if hit is None:
+            per = [(1.0 if cond else 0.0) + (1.0 if uncond is not None and uncond[j] else 0.0) for j in range(batch)]
+            hit = self._nfe_per[key] = (per, sum(per) / batch)
+        per, mean = hit
+        nfe = self.nfe
+        if nfe is None or len(nfe) != batch:
+            self.nfe = list(per)
         else:
-            self.nfe = [a + b for a, b in zip(self.nfe, per)]
-        while len(self.step_nfe) <= self.step:
-            self.step_nfe.append(0.0)
-        self.step_nfe[self.step] += sum(per) / batch
+            self.nfe = [a + b for a, b in zip(nfe, per)]
+        step_nfe = self.step_nfe
+        while len(step_nfe) <= self.step:
+            step_nfe.append(0.0)
+        step_nfe[self.step] += mean
 
     def observe(self, call: DenoiserCall):
-        for p in self.parts:
-            if p.wants_calls:
-                p.on_denoiser(self, call)
+        for p in self.call_observers:
+            p.on_denoiser(self, call)
 
     def stop(self, reason: str):
         """Ask the pipeline to stop after this step (``pipe._interrupt``); the trace says why."""
@@ -221,18 +270,18 @@ class Run:
             self.pending_cond = None
             self.observe(DenoiserCall(step, t, x, pred, None, pred, (False,) * pred.shape[0], 1.0))
         self.marks.append(self._mark())
-        while len(self.step_plans) <= step:
-            self.step_plans.append(None)
-        if self._plan_cache and self._plan_cache[0] == step:
-            self.step_plans[step] = self._plan_cache[1]
-        for p in self.parts:
-            if not p.observer:
-                callback_kwargs = p.on_step_end(self, step, timestep, callback_kwargs)
+        plans = self.step_plans
+        while len(plans) <= step:
+            plans.append(None)
+        cached = self._plan_cache
+        if cached is not None and cached[0] == step:
+            plans[step] = cached[1]
+        for p in self.step_parts:
+            callback_kwargs = p.on_step_end(self, step, timestep, callback_kwargs)
         if user_cb is not None:
             callback_kwargs = user_cb(self.pipe, step, timestep, callback_kwargs)
-        for p in self.parts:
-            if p.observer:
-                callback_kwargs = p.on_step_end(self, step, timestep, callback_kwargs)
+        for p in self.step_observers:
+            callback_kwargs = p.on_step_end(self, step, timestep, callback_kwargs)
         self.step = step + 1
         return callback_kwargs
 
@@ -254,6 +303,11 @@ class Run:
     def sigma(self, step: int) -> float:
         sig = self.sigmas
         return sig[step] if sig is not None and step < len(sig) else float("nan")
+
+
+def _overrides(part: Part, name: str) -> bool:
+    """Whether ``part`` has its own ``name`` hook (the base class's hooks do nothing)."""
+    return name in vars(part) or getattr(type(part), name) is not getattr(Part, name)
 
 
 class _Chain:
