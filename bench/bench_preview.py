@@ -122,6 +122,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--unet", choices=sorted(UNETS), default=None,
                     help="sd15 (default on cuda) or small (default on cpu: a smoke test, not a measurement)")
+    ap.add_argument("--compile", action="store_true",
+                    help='torch.compile(unet, mode="reduce-overhead", fullgraph=True) (CUDA graphs)')
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -137,6 +139,8 @@ def main(argv=None) -> dict:
     t_build = time.perf_counter()
     unet_kind = args.unet or ("sd15" if cuda else "small")
     pipe, pos, neg = build_pipeline(args.device, dtype, unet_kind)
+    if args.compile:
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
     t_build = time.perf_counter() - t_build
 
     kept: list = []
@@ -196,11 +200,16 @@ def main(argv=None) -> dict:
     assert len(kept) == args.steps and kept[-1].pil().size == (128, 128), (len(kept), kept[-1])
 
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    import gc
+
+    gc.collect()
+    gc.disable()  # a collection landing in one variant's call is noise, not its cost
     for r in range(reps):
         order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
         for v in order:
             times[v].append(timed(v))
 
+    gc.enable()
     bare = times["bare"]
     med_bare = statistics.median(bare)
     results = {}
@@ -214,6 +223,7 @@ def main(argv=None) -> dict:
             "per_step_ms": med / args.steps * 1e3,
             "overhead_pct": (med / med_bare - 1.0) * 100,
             "paired_overhead_pct": statistics.median(paired) * 100,
+            "paired_ci95_pct": [100 * c for c in _bootstrap_ci(paired)],
             "added_ms_per_step": (med - med_bare) / args.steps * 1e3,
         }
 
@@ -225,7 +235,7 @@ def main(argv=None) -> dict:
             "size": args.size, "steps": args.steps, "reps": reps, "warmup": args.warmup,
             "guidance_scale": args.guidance, "scheduler": "DPMSolverMultistepScheduler (dpmsolver++)",
             "unet": unet_kind, "unet_config": UNETS[unet_kind], "weights": "random",
-            "mode": "eager", "output_type": "latent", "build_s": round(t_build, 2),
+            "mode": "compiled (reduce-overhead, CUDA graphs)" if args.compile else "eager", "output_type": "latent", "build_s": round(t_build, 2),
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "dlx": dlx.__version__},
@@ -236,16 +246,27 @@ def main(argv=None) -> dict:
 
     print(f"{dev_name} · unet {unet_kind} · {report['config']['dtype']} · {args.size}² · {args.steps} steps · "
           f"median of {reps} interleaved rounds")
-    print(f"{'variant':<16}{'median s':>10}{'ms/step':>10}{'+ms/step':>10}{'overhead':>10}{'paired':>10}")
+    print(f"{'variant':<16}{'median s':>10}{'ms/step':>10}{'+ms/step':>10}{'overhead':>10}{'paired':>10}"
+          f"{'paired 95% CI':>18}")
     for v, r in results.items():
+        lo, hi = r["paired_ci95_pct"]
         print(f"{v:<16}{r['median_s']:>10.4f}{r['per_step_ms']:>10.2f}{r['added_ms_per_step']:>10.2f}"
-              f"{r['overhead_pct']:>9.2f}%{r['paired_overhead_pct']:>9.2f}%")
+              f"{r['overhead_pct']:>9.2f}%{r['paired_overhead_pct']:>9.2f}%   [{lo:+.2f}, {hi:+.2f}]%")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
         print(f"wrote {out}")
     return report
+
+
+def _bootstrap_ci(xs, n: int = 2000, seed: int = 0):
+    """95% bootstrap interval of the median of xs (resampling rounds)."""
+    import random
+
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
 
 
 if __name__ == "__main__":

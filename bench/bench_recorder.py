@@ -72,6 +72,8 @@ def variants(pipe):
         "attach": lambda: _attach_only(pipe),
         "record": attached(),
         "record-latents": attached(keep=("latents",)),
+        # the issue's target: latents, embeddings and both predictions (no x0)
+        "record-target": attached(keep=("latents", "embeds", "cond", "uncond")),
         "cutoff-0.5": lambda: _attach_only(pipe, dlx.CFGCutoff(ratio=0.5)),
         "official-cutoff-0.5": lambda: pipe(**BASE, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5)).images,
         "no-cfg": call(guidance_scale=1.0),
@@ -105,6 +107,7 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--variants", default=None, help="comma-separated subset (bare is always run)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -118,22 +121,35 @@ def main():
     import diffusers
 
     results["diffusers"] = diffusers.__version__
+    eager_unet = pipe.unet
     for mode in args.modes.split(","):
-        if mode == "compiled":
-            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+        # each mode sets the UNet afresh: an earlier "compiled" must not leak into "eager"
+        pipe.unet = (torch.compile(eager_unet, mode="reduce-overhead", fullgraph=True)
+                     if mode == "compiled" else eager_unet)
         fns = variants(pipe)
+        if args.variants:
+            want = {"bare", *args.variants.split(",")}
+            fns = {k: v for k, v in fns.items() if k in want}
         for name, fn in fns.items():  # warm-up: compile every batch size, fill caches
             for _ in range(3):
                 BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
                 fn()
         times = {k: [] for k in fns}
-        for _ in range(args.reps):
-            for name, fn in fns.items():
+        import gc
+
+        gc.collect()
+        gc.disable()  # a collection landing in one variant's call is noise, not its cost
+        names = list(fns)
+        for r in range(args.reps):
+            for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
                 BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
-                times[name].append(timed(fn, device))
+                times[name].append(timed(fns[name], device))
+        gc.enable()
         med = {k: statistics.median(v) for k, v in times.items()}
         # paired: the median over rounds of (variant / bare of the same round) cancels slow drifts
         paired = {k: 100 * (statistics.median(a / b for a, b in zip(v, times["bare"])) - 1) for k, v in times.items()}
+        ci = {k: [100 * (c - 1) for c in _bootstrap_ci([a / b for a, b in zip(v, times["bare"])])]
+              for k, v in times.items()}
         # per-step times from the trace's CUDA events: guided vs unguided steps (3 runs, medians)
         import dlx
 
@@ -149,18 +165,28 @@ def main():
         results["modes"][mode] = {
             "median_ms": med, "all_ms": times,
             "overhead_pct": {k: 100 * (v / med["bare"] - 1) for k, v in med.items()},
-            "paired_overhead_pct": paired,
+            "paired_overhead_pct": paired, "paired_ci95_pct": ci,
             "step_ms_guided": step_guided, "step_ms_unguided": step_unguided,
         }
         print(f"\n== {mode} ({results['device']}, {args.size}², {args.steps} steps, {args.reps} interleaved rounds) ==")
-        print(f"{'variant':22s} {'median ms':>10s} {'vs bare':>9s} {'paired':>9s} {'min ms':>8s} {'max ms':>8s}")
+        print(f"{'variant':22s} {'median ms':>10s} {'vs bare':>9s} {'paired':>9s} {'paired 95% CI':>18s} "
+              f"{'min ms':>8s} {'max ms':>8s}")
         for k, v in med.items():
             print(f"{k:22s} {v:10.1f} {100 * (v / med['bare'] - 1):+8.2f}% {paired[k]:+8.2f}% "
-                  f"{min(times[k]):8.1f} {max(times[k]):8.1f}")
+                  f"  [{ci[k][0]:+.2f}, {ci[k][1]:+.2f}]% {min(times[k]):8.1f} {max(times[k]):8.1f}")
         print(f"per-step from CUDA events (cutoff 0.5 run): guided {step_guided:.2f} ms, unguided {step_unguided:.2f} ms")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def _bootstrap_ci(xs, n: int = 2000, seed: int = 0):
+    """95% bootstrap interval of the median of xs (resampling rounds)."""
+    import random
+
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
 
 
 if __name__ == "__main__":
