@@ -223,7 +223,7 @@ seed): one or two anti-aliased shapes on a plain grey background (dark 0.05-0.30
   wrong (an object's colour, an object's shape, or the two sides swapped;
   `shapes_data.corrupt_captions`), as alt-text on the web gets details wrong. The images are
   always rendered from the true scene. The model therefore learns that a caption is right
-  about {clean_pct} of the time, and sampling without guidance reproduces that error rate;
+  about {clean_pct} of the time, and sampling without guidance roughly reproduces that error rate;
   classifier-free guidance sharpens p(caption | image) and pulls samples back to the
   caption. This is the mechanism by which CFG helps models trained on web captions, and it
   is why guidance matters for this model (see "How guidance was made to matter").
@@ -242,6 +242,23 @@ seed): one or two anti-aliased shapes on a plain grey background (dark 0.05-0.30
 ## Training (`python -m dlx.zoo.train_shapes`)
 
 {training}
+
+Runs 4-7 as commands (each warm-starts from the previous run's export; 10-minute GPU leases;
+runs 1-3 used the first language, in the git history before commit 4c42e7b, and run 5 used the
+first six entries of `SHAPES`, a state of `shapes_data.py` that was not committed on its own):
+
+```
+python -m dlx.zoo.train_shapes --workdir w4 --init-from <run 3> --unet-minutes 7.3 --mix 0.1,0.8,0.1 --high-t 0.5 --warmup 150 --seed 3 --export r4/shapes
+python -m dlx.zoo.train_shapes --workdir w5 --init-from r4/shapes --unet-minutes 7.0 --mix 0.15,0.7,0.15 --high-t 0.3 --warmup 150 --seed 4 --export r5/shapes
+python -m dlx.zoo.train_shapes --workdir w6 --init-from r5/shapes --unet-minutes 7.3 --mix 0.15,0.7,0.15 --high-t 0.3 --warmup 150 --seed 5 --export r6/shapes
+python -m dlx.zoo.train_shapes --workdir w7 --init-from r6/shapes --unet-minutes 7.6 --mix 0.15,0.7,0.15 --high-t 0.3 --warmup 150 --seed 6 --caption-noise 0.3 --export r7/shapes
+python -m dlx.zoo.train_shapes --sweep-only --export r7/shapes --sweep sweep.json
+python -c "from dlx.zoo.metric import train_classifier; train_classifier(out='dlx/zoo/shapes/adherence_classifier.safetensors')"
+python -m dlx.zoo.measure_shapes --sweep sweep.json
+```
+
+The runs are time-boxed (`--unet-minutes`), so the number of steps, and with it the weights,
+depend on the GPU's speed; the data stream and initialisation are fixed by `--seed`.
 
 Unconditional branch: caption dropout to the empty caption `""` (the pipeline's own negative
 prompt input), rate {dropout}. EMA of UNet and text-encoder weights (decay {ema}); the EMA
