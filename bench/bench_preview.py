@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _stats import bootstrap_ci
 
 # transformers logs optional-dependency notices (torchvision) at import; they are not results.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -223,7 +224,7 @@ def main(argv=None) -> dict:
             "per_step_ms": med / args.steps * 1e3,
             "overhead_pct": (med / med_bare - 1.0) * 100,
             "paired_overhead_pct": statistics.median(paired) * 100,
-            "paired_ci95_pct": [100 * c for c in _bootstrap_ci(paired)],
+            "paired_ci95_pct": [100 * c for c in bootstrap_ci(paired)],
             "added_ms_per_step": (med - med_bare) / args.steps * 1e3,
         }
 
@@ -258,15 +259,6 @@ def main(argv=None) -> dict:
         out.write_text(json.dumps(report, indent=2))
         print(f"wrote {out}")
     return report
-
-
-def _bootstrap_ci(xs, n: int = 2000, seed: int = 0):
-    """95% bootstrap interval of the median of xs (resampling rounds)."""
-    import random
-
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n))
-    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
 
 
 if __name__ == "__main__":

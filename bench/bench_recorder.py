@@ -28,6 +28,7 @@ import statistics
 import time
 
 import torch
+from _stats import bootstrap_ci
 
 
 def build(device, dtype, size):
@@ -148,7 +149,7 @@ def main():
         med = {k: statistics.median(v) for k, v in times.items()}
         # paired: the median over rounds of (variant / bare of the same round) cancels slow drifts
         paired = {k: 100 * (statistics.median(a / b for a, b in zip(v, times["bare"])) - 1) for k, v in times.items()}
-        ci = {k: [100 * (c - 1) for c in _bootstrap_ci([a / b for a, b in zip(v, times["bare"])])]
+        ci = {k: [100 * (c - 1) for c in bootstrap_ci([a / b for a, b in zip(v, times["bare"])])]
               for k, v in times.items()}
         # per-step times from the trace's CUDA events: guided vs unguided steps (3 runs, medians)
         import dlx
@@ -178,15 +179,6 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-
-
-def _bootstrap_ci(xs, n: int = 2000, seed: int = 0):
-    """95% bootstrap interval of the median of xs (resampling rounds)."""
-    import random
-
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n))
-    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
 
 
 if __name__ == "__main__":
