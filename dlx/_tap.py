@@ -36,11 +36,12 @@ class DenoiserCall:
     ``on_denoiser``.
     """
 
-    __slots__ = ("step", "timestep", "x_in", "cond", "uncond", "_guided", "mask", "scale", "lerp_guided")
+    __slots__ = ("step", "timestep", "x_in", "cond", "uncond", "_guided", "mask", "scale", "lerp_guided",
+                 "pair")
 
     def __init__(self, step: int, timestep, x_in: torch.Tensor, cond: torch.Tensor,
                  uncond: torch.Tensor | None, guided: torch.Tensor | None, mask: tuple[bool, ...],
-                 scale: torch.Tensor | float):
+                 scale: torch.Tensor | float, pair: torch.Tensor | None = None):
         self.step = step
         self.timestep = timestep
         self.x_in = x_in  # denoiser input of the conditional rows (after scale_model_input)
@@ -52,6 +53,9 @@ class DenoiserCall:
         #: ``guided`` is ``lerp(uncond, cond, scale)`` (the pipeline's own CFG): an observer may
         #: compute it, or what follows from it, later from copies of ``uncond`` and ``cond``
         self.lerp_guided = guided is None
+        #: the denoiser's whole output when ``uncond`` and ``cond`` are its two halves, in that
+        #: order (the pipeline's own CFG batch): one copy of it keeps both
+        self.pair = pair
 
     @property
     def guided(self) -> torch.Tensor:
@@ -195,12 +199,13 @@ class Tap:
                 if denoiser:
                     run.count_nfe(b, True, plan.mask)
                     if run.wants_calls:
-                        u, c = _pred_of(out).chunk(2)
+                        pred = _pred_of(out)
+                        u, c = pred.chunk(2)
                         # guided=None: lerp(u, c, scale) when an observer reads it (the pipeline
                         # combines its own prediction)
                         run.observe(
                             DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, None,
-                                         plan.mask, plan.default)
+                                         plan.mask, plan.default, pair=pred)
                         )
                 return out
             guided = [i for i, m in enumerate(plan.mask) if m]

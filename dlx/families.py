@@ -258,7 +258,10 @@ def denoised_steps(kind: str, x_in: torch.Tensor, pred: torch.Tensor, sigmas) ->
     shape = (len(sigmas),) + (1,) * (p.ndim - 1)
 
     def column(vals):  # per-step float32 scalars, broadcast over the rest (as a scalar operand is)
-        return torch.tensor(vals, dtype=torch.float32).view(shape).to(p.device)
+        col = torch.tensor(vals, dtype=torch.float32).view(shape)
+        if p.device.type == "cuda":  # page-locked and non-blocking: no wait for the run to finish
+            return col.pin_memory().to(p.device, non_blocking=True)
+        return col.to(p.device)
 
     if kind == "flow":
         return _fused_sub(x, p, column([float(s) for s in sigmas]))
