@@ -125,6 +125,9 @@ def main(argv=None) -> dict:
                     help="sd15 (default on cuda) or small (default on cpu: a smoke test, not a measurement)")
     ap.add_argument("--compile", action="store_true",
                     help='torch.compile(unet, mode="reduce-overhead", fullgraph=True) (CUDA graphs)')
+    ap.add_argument("--hooks", type=int, default=0, metavar="N",
+                    help="also time dlx from inside (bench/_hookclock.py) over N more rounds: its host time "
+                         "per step, which is the overhead itself when the host bounds the run (eager)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -183,15 +186,22 @@ def main(argv=None) -> dict:
         else:  # pragma: no cover
             raise ValueError(variant)
 
+    lead: dict[str, list[float]] = {v: [] for v in VARIANTS}
+
     def timed(variant: str) -> float:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.no_grad():
             run(variant)
+        t1 = time.perf_counter()
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        t2 = time.perf_counter()
+        # how long the GPU ran on after the call returned: ~ one step or less when the host
+        # bounds the run (then dlx's host time is its overhead), most of the run when it doesn't
+        lead[variant].append(t2 - t1)
+        return t2 - t0
 
     for _ in range(args.warmup):
         for v in VARIANTS:
@@ -201,6 +211,8 @@ def main(argv=None) -> dict:
     assert len(kept) == args.steps and kept[-1].pil().size == (128, 128), (len(kept), kept[-1])
 
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for v in VARIANTS:
+        lead[v].clear()
     import gc
 
     gc.collect()
@@ -226,7 +238,26 @@ def main(argv=None) -> dict:
             "paired_overhead_pct": statistics.median(paired) * 100,
             "paired_ci95_pct": [100 * c for c in bootstrap_ci(paired)],
             "added_ms_per_step": (med - med_bare) / args.steps * 1e3,
+            "gpu_after_return_ms": statistics.median(lead[v]) * 1e3,
         }
+    if args.hooks:
+        from _hookclock import HookClock
+
+        clock = HookClock()
+        inside: dict[str, list[float]] = {v: [] for v in ("attach", "preview-x0", "preview-latent", "preview-x0-pil")}
+        gc.collect()
+        gc.disable()
+        for r in range(args.hooks):
+            for v in inside:
+                clock.take()
+                timed(v)
+                inside[v].append(clock.take())
+        gc.enable()
+        for v, ts in inside.items():
+            med = statistics.median(ts)
+            results[v]["dlx_host_ms_per_step"] = med / args.steps * 1e3
+            results[v]["dlx_host_pct_of_bare"] = 100 * med / med_bare
+            results[v]["dlx_host_s"] = ts
 
     dev_name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
     report = {
@@ -252,7 +283,12 @@ def main(argv=None) -> dict:
     for v, r in results.items():
         lo, hi = r["paired_ci95_pct"]
         print(f"{v:<16}{r['median_s']:>10.4f}{r['per_step_ms']:>10.2f}{r['added_ms_per_step']:>10.2f}"
-              f"{r['overhead_pct']:>9.2f}%{r['paired_overhead_pct']:>9.2f}%   [{lo:+.2f}, {hi:+.2f}]%")
+              f"{r['overhead_pct']:>9.2f}%{r['paired_overhead_pct']:>9.2f}%   [{lo:+.2f}, {hi:+.2f}]%"
+              f"  GPU after return {r['gpu_after_return_ms']:.2f} ms")
+    if args.hooks:
+        print(f"time inside dlx ({args.hooks} rounds, median): "
+              + ", ".join(f"{v} {r['dlx_host_ms_per_step'] * 1e3:.0f} µs/step = {r['dlx_host_pct_of_bare']:.2f}% of bare"
+                          for v, r in results.items() if "dlx_host_pct_of_bare" in r))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,9 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--variants", default=None, help="comma-separated subset (bare is always run)")
+    ap.add_argument("--hooks", type=int, default=0, metavar="N",
+                    help="also time dlx from inside (bench/_hookclock.py) over N more rounds per mode: its host "
+                         "time, which is the overhead itself when the host bounds the run (eager)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -147,6 +150,20 @@ def main():
                 times[name].append(timed(fns[name], device))
         gc.enable()
         med = {k: statistics.median(v) for k, v in times.items()}
+        inside = {}
+        if args.hooks:
+            from _hookclock import HookClock
+
+            gc.disable()
+            with HookClock() as clock:
+                inside = {k: [] for k in names if k not in ("bare", "official-cutoff-0.5", "no-cfg")}
+                for _ in range(args.hooks):
+                    for k in inside:
+                        BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
+                        clock.take()
+                        timed(fns[k], device)
+                        inside[k].append(clock.take() * 1e3)
+            gc.enable()
         # paired: the median over rounds of (variant / bare of the same round) cancels slow drifts
         paired = {k: 100 * (statistics.median(a / b for a, b in zip(v, times["bare"])) - 1) for k, v in times.items()}
         ci = {k: [100 * (c - 1) for c in bootstrap_ci([a / b for a, b in zip(v, times["bare"])])]
@@ -168,6 +185,8 @@ def main():
             "overhead_pct": {k: 100 * (v / med["bare"] - 1) for k, v in med.items()},
             "paired_overhead_pct": paired, "paired_ci95_pct": ci,
             "step_ms_guided": step_guided, "step_ms_unguided": step_unguided,
+            "dlx_host_ms": inside,
+            "dlx_host_pct_of_bare": {k: 100 * statistics.median(v) / med["bare"] for k, v in inside.items()},
         }
         print(f"\n== {mode} ({results['device']}, {args.size}², {args.steps} steps, {args.reps} interleaved rounds) ==")
         print(f"{'variant':22s} {'median ms':>10s} {'vs bare':>9s} {'paired':>9s} {'paired 95% CI':>18s} "
@@ -176,6 +195,10 @@ def main():
             print(f"{k:22s} {v:10.1f} {100 * (v / med['bare'] - 1):+8.2f}% {paired[k]:+8.2f}% "
                   f"  [{ci[k][0]:+.2f}, {ci[k][1]:+.2f}]% {min(times[k]):8.1f} {max(times[k]):8.1f}")
         print(f"per-step from CUDA events (cutoff 0.5 run): guided {step_guided:.2f} ms, unguided {step_unguided:.2f} ms")
+        if inside:
+            print(f"time inside dlx ({args.hooks} rounds, median; the overhead itself only where the host bounds "
+                  f"the run): " + ", ".join(f"{k} {statistics.median(v):.2f} ms = "
+                                           f"{100 * statistics.median(v) / med['bare']:.2f}%" for k, v in inside.items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

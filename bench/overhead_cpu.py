@@ -29,6 +29,7 @@ import statistics
 import time
 
 import torch
+from _hookclock import HookClock
 
 import dlx
 from dlx.testing import example_inputs, tiny_pipeline
@@ -43,52 +44,6 @@ def stub_unet(pipe):
         return (pred,) if not return_dict else UNet2DConditionOutput(sample=pred)
 
     object.__setattr__(pipe.unet, "forward", forward)
-
-
-class HookClock:
-    """Time spent inside dlx's per-step hooks (the denoiser tap minus the denoiser itself, and the
-    chained step-end callback): dlx's own per-step cost without the noise of the whole call."""
-
-    def __init__(self):
-        from dlx import session
-        from dlx._tap import Tap
-
-        self.total = 0.0
-        clock = time.perf_counter
-        wrap = Tap._wrap_batch
-        hc = self
-
-        def _wrap_batch(tap, orig, denoiser):
-            def inner(*a, **k):
-                t0 = clock()
-                out = orig(*a, **k)
-                hc.total -= clock() - t0
-                return out
-
-            fwd = wrap(tap, inner, denoiser)
-
-            def outer(*a, **k):
-                t0 = clock()
-                out = fwd(*a, **k)
-                hc.total += clock() - t0
-                return out
-
-            return outer
-
-        Tap._wrap_batch = _wrap_batch
-        chain = session._Chain.__call__
-
-        def call(self_, *a):
-            t0 = clock()
-            out = chain(self_, *a)
-            hc.total += clock() - t0
-            return out
-
-        session._Chain.__call__ = call
-
-    def take(self) -> float:
-        t, self.total = self.total, 0.0
-        return t
 
 
 def variants(pipe, kw):
@@ -175,7 +130,8 @@ def main(argv=None):
               f"{fixed:>13.0f}{marginal:>13.1f}{statistics.median(hook_us[n]):>18.1f}")
     print(f"added µs/step: median over rounds of (variant - bare) / {steps} steps, and its IQR (the whole call's "
           f"noise);\nper call / per step: fit of the added time at {args.short} and {steps} steps; in hooks: "
-          f"wall time inside dlx's tap (less the denoiser) and step-end callback, median per step")
+          f"wall time inside dlx (tap less the denoiser, step-end callback, attach's set-up and tear-down), "
+          f"median per step")
 
     if args.profile:
         prof = cProfile.Profile()
