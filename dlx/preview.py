@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import DlxError
-from .families import FAMILIES, Family, denoised, family_of
+from .families import FAMILIES, Family, denoised_as, family_of, prediction_type
 from .session import Part, Run
 
 __all__ = [
@@ -322,19 +322,38 @@ def to_pil(rgb: torch.Tensor, size: int | None = 128):
 
 
 class PreviewImage:
-    """One step's preview, held as a uint8 (h, w, 3) tensor where it was made until it is used.
+    """One step's preview: a uint8 (h, w, 3) tensor on the device of the run, made when first used.
 
-    ``.tensor`` is that tensor; ``.pil()`` (or any PIL attribute: ``save``, ``resize``, ``size``, …,
-    and notebook display) converts it once, costing one device sync and an h·w·3-byte copy.
+    A live :class:`Preview` keeps, per step, only copies of what the preview needs (one sample's
+    latent, or its denoiser input and predictions) and maps them to RGB when the image is first
+    used: ``.tensor`` (the uint8 tensor, on the device), ``.pil()`` (or any PIL attribute:
+    ``save``, ``resize``, ``size``, …, and notebook display), which then costs one device sync
+    and an h·w·3-byte copy. A ``fn`` that only holds images (a gallery showing some of them
+    later) adds a copy or two per step to the run and nothing else.
     """
 
-    __slots__ = ("step", "tensor", "_size", "_pil")
+    __slots__ = ("step", "_tensor", "_make", "_size", "_pil")
 
-    def __init__(self, step: int, tensor: torch.Tensor, size: int | None = 128):
+    def __init__(self, step: int, tensor: torch.Tensor | None = None, size: int | None = 128, *, make=None):
+        if (tensor is None) == (make is None):
+            raise DlxError("PreviewImage takes a uint8 tensor or a function that makes one (make=), not both")
         self.step = step
-        self.tensor = tensor
+        self._tensor = tensor
+        self._make = make
         self._size = size
         self._pil = None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The uint8 (h, w, 3) preview at latent resolution, on the run's device (made on first use)."""
+        if self._tensor is None:
+            self._tensor = self._make()
+            self._make = None  # drop the step's copies
+        return self._tensor
+
+    @property
+    def rendered(self) -> bool:
+        return self._tensor is not None
 
     @property
     def converted(self) -> bool:
@@ -359,7 +378,9 @@ class PreviewImage:
         return self.pil()._repr_png_()
 
     def __repr__(self):
-        t = self.tensor
+        if self._tensor is None:
+            return f"PreviewImage(step={self.step}, size={self._size}, not rendered yet)"
+        t = self._tensor
         state = "converted" if self._pil is not None else "on device, not converted"
         return f"PreviewImage(step={self.step}, {tuple(t.shape)} uint8 on {t.device}, size={self._size}, {state})"
 
@@ -438,11 +459,11 @@ class Preview(Part):
     previews x_t and also works as a plain ``callback_on_step_end``. ``every=n`` previews every
     n-th step and the last. ``factors``/``taesd`` as in :func:`trace_previews`.
 
-    Cost per previewed step: for x0, the estimate of one sample (a few elementwise kernels on one
-    latent), then the map (linear + clamp + uint8): all on the device, no host sync. The image
-    stays on the device until ``fn`` uses it as a PIL image; a ``fn`` that saves every image pays
-    one sync and a small copy per step, as the guide's snippet does. An observer: it never
-    changes the run.
+    Cost per previewed step: one or two small copies on the device (our sample's latent, or its
+    denoiser input and predictions), no host sync. The x0 estimate and the map to RGB run on the
+    device when the image is first used (the run's first preview at once, which checks the map
+    fits the latents); a ``fn`` that shows every image as it comes pays that, one sync and a small
+    copy per step, as the guide's snippet does. An observer: it never changes the run.
     """
 
     observer = True
@@ -480,44 +501,84 @@ class Preview(Part):
     def _due(self, step: int, num_steps) -> bool:
         return step % self.every == 0 or (num_steps is not None and step == num_steps - 1)
 
-    def _rgb(self, x, fam, pipe, call_kwargs, sliced: bool = False) -> torch.Tensor:
-        """uint8 (h, w, 3) of our sample of ``x`` (batch-first; ``sliced``: already that sample)."""
-        if not sliced:
-            _check_sample(self.sample, x.shape[0])
-            x = x[self.sample:self.sample + 1]
+    @staticmethod
+    def _layout(pipe, call_kwargs):
         # Flux unpacking uses the call's size; without one the grid must be square (Flux's default size is).
         hw = (call_kwargs.get("height"), call_kwargs.get("width"))
         vsf = getattr(pipe, "vae_scale_factor", None) if hw[0] is not None else None
-        return _render(x, fam, self.factors, self.taesd, hw, vsf, type(pipe).__name__)[0]
+        return hw, vsf
 
-    def _emit(self, step, rgb):
-        self.report["previews"] = self.report.get("previews", 0) + 1
-        self.fn(int(step), PreviewImage(int(step), rgb, self.size))
+    def _emit(self, step, make):
+        n = self.report.get("previews", 0)
+        self.report["previews"] = n + 1
+        image = PreviewImage(int(step), size=self.size, make=make)
+        if n == 0:
+            image.tensor  # the run's first preview is made at once: a map that does not fit fails now
+        self.fn(int(step), image)
+
+    def _later(self, x, fam, what, hw, vsf, x0_of=None):
+        """A function that renders our sample ``x`` (a copy, already sliced) when called; with
+        ``x0_of``, ``x`` is the denoiser input and ``x0_of(x)`` the estimate to render."""
+        factors, taesd = self.factors, self.taesd
+
+        def make():
+            z = x0_of(x) if x0_of is not None else x
+            return _render(z, fam, factors, taesd, hw, vsf, what)[0]
+        return make
 
     # -- attached --------------------------------------------------------------------------------
     def on_run_start(self, run: Run):
         self._pending = {}
         self.report = {"kind": self.kind, "previews": 0}
+        self._x0_kind = None
+
+    def on_loop_start(self, run: Run):
+        self._hw, self._vsf = self._layout(run.pipe, run.call_kwargs)
+        self._what = type(run.pipe).__name__
+        if self.kind == "x0":
+            self._x0_kind = prediction_type(run.family, run.pipe.scheduler)
 
     def on_denoiser(self, run: Run, call):
         step = call.step
         if step in self._pending or not self._due(step, run.num_steps):
             return  # extra evaluations (Heun, skip-layer guidance): the first one is the step's
-        _check_sample(self.sample, call.x_in.shape[0])
-        s = slice(self.sample, self.sample + 1)
-        # x0 of one sample only: a few elementwise kernels on one latent.
-        x0 = denoised(run.family, run.pipe.scheduler, call.x_in[s], call.guided[s], run.sigma(step))
-        self._pending[step] = self._rgb(x0, run.family, run.pipe, run.call_kwargs, sliced=True)
+        i = self.sample
+        if i >= call.x_in.shape[0]:
+            _check_sample(i, call.x_in.shape[0])
+        s = slice(i, i + 1)
+        # Copies of what x0 of our sample needs, now (a CUDA graph overwrites its outputs on the
+        # next replay); the arithmetic waits until the image is used.
+        x = call.x_in[s].clone()
+        kind, sigma = self._x0_kind, run.sigma(step)
+        if call.lerp_guided:  # the pipeline's own CFG: guided = lerp(uncond, cond, scale)
+            pair = call.pair
+            if pair is not None and pair.shape[0] == 2:  # batch 1: both halves in one copy
+                u, c = pair.clone().chunk(2)
+            else:
+                u, c = call.uncond[s].clone(), call.cond[s].clone()
+            w = call.scale
+
+            def x0_of(x):
+                return denoised_as(kind, x, torch.lerp(u, c, w), sigma)
+        else:
+            g = call.guided[s].clone()
+
+            def x0_of(x):
+                return denoised_as(kind, x, g, sigma)
+        self._pending[step] = self._later(x, run.family, self._what, self._hw, self._vsf, x0_of)
 
     def on_step_end(self, run: Run, step, timestep, callback_kwargs):
         if self.kind == "x0":
-            rgb = self._pending.pop(step, None)
+            make = self._pending.pop(step, None)
         elif self._due(step, run.num_steps):
-            rgb = self._rgb(callback_kwargs["latents"], run.family, run.pipe, run.call_kwargs)
+            lat = callback_kwargs["latents"]
+            _check_sample(self.sample, lat.shape[0])
+            x = lat[self.sample:self.sample + 1].clone()
+            make = self._later(x, run.family, self._what, self._hw, self._vsf)
         else:
-            rgb = None
-        if rgb is not None:
-            self._emit(step, rgb)
+            make = None
+        if make is not None:
+            self._emit(step, make)
         return callback_kwargs
 
     def on_run_end(self, run: Run, error):
@@ -539,7 +600,10 @@ class Preview(Part):
             self.report = {"kind": self.kind, "previews": 0}
         if self._due(step, getattr(pipe, "num_timesteps", None)):
             # Not attached: the call's height/width are unknown, so Flux latents must form a square grid.
-            self._emit(step, self._rgb(callback_kwargs["latents"], family_of(pipe), pipe, {}))
+            lat = callback_kwargs["latents"]
+            _check_sample(self.sample, lat.shape[0])
+            x = lat[self.sample:self.sample + 1].clone()
+            self._emit(step, self._later(x, family_of(pipe), type(pipe).__name__, (None, None), None))
         return callback_kwargs
 
 

@@ -270,12 +270,62 @@ def test_preview_part_hands_every_step_to_fn(sd):
     assert [s for s, _ in got] == [0, 1, 2, 3]
     first = got[0][1]
     assert isinstance(first, PreviewImage) and not first.converted  # nothing copied yet
+    # only the run's first preview is made during the run (it checks the map fits); the others
+    # wait until used
+    assert first.rendered and [im.rendered for _, im in got[1:]] == [False] * 3
+    assert "not rendered" in repr(got[1][1])
     assert first.tensor.dtype == torch.uint8 and first.tensor.shape == (16, 16, 3)
     assert first.size == (128, 128) and first.converted  # a PIL attribute converts it
     recorded = trace.previews("x0")
     for (_, live_img), rec_img in zip(got, recorded):
         assert np.array_equal(np.asarray(live_img), np.asarray(rec_img))
     assert trace.meta["parts"] == [{"type": "Preview", "kind": "x0", "previews": 4}]
+
+
+def _graph_like(pipe):
+    """Make the UNet return its prediction in one reused buffer, as a CUDA graph's replay does."""
+    forward = pipe.unet.forward
+    buf = {}
+
+    def replay(*a, **k):
+        out = forward(*a, **{**k, "return_dict": False})[0]
+        b = buf.setdefault(out.shape, torch.empty_like(out))
+        b.copy_(out)
+        return (b,)
+    object.__setattr__(pipe.unet, "forward", replay)
+    return lambda: pipe.unet.__dict__.pop("forward")
+
+
+@pytest.mark.parametrize("kind", ["x0", "latent"])
+@pytest.mark.parametrize("batch,sample,cutoff", [(1, 0, None), (2, 1, None), (2, 1, 0.5)])
+def test_live_previews_survive_reused_denoiser_buffers(kind, batch, sample, cutoff):
+    pipe = tiny_pipeline("sd")
+    parts = [dlx.CFGCutoff(ratio=cutoff)] if cutoff else []
+
+    def previews():
+        got = []
+        with dlx.record(pipe, *parts, Preview(lambda s, im: got.append(im), kind=kind, sample=sample)) as t:
+            pipe(**example_inputs("sd", steps=4, batch=batch))
+        return got, t
+    ref, trace = previews()
+    undo = _graph_like(pipe)
+    try:
+        got, _ = previews()
+    finally:
+        undo()
+    assert len(got) == 4 and not got[3].rendered
+    for a, b, c in zip(got, ref, trace.previews(kind, sample=sample)):
+        assert torch.equal(a.tensor, b.tensor) and np.array_equal(np.asarray(a), np.asarray(c))
+    assert not torch.equal(got[0].tensor, got[3].tensor)
+
+
+def test_live_preview_with_a_map_that_does_not_fit_fails_at_the_first_step():
+    pipe = tiny_pipeline("sd")
+    seen = []
+    with pytest.raises(DlxError, match=r"4 channels.*'sd3'.*expects 16"):
+        with dlx.attach(pipe, Preview(lambda s, im: seen.append(s), factors="sd3")):
+            pipe(**example_inputs("sd", steps=4))
+    assert seen == []
 
 
 def test_preview_latent_as_plain_callback(sd, sd_trace):
