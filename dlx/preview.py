@@ -402,20 +402,35 @@ def _split_decoder(factors, taesd):
     return factors, taesd
 
 
-def _render(x, fam: Family | None, factors, taesd, hw, vsf, what: str) -> torch.Tensor:
-    """Latents of one family (batch-first, packed for Flux) → uint8 (B, h, w, 3) on their device."""
-    packed = fam.packed if fam is not None else None
-    h, w = hw
+def _decoder(fam: Family | None, factors, taesd, what: str):
+    """The map (or TAESD) that renders latents of ``fam``, its channel count and its name for errors."""
     if taesd is not None:
-        return taesd_to_rgb(taesd, x, packed=packed, height=h, width=w, vae_scale_factor=vsf)
+        c = int(taesd.config.latent_channels)
+        return None, c, f"the TAESD ({type(taesd).__name__}, latent_channels={c})"
     if factors is None:
         if fam is None:
             raise DlxError(f"{what} has no known family, so pass `factors=` (a map name or LatentRGB)")
         factors = fam.latent_format
     m = latent_rgb(factors)
     where = f"the {m.name!r} latent→RGB map" + (f" (family {fam.name!r}, latent format {fam.latent_format!r})" if fam else "")
-    xi, _ = _as_images(x, m.channels, packed, h, w, vsf, where)
+    return m, m.channels, where
+
+
+def _render(x, fam: Family | None, factors, taesd, hw, vsf, what: str) -> torch.Tensor:
+    """Latents of one family (batch-first, packed for Flux) → uint8 (B, h, w, 3) on their device."""
+    packed = fam.packed if fam is not None else None
+    h, w = hw
+    if taesd is not None:
+        return taesd_to_rgb(taesd, x, packed=packed, height=h, width=w, vae_scale_factor=vsf)
+    m, channels, where = _decoder(fam, factors, None, what)
+    xi, _ = _as_images(x, channels, packed, h, w, vsf, where)
     return _map(xi, m)
+
+
+def _check_fits(x, fam: Family | None, factors, taesd, hw, vsf, what: str) -> None:
+    """What ``_render`` checks, without rendering: the map or TAESD fits these latents."""
+    _, channels, where = _decoder(fam, factors, taesd, what)
+    _as_images(x, channels, fam.packed if fam is not None else None, hw[0], hw[1], vsf, where)
 
 
 def _check_sample(sample, batch: int):
@@ -494,6 +509,7 @@ class Preview(Part):
         self.tensor_inputs = ["latents"] if kind == "latent" else []
         self.report: dict = {}
         self._pending: dict[int, torch.Tensor] = {}
+        self._checked = False
 
     def __repr__(self):
         return f"Preview(kind={self.kind!r}, size={self.size}, sample={self.sample}, every={self.every})"
@@ -509,17 +525,17 @@ class Preview(Part):
         return hw, vsf
 
     def _emit(self, step, make):
-        n = self.report.get("previews", 0)
-        self.report["previews"] = n + 1
-        image = PreviewImage(int(step), size=self.size, make=make)
-        if n == 0:
-            image.tensor  # the run's first preview is made at once: a map that does not fit fails now
-        self.fn(int(step), image)
+        self.report["previews"] = self.report.get("previews", 0) + 1
+        self.fn(int(step), PreviewImage(int(step), size=self.size, make=make))
 
-    def _later(self, x, fam, what, hw, vsf, x0_of=None):
-        """A function that renders our sample ``x`` (a copy, already sliced) when called; with
-        ``x0_of``, ``x`` is the denoiser input and ``x0_of(x)`` the estimate to render."""
+    def _later(self, x, fam, what, hw, vsf, x0_of=None, like=None):
+        """A function that renders our sample ``x`` (already sliced) when called; with ``x0_of``,
+        ``x`` is the denoiser input and ``x0_of(x)`` the estimate to render. The first preview of
+        a run checks that the map fits (``like``: a tensor of the rendered latents' layout)."""
         factors, taesd = self.factors, self.taesd
+        if not self._checked:
+            _check_fits(x if like is None else like, fam, factors, taesd, hw, vsf, what)
+            self._checked = True
 
         def make():
             z = x0_of(x) if x0_of is not None else x
@@ -531,6 +547,7 @@ class Preview(Part):
         self._pending = {}
         self.report = {"kind": self.kind, "previews": 0}
         self._x0_kind = None
+        self._checked = False
 
     def on_loop_start(self, run: Run):
         self._hw, self._vsf = self._layout(run.pipe, run.call_kwargs)
@@ -546,9 +563,12 @@ class Preview(Part):
         if i >= call.x_in.shape[0]:
             _check_sample(i, call.x_in.shape[0])
         s = slice(i, i + 1)
-        # Copies of what x0 of our sample needs, now (a CUDA graph overwrites its outputs on the
-        # next replay); the arithmetic waits until the image is used.
-        x = call.x_in[s].clone()
+        # Copies of the predictions our sample's x0 needs, now: a CUDA graph overwrites its
+        # outputs on the next replay. The denoiser input is the pipeline's own tensor, which no
+        # pipeline changes after the call: kept as it is, and checked when the image is made.
+        # The arithmetic waits until the image is used.
+        x = call.x_in[s]
+        version = x._version
         kind, sigma = self._x0_kind, run.sigma(step)
         if call.lerp_guided:  # the pipeline's own CFG: guided = lerp(uncond, cond, scale)
             pair = call.pair
@@ -558,14 +578,23 @@ class Preview(Part):
                 u, c = call.uncond[s].clone(), call.cond[s].clone()
             w = call.scale
 
-            def x0_of(x):
-                return denoised_as(kind, x, torch.lerp(u, c, w), sigma)
+            def guided():
+                return torch.lerp(u, c, w)
         else:
-            g = call.guided[s].clone()
+            g = c = call.guided[s].clone()
 
-            def x0_of(x):
-                return denoised_as(kind, x, g, sigma)
-        self._pending[step] = self._later(x, run.family, self._what, self._hw, self._vsf, x0_of)
+            def guided():
+                return g
+
+        def x0_of(x):
+            if x._version != version:
+                raise DlxError(
+                    f"the denoiser input of step {step} was changed in place after the step, so its x0 "
+                    f"preview cannot be made; make previews as they come (fn calling image.pil()) or "
+                    f"use kind='latent'"
+                )
+            return denoised_as(kind, x, guided(), sigma)
+        self._pending[step] = self._later(x, run.family, self._what, self._hw, self._vsf, x0_of, like=c)
 
     def on_step_end(self, run: Run, step, timestep, callback_kwargs):
         if self.kind == "x0":
@@ -598,6 +627,7 @@ class Preview(Part):
             raise DlxError("Preview(kind='latent') reads `latents`: pass callback_on_step_end_tensor_inputs=['latents']")
         if step == 0:
             self.report = {"kind": self.kind, "previews": 0}
+            self._checked = False
         if self._due(step, getattr(pipe, "num_timesteps", None)):
             # Not attached: the call's height/width are unknown, so Flux latents must form a square grid.
             lat = callback_kwargs["latents"]

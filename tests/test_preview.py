@@ -270,10 +270,8 @@ def test_preview_part_hands_every_step_to_fn(sd):
     assert [s for s, _ in got] == [0, 1, 2, 3]
     first = got[0][1]
     assert isinstance(first, PreviewImage) and not first.converted  # nothing copied yet
-    # only the run's first preview is made during the run (it checks the map fits); the others
-    # wait until used
-    assert first.rendered and [im.rendered for _, im in got[1:]] == [False] * 3
-    assert "not rendered" in repr(got[1][1])
+    # previews are made when first used
+    assert [im.rendered for _, im in got] == [False] * 4 and "not rendered" in repr(first)
     assert first.tensor.dtype == torch.uint8 and first.tensor.shape == (16, 16, 3)
     assert first.size == (128, 128) and first.converted  # a PIL attribute converts it
     recorded = trace.previews("x0")
@@ -326,6 +324,28 @@ def test_live_preview_with_a_map_that_does_not_fit_fails_at_the_first_step():
         with dlx.attach(pipe, Preview(lambda s, im: seen.append(s), factors="sd3")):
             pipe(**example_inputs("sd", steps=4))
     assert seen == []
+
+
+def test_x0_preview_of_an_input_changed_in_place_raises_instead_of_lying():
+    pipe = tiny_pipeline("sd")
+    got = []
+
+    held = []
+
+    def nudge(pipe, step, t, kw):
+        # without CFG the denoiser's input is `latents` itself: the latents after step 0 are the
+        # input of step 1; change them in place once step 1 is done
+        if step == 0:
+            held.append(kw["latents"])
+        if step == 1:
+            held[0].mul_(1.0)
+        return kw
+    with dlx.attach(pipe, Preview(lambda s, im: got.append(im))):
+        pipe(**example_inputs("sd", steps=3, guidance_scale=1.0), callback_on_step_end=nudge)
+    with pytest.raises(DlxError, match="denoiser input of step 1 was changed in place"):
+        got[1].tensor
+    assert got[1].rendered is False
+    assert got[0].tensor.shape == got[2].tensor.shape == (16, 16, 3)
 
 
 def test_preview_latent_as_plain_callback(sd, sd_trace):
