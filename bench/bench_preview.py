@@ -128,8 +128,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--hooks", type=int, default=0, metavar="N",
                     help="also time dlx from inside (bench/_hookclock.py) over N more rounds: its host time "
                          "per step, which is the overhead itself when the host bounds the run (eager)")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated subset of {','.join(VARIANTS)} (bare always runs)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    variants = VARIANTS
+    if args.variants:
+        want = {"bare", *args.variants.split(",")}
+        unknown = want - set(VARIANTS)
+        if unknown:
+            ap.error(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
+        variants = tuple(v for v in VARIANTS if v in want)
 
     import diffusers
 
@@ -186,15 +195,20 @@ def main(argv=None) -> dict:
         else:  # pragma: no cover
             raise ValueError(variant)
 
-    lead: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    lead: dict[str, list[float]] = {v: [] for v in variants}
+    # CPU time of this thread during the call: when the host bounds the run (eager), the work the
+    # host does, without the time this process waits for a core on a shared machine
+    cpu_s: dict[str, list[float]] = {v: [] for v in variants}
 
     def timed(variant: str) -> float:
         if cuda:
             torch.cuda.synchronize()
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         with torch.no_grad():
             run(variant)
         t1 = time.perf_counter()
+        cpu_s[variant].append(time.thread_time() - c0)
         if cuda:
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -204,21 +218,37 @@ def main(argv=None) -> dict:
         return t2 - t0
 
     for _ in range(args.warmup):
-        for v in VARIANTS:
+        for v in variants:
             timed(v)
     # Every preview variant must have produced one preview per step.
     run("preview-x0")
     assert len(kept) == args.steps and kept[-1].pil().size == (128, 128), (len(kept), kept[-1])
+    # Previews are made when first used: what showing all of a run's x0 previews costs afterwards.
+    render_ms = []
+    for _ in range(5):
+        run("preview-x0")
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for im in kept:
+            im.tensor
+        if cuda:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        for im in kept:
+            im.pil()
+        render_ms.append(((t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3))
 
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for v in VARIANTS:
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for v in variants:
         lead[v].clear()
+        cpu_s[v].clear()
     import gc
 
     gc.collect()
     gc.disable()  # a collection landing in one variant's call is noise, not its cost
     for r in range(reps):
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
         for v in order:
             times[v].append(timed(v))
 
@@ -226,7 +256,7 @@ def main(argv=None) -> dict:
     bare = times["bare"]
     med_bare = statistics.median(bare)
     results = {}
-    for v in VARIANTS:
+    for v in variants:
         ts = times[v]
         med = statistics.median(ts)
         paired = [t / b - 1.0 for t, b in zip(ts, bare)]
@@ -239,12 +269,16 @@ def main(argv=None) -> dict:
             "paired_ci95_pct": [100 * c for c in bootstrap_ci(paired)],
             "added_ms_per_step": (med - med_bare) / args.steps * 1e3,
             "gpu_after_return_ms": statistics.median(lead[v]) * 1e3,
+            "thread_cpu_s": cpu_s[v],
+            "paired_thread_cpu_pct": statistics.median(a / b - 1 for a, b in zip(cpu_s[v], cpu_s["bare"])) * 100,
+            "paired_thread_cpu_ci95_pct": [100 * c for c in bootstrap_ci([a / b - 1 for a, b in zip(cpu_s[v], cpu_s["bare"])])],
         }
     if args.hooks:
         from _hookclock import HookClock
 
         clock = HookClock()
-        inside: dict[str, list[float]] = {v: [] for v in ("attach", "preview-x0", "preview-latent", "preview-x0-pil")}
+        inside: dict[str, list[float]] = {v: [] for v in ("attach", "preview-x0", "preview-latent", "preview-x0-pil")
+                                          if v in variants}
         gc.collect()
         gc.disable()
         for r in range(args.hooks):
@@ -273,6 +307,8 @@ def main(argv=None) -> dict:
                      "diffusers": diffusers.__version__, "dlx": dlx.__version__},
         "date": time.strftime("%Y-%m-%d"),
         "target": "preview-x0 and preview-latent at most 1% per-step overhead over bare",
+        "after_run_ms": {"make_all_x0_tensors": statistics.median(r[0] for r in render_ms),
+                         "to_pil_all": statistics.median(r[1] for r in render_ms), "previews": args.steps},
         "results": results,
     }
 
@@ -284,7 +320,12 @@ def main(argv=None) -> dict:
         lo, hi = r["paired_ci95_pct"]
         print(f"{v:<16}{r['median_s']:>10.4f}{r['per_step_ms']:>10.2f}{r['added_ms_per_step']:>10.2f}"
               f"{r['overhead_pct']:>9.2f}%{r['paired_overhead_pct']:>9.2f}%   [{lo:+.2f}, {hi:+.2f}]%"
-              f"  GPU after return {r['gpu_after_return_ms']:.2f} ms")
+              f"  GPU after return {r['gpu_after_return_ms']:.2f} ms; thread CPU time paired "
+              f"{r['paired_thread_cpu_pct']:+.2f}% [{r['paired_thread_cpu_ci95_pct'][0]:+.2f}, "
+              f"{r['paired_thread_cpu_ci95_pct'][1]:+.2f}]")
+    a = report["after_run_ms"]
+    print(f"after the run, for all {args.steps} x0 previews: making the tensors {a['make_all_x0_tensors']:.2f} ms, "
+          f"PIL images {a['to_pil_all']:.2f} ms")
     if args.hooks:
         print(f"time inside dlx ({args.hooks} rounds, median): "
               + ", ".join(f"{v} {r['dlx_host_ms_per_step'] * 1e3:.0f} µs/step = {r['dlx_host_pct_of_bare']:.2f}% of bare"

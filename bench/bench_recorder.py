@@ -91,14 +91,20 @@ def _attach_only(pipe, *parts):
 BASE: dict = {}
 
 
+CPU_MS: list = []  # this thread's CPU time of each timed call (the host's work, without waits for a core)
+
+
 def timed(fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+    c0 = time.thread_time()
     t0 = time.perf_counter()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3
+    t = (time.perf_counter() - t0) * 1e3
+    CPU_MS.append((time.thread_time() - c0) * 1e3)
+    return t
 
 
 def main():
@@ -139,6 +145,7 @@ def main():
                 BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
                 fn()
         times = {k: [] for k in fns}
+        cpu = {k: [] for k in fns}
         import gc
 
         gc.collect()
@@ -148,6 +155,7 @@ def main():
             for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
                 BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
                 times[name].append(timed(fns[name], device))
+                cpu[name].append(CPU_MS[-1])
         gc.enable()
         med = {k: statistics.median(v) for k, v in times.items()}
         inside = {}
@@ -185,6 +193,13 @@ def main():
             "overhead_pct": {k: 100 * (v / med["bare"] - 1) for k, v in med.items()},
             "paired_overhead_pct": paired, "paired_ci95_pct": ci,
             "step_ms_guided": step_guided, "step_ms_unguided": step_unguided,
+            "thread_cpu_ms": cpu,
+            # meaningful where the host bounds the run (eager); a final synchronize spins on a core,
+            # so with CUDA graphs it counts the GPU's tail as well
+            "paired_thread_cpu_pct": {k: 100 * (statistics.median(a / b for a, b in zip(v, cpu["bare"])) - 1)
+                                      for k, v in cpu.items()},
+            "paired_thread_cpu_ci95_pct": {k: [100 * (c - 1) for c in bootstrap_ci([a / b for a, b in zip(v, cpu["bare"])])]
+                                           for k, v in cpu.items()},
             "dlx_host_ms": inside,
             "dlx_host_pct_of_bare": {k: 100 * statistics.median(v) / med["bare"] for k, v in inside.items()},
         }
@@ -194,6 +209,10 @@ def main():
         for k, v in med.items():
             print(f"{k:22s} {v:10.1f} {100 * (v / med['bare'] - 1):+8.2f}% {paired[k]:+8.2f}% "
                   f"  [{ci[k][0]:+.2f}, {ci[k][1]:+.2f}]% {min(times[k]):8.1f} {max(times[k]):8.1f}")
+        tc = results["modes"][mode]
+        print("thread CPU time, paired: " + ", ".join(
+            f"{k} {tc['paired_thread_cpu_pct'][k]:+.2f}% [{tc['paired_thread_cpu_ci95_pct'][k][0]:+.2f}, "
+            f"{tc['paired_thread_cpu_ci95_pct'][k][1]:+.2f}]" for k in cpu if k != "bare"))
         print(f"per-step from CUDA events (cutoff 0.5 run): guided {step_guided:.2f} ms, unguided {step_unguided:.2f} ms")
         if inside:
             print(f"time inside dlx ({args.hooks} rounds, median; the overhead itself only where the host bounds "
