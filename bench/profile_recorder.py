@@ -123,38 +123,21 @@ def main():
 
     clock = collections.defaultdict(list)
 
-    def timed_method(cls, name):
-        orig = getattr(cls, name)
+    def timed(owner, name, label=None):  # wrap owner.name (a method or module function); return the original
+        orig = getattr(owner, name)
 
         def f(*a, **k):
             t = time.perf_counter()
             try:
                 return orig(*a, **k)
             finally:
-                clock[name].append((time.perf_counter() - t) * 1e3)
-        setattr(cls, name, f)
-        return orig
+                clock[label or name].append((time.perf_counter() - t) * 1e3)
+        setattr(owner, name, f)
+        return owner, name, orig
 
-    saved = {n: timed_method(R.Recorder, n) for n in ("on_denoiser", "on_step_end", "on_run_end", "_finish",
-                                                      "_deferred_x0", "_describe_run")}
-    saved_cpu = R._to_host
-
-    def to_host(*a):
-        t = time.perf_counter()
-        try:
-            return saved_cpu(*a)
-        finally:
-            clock["_to_host (queue)"].append((time.perf_counter() - t) * 1e3)
-    R._to_host = to_host
-    saved_meta = R._meta
-
-    def meta(*a):
-        t = time.perf_counter()
-        try:
-            return saved_meta(*a)
-        finally:
-            clock["_meta"].append((time.perf_counter() - t) * 1e3)
-    R._meta = meta
+    saved = [timed(R.Recorder, n) for n in ("on_denoiser", "on_step_end", "on_run_end", "_finish",
+                                             "_deferred_x0", "_describe_run")]
+    saved += [timed(R, "_to_host", "_to_host (queue)"), timed(R, "_meta")]
     for k in fns:
         if not k.startswith("record"):
             continue
@@ -164,9 +147,8 @@ def main():
             fns[k]()
         sync()
         print(f"{k}: ms per call in " + ", ".join(f"{n} {sum(v) / 5:.3f}" for n, v in clock.items()))
-    for n, f in saved.items():
-        setattr(R.Recorder, n, f)
-    R._to_host, R._meta = saved_cpu, saved_meta
+    for owner, name, orig in saved:
+        setattr(owner, name, orig)
 
     from torch.profiler import ProfilerActivity, profile
 
