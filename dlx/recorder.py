@@ -33,7 +33,9 @@ class Recorder(Part):
         dtype: store tensors in this dtype (default: as the run produced them).
         downsample: average-pool spatial dims of 4-D tensors by this factor (saves memory on big runs).
         storage: ``"cpu"`` (tensors stay on the device during the run, so no per-step host sync,
-            and move to the CPU once the run ends) or ``"device"`` (stay where they are).
+            and move to the CPU once the run ends: on CUDA one copy per dtype into page-locked
+            memory, queued behind the run; pageable above ``dlx.recorder.PIN_LIMIT`` bytes) or
+            ``"device"`` (stay where they are).
 
     As a plain ``callback_on_step_end`` (with ``callback_on_step_end_tensor_inputs=rec.tensor_inputs``)
     it records what callbacks can see: latents, conditioning, the guidance state read at each step's
