@@ -57,6 +57,12 @@ def analyse(trace_path):
         if s > end:
             gaps.append((s - end, s - gpu[0][0], name))
         end = max(end, e)
+    buckets = collections.Counter()  # GPU idle µs per 20 ms of the run: where the gaps are
+    end = gpu[0][1]
+    for st, en, _ in gpu[1:]:
+        if st > end:
+            buckets[int((st - gpu[0][0]) / 2e4)] += st - end
+        end = max(end, en)
     gaps.sort(reverse=True)
     cpu = [e for e in ev if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e]
     span_cpu = (max(e["ts"] + e["dur"] for e in cpu) - min(e["ts"] for e in cpu)) if cpu else float("nan")
@@ -66,6 +72,7 @@ def analyse(trace_path):
         "cpu_span_ms": span_cpu / 1e3,
         "gpu_kernels": len(gpu),
         "gaps_us": [(round(g, 1), round(at / 1e3, 2), n[:60]) for g, at, n in gaps[:8]],
+        "idle_us_per_20ms": [int(buckets[i]) for i in range(max(buckets) + 1)] if buckets else [],
         "runtime_ms": {k: round(v / 1e3, 3) for k, v in sorted(rt.items(), key=lambda kv: -kv[1])[:8]},
     }
 
@@ -79,6 +86,8 @@ def main():
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--embeds", action="store_true",
+                    help="call as bench_preview.py does: prompt embeddings and a generator on the device")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -86,13 +95,20 @@ def main():
     pipe = build(device, torch.float16 if cuda else torch.float32, args.size)
     BASE.update(prompt="a photo of a red circle", num_inference_steps=args.steps, guidance_scale=7.5,
                 height=args.size, width=args.size, output_type="latent")
+    gen_device = "cpu"
+    if args.embeds:
+        with torch.no_grad():
+            pos, neg = pipe.encode_prompt("a photo of a red circle", device, 1, True, "")
+        del BASE["prompt"]
+        BASE.update(prompt_embeds=pos, negative_prompt_embeds=neg)
+        gen_device = args.device
     if args.mode == "compiled":
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
     fns = variants(pipe)
     fns = {k: fns[k] for k in ["bare", *args.variants.split(",")]}
     for fn in fns.values():
         for _ in range(3):
-            BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
+            BASE["generator"] = torch.Generator(device=gen_device).manual_seed(0)
             fn()
     host = {k: [] for k in fns}
     total = {k: [] for k in fns}
@@ -101,7 +117,7 @@ def main():
     gc.disable()
     for r in range(args.reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
+            BASE["generator"] = torch.Generator(device=gen_device).manual_seed(0)
             sync()
             t0 = time.perf_counter()
             fns[name]()
@@ -143,7 +159,7 @@ def main():
             continue
         clock.clear()
         for _ in range(5):
-            BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
+            BASE["generator"] = torch.Generator(device=gen_device).manual_seed(0)
             fns[k]()
         sync()
         print(f"{k}: ms per call in " + ", ".join(f"{n} {sum(v) / 5:.3f}" for n, v in clock.items()))
@@ -155,7 +171,7 @@ def main():
     tdir = args.trace_dir or "/tmp/dlx-prof"
     os.makedirs(tdir, exist_ok=True)
     for k, fn in fns.items():
-        BASE["generator"] = torch.Generator(device="cpu").manual_seed(0)
+        BASE["generator"] = torch.Generator(device=gen_device).manual_seed(0)
         sync()
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             fn()
@@ -169,6 +185,7 @@ def main():
               f"CPU span {a['cpu_span_ms']:.2f} ms, {a['gpu_kernels']} GPU ops")
         print("   gaps (µs, at ms, next op):", a["gaps_us"])
         print("   runtime (ms):", a["runtime_ms"])
+        print("   GPU idle µs per 20 ms:", a["idle_us_per_20ms"])
 
 
 if __name__ == "__main__":
