@@ -342,7 +342,11 @@ def _to_host(steps, conditioning: list[dict]):
         vals = [v for *_, v in members]
         flat = torch.cat([v.reshape(-1) for v in vals]) if len(vals) > 1 else vals[0].reshape(-1)
         pin = dev.type == "cuda" and flat.numel() * flat.element_size() <= PIN_LIMIT
-        host = torch.empty(flat.shape, dtype=dtype, pin_memory=pin)
+        try:
+            host = torch.empty(flat.shape, dtype=dtype, pin_memory=pin)
+        except RuntimeError:  # page-locked memory refused (limits of a container): never lose the trace
+            pin = False
+            host = torch.empty(flat.shape, dtype=dtype)
         host.copy_(flat, non_blocking=pin)
         if pin:
             ev = torch.cuda.Event()

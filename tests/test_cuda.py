@@ -84,3 +84,20 @@ def test_deferred_x0_is_bitwise_the_per_step_x0_on_cuda(monkeypatch, family, sch
         run(pipe, family, **kw)
     for a, b in zip(deferred, per_step):
         assert _same(a.x0, b.x0), f"step {a.index}: deferred x0 differs from the per-step x0 on CUDA"
+
+
+def test_trace_survives_refused_page_locked_memory(monkeypatch):
+    pipe = _cuda_pipe("sd", None)
+    with dlx.record(pipe) as ref:
+        run(pipe, "sd")
+    empty = torch.empty
+
+    def no_pinned(*a, pin_memory=False, **k):
+        if pin_memory:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return empty(*a, **k)
+    monkeypatch.setattr(torch, "empty", no_pinned)
+    with dlx.record(pipe) as t:
+        run(pipe, "sd")
+    for a, b in zip(t, ref):
+        assert not a.latents.is_pinned() and bitwise(a.latents, b.latents) and _same(a.x0, b.x0)
