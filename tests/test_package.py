@@ -52,9 +52,13 @@ def test_cli_help():
 
 
 def test_import_dlx_is_light():
-    code = "import time, torch; t = time.perf_counter(); import dlx; print(time.perf_counter() - t); import sys; print('diffusers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert float(out[0]) < 0.5 and out[1] == "False"
+    # With torch imported, `import dlx` loads dlx's own modules and nothing else: diffusers,
+    # transformers, pandas, matplotlib and PIL wait until used. (How long it takes is measured by
+    # bench/import_time.py, not asserted here.)
+    code = ("import sys, torch; before = set(sys.modules); import dlx; "
+            "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['dlx']"
 
 
 def test_public_api_is_small_and_resolves():
