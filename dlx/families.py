@@ -199,18 +199,14 @@ def prediction_type(family: Family, scheduler) -> str:
     return getattr(scheduler.config, "prediction_type", "epsilon")
 
 
-def denoised(family: Family, scheduler, x_in: torch.Tensor, pred: torch.Tensor, sigma: float) -> torch.Tensor:
-    """x0, the denoised estimate, from the denoiser's input ``x_in`` and its output ``pred``.
+def denoised_as(kind: str, x_in: torch.Tensor, pred: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x0, the denoised estimate, from the denoiser's input ``x_in`` and its output ``pred``, for
+    the scheduler's ``prediction_type`` ``kind`` (look it up once per run with ``prediction_type``).
 
     For ε- and v-prediction the denoiser input is in variance-preserving form
     (x = √ᾱ·x0 + √(1−ᾱ)·ε, also after Euler's ``scale_model_input``); for flow matching
     x = (1−σ)·x0 + σ·noise and x0 = x − σ·v. ``sigma`` is the step's noise level (``sigmas_at``).
     """
-    return denoised_as(prediction_type(family, scheduler), x_in, pred, sigma)
-
-
-def denoised_as(kind: str, x_in: torch.Tensor, pred: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``denoised`` for a known ``prediction_type`` (look it up once per run, not per step)."""
     # float32 arithmetic (x ≈ s·ε at high noise: half precision would cancel badly), in as few
     # kernels as possible: this runs on every recorded step
     x = x_in.float()

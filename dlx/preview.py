@@ -324,9 +324,9 @@ def to_pil(rgb: torch.Tensor, size: int | None = 128):
 class PreviewImage:
     """One step's preview: a uint8 (h, w, 3) tensor on the device of the run, made when first used.
 
-    A live :class:`Preview` keeps, per step, only copies of what the preview needs (one sample's
-    latent, or its denoiser input and predictions) and maps them to RGB when the image is first
-    used: ``.tensor`` (the uint8 tensor, on the device), ``.pil()`` (or any PIL attribute:
+    A live :class:`Preview` keeps, per step, only what the preview needs (a copy of one sample's
+    latent, or of its predictions, and the denoiser input) and maps it to RGB when the image is
+    first used: ``.tensor`` (the uint8 tensor, on the device), ``.pil()`` (or any PIL attribute:
     ``save``, ``resize``, ``size``, …, and notebook display), which then costs one device sync
     and an h·w·3-byte copy. A ``fn`` that only holds images (a gallery showing some of them
     later) adds a copy or two per step to the run and nothing else.
@@ -475,10 +475,10 @@ class Preview(Part):
     n-th step and the last. ``factors``/``taesd`` as in :func:`trace_previews`.
 
     Cost per previewed step: one or two small copies on the device (our sample's latent, or its
-    denoiser input and predictions), no host sync. The x0 estimate and the map to RGB run on the
-    device when the image is first used (the run's first preview at once, which checks the map
-    fits the latents); a ``fn`` that shows every image as it comes pays that, one sync and a small
-    copy per step, as the guide's snippet does. An observer: it never changes the run.
+    predictions), no host sync. The x0 estimate and the map to RGB run on the device when the
+    image is first used (the run's first preview checks at once that the map fits the latents);
+    a ``fn`` that shows every image as it comes pays that, one sync and a small copy per step, as
+    the guide's snippet does. An observer: it never changes the run.
     """
 
     observer = True
@@ -528,19 +528,23 @@ class Preview(Part):
         self.report["previews"] = self.report.get("previews", 0) + 1
         self.fn(int(step), PreviewImage(int(step), size=self.size, make=make))
 
-    def _later(self, x, fam, what, hw, vsf, x0_of=None, like=None):
-        """A function that renders our sample ``x`` (already sliced) when called; with ``x0_of``,
-        ``x`` is the denoiser input and ``x0_of(x)`` the estimate to render. The first preview of
-        a run checks that the map fits (``like``: a tensor of the rendered latents' layout)."""
+    def _later(self, like, fam, what, hw, vsf, compute=None):
+        """A function that maps our sample's latents to RGB when called: ``compute()`` (x0 from the
+        step's kept tensors) or else ``like`` itself. ``like`` has the layout of the latents to
+        render: the run's first preview checks that the map fits it."""
         factors, taesd = self.factors, self.taesd
         if not self._checked:
-            _check_fits(x if like is None else like, fam, factors, taesd, hw, vsf, what)
+            _check_fits(like, fam, factors, taesd, hw, vsf, what)
             self._checked = True
 
         def make():
-            z = x0_of(x) if x0_of is not None else x
-            return _render(z, fam, factors, taesd, hw, vsf, what)[0]
+            return _render(like if compute is None else compute(), fam, factors, taesd, hw, vsf, what)[0]
         return make
+
+    def _latent_later(self, lat, fam, what, hw, vsf):
+        """``_later`` for x_t: a copy of our sample of the step's latents (the pipeline replaces them)."""
+        _check_sample(self.sample, lat.shape[0])
+        return self._later(lat[self.sample:self.sample + 1].clone(), fam, what, hw, vsf)
 
     # -- attached --------------------------------------------------------------------------------
     def on_run_start(self, run: Run):
@@ -576,34 +580,26 @@ class Preview(Part):
                 u, c = pair.clone().chunk(2)
             else:
                 u, c = call.uncond[s].clone(), call.cond[s].clone()
-            w = call.scale
-
-            def guided():
-                return torch.lerp(u, c, w)
+            w, g = call.scale, None
         else:
             g = c = call.guided[s].clone()
+            u = w = None
 
-            def guided():
-                return g
-
-        def x0_of(x):
+        def x0():
             if x._version != version:
                 raise DlxError(
                     f"the denoiser input of step {step} was changed in place after the step, so its x0 "
                     f"preview cannot be made; make previews as they come (fn calling image.pil()) or "
                     f"use kind='latent'"
                 )
-            return denoised_as(kind, x, guided(), sigma)
-        self._pending[step] = self._later(x, run.family, self._what, self._hw, self._vsf, x0_of, like=c)
+            return denoised_as(kind, x, torch.lerp(u, c, w) if g is None else g, sigma)
+        self._pending[step] = self._later(c, run.family, self._what, self._hw, self._vsf, compute=x0)
 
     def on_step_end(self, run: Run, step, timestep, callback_kwargs):
         if self.kind == "x0":
             make = self._pending.pop(step, None)
         elif self._due(step, run.num_steps):
-            lat = callback_kwargs["latents"]
-            _check_sample(self.sample, lat.shape[0])
-            x = lat[self.sample:self.sample + 1].clone()
-            make = self._later(x, run.family, self._what, self._hw, self._vsf)
+            make = self._latent_later(callback_kwargs["latents"], run.family, self._what, self._hw, self._vsf)
         else:
             make = None
         if make is not None:
@@ -630,10 +626,8 @@ class Preview(Part):
             self._checked = False
         if self._due(step, getattr(pipe, "num_timesteps", None)):
             # Not attached: the call's height/width are unknown, so Flux latents must form a square grid.
-            lat = callback_kwargs["latents"]
-            _check_sample(self.sample, lat.shape[0])
-            x = lat[self.sample:self.sample + 1].clone()
-            self._emit(step, self._later(x, family_of(pipe), type(pipe).__name__, (None, None), None))
+            self._emit(step, self._latent_later(callback_kwargs["latents"], family_of(pipe), type(pipe).__name__,
+                                                (None, None), None))
         return callback_kwargs
 
 
