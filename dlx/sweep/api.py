@@ -63,12 +63,23 @@ def load_pipeline(model: str, device=None, dtype=None):
         return zoo.load("shapes", device=dev, dtype=dtype or torch.float32)
     from diffusers import DiffusionPipeline
 
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
     offline = "folder" in ident or os.environ.get("HF_HUB_OFFLINE") == "1"
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(ident.get("folder") or ident["hub"], dtype=dtype or torch.float32,
                                                  local_files_only=offline)
     except (OSError, ValueError, EnvironmentError) as e:
         raise DlxError(f"argument `model`: could not load {model!r} ({'offline' if offline else 'hub'}): {e}") from e
+    finally:
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)
 
@@ -172,6 +183,7 @@ def sweep(pipe, prompts=None, seeds=range(8), *, cutoffs=None, configs=None, gui
 
     # 2. the store: resume, or refuse a different spec
     rk = ranks()
+    dev = rk.device(dev)
     main = Store(out)
     try:
         main.bind(spec)
@@ -220,6 +232,8 @@ def sweep(pipe, prompts=None, seeds=range(8), *, cutoffs=None, configs=None, gui
                     main.merge_from(sp)
                     for f in (sp, Path(str(sp) + "-wal"), Path(str(sp) + "-shm")):
                         f.unlink(missing_ok=True)
+                if (out / "shards").is_dir() and not any((out / "shards").iterdir()):
+                    (out / "shards").rmdir()
             finally:
                 main.close()
         rk.barrier()

@@ -30,6 +30,14 @@ class Ranks:
         if self.world > 1 and self.state is not None:
             self.state.wait_for_everyone()
 
+    def device(self, dev):
+        """A rank's CUDA device: ``cuda`` becomes ``cuda:<local rank>`` when sharded."""
+        import torch
+
+        if self.world > 1 and dev is not None and dev.type == "cuda" and dev.index is None:
+            return torch.device("cuda", self.state.local_process_index)
+        return dev
+
     def shard_db(self) -> str:
         return f"shards/rank-{self.rank}.sqlite"
 
@@ -38,9 +46,11 @@ def ranks() -> Ranks:
     """This process's rank and the world size (1 when not launched distributed)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Ranks()
+    import torch
     from accelerate import PartialState
 
-    st = PartialState()
+    # without CUDA, accelerate's multi-CPU state (gloo) needs cpu=True
+    st = PartialState(cpu=not torch.cuda.is_available())
     return Ranks(st.process_index, st.num_processes, st)
 
 

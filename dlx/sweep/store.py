@@ -42,7 +42,7 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def check_out(out) -> Path:
+def check_out(out, images: bool = True) -> Path:
     """The output folder, created and checked writable before any model work."""
     if out is None or (isinstance(out, str) and not out.strip()):
         raise DlxError(f"argument `out` must be a folder path; got {out!r}")
@@ -53,7 +53,7 @@ def check_out(out) -> Path:
     if p.exists() and not p.is_dir():
         raise DlxError(f"argument `out` must be a folder; {str(p)!r} is a file")
     try:
-        (p / "images").mkdir(parents=True, exist_ok=True)
+        (p / "images" if images else p).mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=p, prefix=".probe-")
         os.close(fd)
         os.unlink(probe)
