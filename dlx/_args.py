@@ -31,7 +31,7 @@ def float_dtype(arg: str, value, *, allow_none: bool = False) -> torch.dtype | N
                        f"(torch.float32, 'float16', 'bfloat16'); got {value!r}")
     if not dtype.is_floating_point:
         raise DlxError(f"argument `{arg}` must be a floating dtype (float32, float16, bfloat16, ...); "
-                       f"got {value!r}: tensors would be rounded or cast to {dtype}")
+                       f"got {value!r}, which is not floating point")
     return dtype
 
 
