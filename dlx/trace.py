@@ -149,30 +149,10 @@ class Trace:
         return pd.DataFrame(rows)
 
     def timing(self) -> dict:
-        """Which timing regime the run was in, from its per-step times.
+        """Which timing regime the run was in (host- or denoiser-bound): ``dlx.timing.regime(trace)``."""
+        from .timing import regime
 
-        Compares the median time of guided steps (unconditional pass ran) with that of unguided
-        ones (the first step is left out: it carries warm-up). ``saving`` is the share of a
-        guided step's time an unguided step saves. Below 10 % the loop is bound by the host
-        (Python and kernel launches, as eager diffusers on a fast GPU): cutting CFG saves little
-        wall time. Above, the denoiser dominates (CPU, or a compiled GPU pipeline) and a cutoff
-        saves about ``saving`` per unguided step. ``regime`` is "unknown" without both kinds.
-        """
-        import statistics
-
-        g = [s.step_ms for s in self.steps[1:] if s.cfg_active and s.step_ms == s.step_ms]
-        u = [s.step_ms for s in self.steps[1:] if not s.cfg_active and s.step_ms == s.step_ms]
-        out = {
-            "timer": self.meta.get("timing"),
-            "guided_ms": statistics.median(g) if g else math.nan,
-            "unguided_ms": statistics.median(u) if u else math.nan,
-            "saving": math.nan,
-            "regime": "unknown",
-        }
-        if g and u:
-            out["saving"] = 1.0 - out["unguided_ms"] / out["guided_ms"]
-            out["regime"] = "host-bound" if out["saving"] < 0.10 else "denoiser-bound"
-        return out
+        return regime(self)
 
     def compare(self, other: "Trace"):
         """Per-step divergence between two traces of the same shape, as a DataFrame.
@@ -199,13 +179,12 @@ class Trace:
             rows.append(r)
         return pd.DataFrame(rows)
 
-    # -- previews (a view of the trace; logic in dlx.preview) ---------------------------------
+    # -- previews: a view, defined in dlx.preview; imported only when called -----------------
     def previews(self, kind: str = "x0", size: int = 128, sample: int = 0, factors=None, taesd=None):
-        """PIL previews of every step: ``kind="x0"`` (denoised estimate) or ``"latent"`` (x_t);
-        ``factors`` overrides the family's latent→RGB map, ``taesd`` decodes with an AutoencoderTiny."""
-        from . import preview
+        """PIL previews of every step: ``dlx.preview.trace_previews(trace, ...)`` (see there)."""
+        from .preview import trace_previews
 
-        return preview.trace_previews(self, kind=kind, size=size, sample=sample, factors=factors, taesd=taesd)
+        return trace_previews(self, kind=kind, size=size, sample=sample, factors=factors, taesd=taesd)
 
     # -- files --------------------------------------------------------------------------------
     def save(self, path) -> Path:

@@ -133,28 +133,6 @@ def test_save_is_atomic(trace, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["run.safetensors"], "temporary file left behind"
 
 
-def test_timing_names_the_regime_from_step_times():
-    from dlx.trace import Step
-
-    def tr(guided_ms, unguided_ms):
-        steps = [Step(index=i, timestep=0.0, sigma=1.0, guidance_scale=5.0, cfg_active=i < 3, nfe=2.0,
-                      step_ms=(guided_ms if i < 3 else unguided_ms)) for i in range(6)]
-        steps[0].step_ms = 500.0  # warm-up outlier, left out
-        return Trace(steps=steps, meta={"timing": "cuda-events"})
-
-    host = tr(29.2, 29.1).timing()
-    assert host["regime"] == "host-bound" and host["guided_ms"] == 29.2 and host["saving"] == pytest.approx(1 - 29.1 / 29.2)
-    dev = tr(7.15, 5.28).timing()
-    assert dev["regime"] == "denoiser-bound" and dev["saving"] == pytest.approx(1 - 5.28 / 7.15)
-    only = Trace(steps=tr(1, 1).steps[:3], meta={}).timing()
-    assert only["regime"] == "unknown" and math.isnan(only["unguided_ms"])
-
-
-def test_timing_of_a_real_cpu_run(trace):
-    t = trace.timing()  # the module's fixture: CFG cut at half the run on a CPU
-    assert t["timer"] == "perf_counter" and t["guided_ms"] > 0 and t["unguided_ms"] > 0
-
-
 # -- files: any layout, modes, links, directories (issue 11, items 12, 17, 18, 22) -------------
 
 def _bitwise_round_trip(t: Trace, back: Trace):
