@@ -692,7 +692,8 @@ def example_inputs(
 
     Args:
         family: one of :data:`FAMILIES`.
-        prompt: the prompt; with ``batch > 1`` the first of ``batch`` distinct prompts.
+        prompt: the prompt (or a list, passed through); with ``batch > 1`` the first of ``batch``
+            distinct prompts.
         batch: number of prompts.
         num_images_per_prompt: passed through.
         steps: number of denoising steps actually run. For img2img families (whose diffusers
@@ -711,8 +712,9 @@ def example_inputs(
         A dict of keyword arguments (``height``/``width`` are 32, the tiny pipelines' native size).
     """
     _check_family(family)
-    if not isinstance(prompt, str):
-        raise DlxError(f"argument `prompt` must be a str; got {prompt!r}")
+    if not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
+                                         and all(isinstance(p, str) for p in prompt))):
+        raise DlxError(f"argument `prompt` must be a str or a non-empty list of str; got {prompt!r}")
     _args.integer("batch", batch, minimum=1)
     _args.integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
     _args.integer("steps", steps, minimum=1)
