@@ -447,6 +447,7 @@ def _meta(pipe, family, call_kwargs) -> dict:
             "height", "width", "num_images_per_prompt", "strength", "eta", "guidance_rescale")
     return {
         "pipeline": type(pipe).__name__,
+        "model": getattr(pipe, "name_or_path", None),  # which weights: previews pick a decoder by it
         "family": family.name,
         "scheduler": type(sched).__name__,
         "scheduler_config": {k: v for k, v in dict(sched.config).items() if not k.startswith("_")},
