@@ -71,6 +71,8 @@ ENTRY = {
     "zoo.info": (dlx.zoo.info, lambda: dict()),
     "zoo.path": (dlx.zoo.path, lambda: dict()),
     "zoo.adherence": (dlx.zoo.adherence, lambda: dict(images=torch.zeros(1, 3, 64, 64), prompts=["a red circle"])),
+    "zoo.latent_rgb": (dlx.zoo.latent_rgb, lambda: dict(vae=_pipe().vae)),
+    "testing.add_tiny_ip_adapter": (dlx.testing.add_tiny_ip_adapter, lambda: dict(pipe=_pipe())),
     "testing.tiny_pipeline": (dlx.testing.tiny_pipeline, lambda: dict(family="sd")),
     "testing.example_inputs": (dlx.testing.example_inputs, lambda: dict(family="sd")),
     "testing.latent_shape": (dlx.testing.latent_shape, lambda: dict(family="sd")),
@@ -243,7 +245,16 @@ BAD = [
     bad("zoo.adherence", "prompts", ["a red elephant"], "not-a-caption"),
     bad("zoo.adherence", "prompts", ["a red circle", "a blue star"], "length"),
     bad("zoo.adherence", "as_frame", "yes", "type"),
+    bad("zoo.latent_rgb", "name", "nope", "unknown"),
+    bad("zoo.latent_rgb", "n", 0, "zero"),
+    bad("zoo.latent_rgb", "n", NAN, "nan"),
+    bad("zoo.latent_rgb", "n", "32", "type"),
+    bad("zoo.latent_rgb", "seed", 1.5, "float"),
+    bad("zoo.latent_rgb", "vae", "vae", "type"),
     # dlx.testing
+    bad("testing.add_tiny_ip_adapter", "pipe", None, "none"),
+    bad("testing.add_tiny_ip_adapter", "seed", "0", "type"),
+    bad("testing.add_tiny_ip_adapter", "seed", NAN, "nan"),
     bad("testing.tiny_pipeline", "family", "sd4", "unknown"),
     bad("testing.tiny_pipeline", "family", "", "empty"),
     bad("testing.tiny_pipeline", "family", None, "none"),
@@ -353,10 +364,15 @@ def test_bad_argument_is_a_dlx_error_naming_it(entry, arg, value, match, tmp_pat
 
 
 def test_every_public_entry_point_has_rows():
-    """A public callable added to dlx without a line here fails this test."""
-    covered = {e.split(".")[-1] for e in ENTRY}
+    """A public callable added to dlx, dlx.zoo or dlx.testing without a line here fails this test."""
+    import inspect
+
+    covered = set(ENTRY)
     public = {n for n in dlx.__all__ if n not in ("DlxError", "__version__", "Part", "Step", "Trace", "family_of")}
-    assert public <= covered | {"load", "save"}, sorted(public - covered)
+    public |= {f"testing.{n}" for n in dlx.testing.__all__ if callable(getattr(dlx.testing, n))}
+    public |= {f"zoo.{n}" for n, v in vars(dlx.zoo).items()
+               if inspect.isfunction(v) and not n.startswith("_") and v.__module__ == "dlx.zoo"}
+    assert public <= covered, sorted(public - covered)
     rows = {p.values[0] for p in BAD}
     assert rows == set(ENTRY), sorted(set(ENTRY) ^ rows)
 
