@@ -290,14 +290,16 @@ def _atomic_write(path: Path, write) -> None:
     """``write(tmp)`` a file beside ``path``'s target, flush it to disk, rename it over the target.
 
     A symlink is followed (its target is replaced; the link stays). An existing file's permission
-    bits are kept; a new file is created with 0o666 less the umask, as ``open()`` creates files.
+    bits are kept, and its owner and group where the system lets us set them; a new file is
+    created with 0o666 less the umask, as ``open()`` creates files.
     """
     target = Path(os.path.realpath(path))
     if target.is_dir():
         raise DlxError(f"argument `path` names a directory, not a file: {str(path)!r}")
-    mode = None
+    mode = owner = None
     if target.exists():
-        mode = stat.S_IMODE(os.stat(target).st_mode)
+        st = os.stat(target)
+        mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
     target.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
         tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
@@ -316,7 +318,15 @@ def _atomic_write(path: Path, write) -> None:
         if mode is None:  # the bits open() gives a new file here: 0o666 less the umask
             mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(str(tmp))
-        os.chmod(tmp, mode)  # the writer may set its own (safetensors writes 0o600)
+        if owner is not None and hasattr(os, "chown"):
+            try:  # a file in a shared folder keeps its group (and owner, where we may set it)
+                os.chown(tmp, *owner)
+            except OSError:
+                try:
+                    os.chown(tmp, -1, owner[1])
+                except OSError:
+                    pass
+        os.chmod(tmp, mode)  # after chown, which may clear set-id bits; the writer may set its own
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -448,7 +458,7 @@ def _check_header(header: dict, tensors: dict, where: str):
         if i in by_index:
             raise DlxError(f"{where}: steps[{n}] repeats step index {i}; each step's index must be unique")
         c = sc.get("conditioning", 0)
-        if isinstance(c, int) and not isinstance(c, bool) and conditioning and not 0 <= c < len(conditioning):
+        if isinstance(c, int) and not isinstance(c, bool) and not 0 <= c < max(len(conditioning), 1):
             raise DlxError(f"{where}: steps[{n}].conditioning is {c}, but the file holds "
                            f"{len(conditioning)} conditioning entries")
         by_index[i] = {}

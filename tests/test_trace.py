@@ -313,6 +313,9 @@ DAMAGED = [
     ("stray step tensor", _swap_in_stray, r"1 tensor\(s\) its metadata does not describe: \['steps\.9\.latents'\]"),
     ("unknown tensor field", _unknown_tensor_field, r"does not describe: \['steps\.0\.noise'\]"),
     ("conditioning index out of range", _step("conditioning", 5), r"steps\[1\]\.conditioning is 5"),
+    ("conditioning index without conditioning", lambda h, t: (
+        h.__setitem__("conditioning", []), [t.pop(k) for k in list(t) if k.startswith("cond.")],
+        h["steps"][1].__setitem__("conditioning", 2)), r"steps\[1\]\.conditioning is 2, but the file holds 0"),
 ]
 
 
