@@ -31,19 +31,19 @@ def _check_device(device):
     return dev
 
 
-def _check_model(model: str) -> dict:
+def _check_model(model: str, arg: str = "model") -> dict:
     if not isinstance(model, str) or not model.strip():
-        raise DlxError(f"argument `model` must be 'shapes', a pipeline folder or a hub id; got {model!r}")
+        raise DlxError(f"argument `{arg}` must be 'shapes', a pipeline folder or a hub id; got {model!r}")
     if model == "shapes":
         return {"name": "shapes"}
     p = Path(model).expanduser()
     if p.is_dir():
         if not (p / "model_index.json").is_file():
-            raise DlxError(f"argument `model`: {model!r} is a folder without model_index.json (not a saved pipeline)")
+            raise DlxError(f"argument `{arg}`: {model!r} is a folder without model_index.json (not a saved pipeline)")
         return {"folder": str(p.resolve())}
     if model.count("/") == 1 and not model.startswith((".", "/", "~")):
         return {"hub": model}
-    raise DlxError(f"argument `model`: {model!r} is neither 'shapes', a pipeline folder nor a hub id (org/name)")
+    raise DlxError(f"argument `{arg}`: {model!r} is neither 'shapes', a pipeline folder nor a hub id (org/name)")
 
 
 def load_pipeline(model: str, device=None, dtype=None):
@@ -141,7 +141,7 @@ def sweep(pipe, prompts=None, seeds=range(8), *, cutoffs=None, configs=None, gui
 
     # 1. everything checked before any model work
     if isinstance(pipe, str):
-        ident = _check_model(pipe)
+        ident = _check_model(pipe, "pipe")
     elif pipe is None or not callable(pipe):
         raise DlxError(f"argument `pipe` must be a diffusers pipeline or a model name ('shapes', a folder, a hub id); "
                        f"got {pipe!r}")

@@ -86,6 +86,9 @@ def read_yaml(path) -> dict:
             model = str(rel)
     elif isinstance(model, str) and (p.parent / model).is_dir():
         model = str(p.parent / model)
+    from .api import _check_model
+
+    _check_model(model, "model")
     kw["pipe"] = model
     kw.update(call)
     return kw
