@@ -224,3 +224,15 @@ def test_the_embedded_model_as_img2img_saves_and_round_trips(pipe, tmp_path):
     back = dlx.Trace.load(t.save(tmp_path / "i2i.safetensors"))
     for a, b in zip(t, back):
         assert all(bitwise(v.contiguous(), b.tensors()[k]) for k, v in a.tensors().items())
+
+
+def test_damaged_model_facts_name_the_file(tmp_path, monkeypatch):
+    dst = tmp_path / "shapes"
+    dst.mkdir()
+    (dst / "info.json").write_text("{not json")
+    monkeypatch.setattr(dlx.zoo, "_ROOT", tmp_path)
+    with pytest.raises(DlxError, match=r"model facts damaged: .*info\.json is not valid JSON"):
+        dlx.zoo.info("shapes")
+    (dst / "info.json").write_text("[1, 2]")
+    with pytest.raises(DlxError, match=r"info\.json holds list"):
+        dlx.zoo.info("shapes")

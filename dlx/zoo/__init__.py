@@ -42,7 +42,13 @@ def info(name: str = "shapes") -> dict:
     f = path(name) / "info.json"
     if not f.is_file():
         raise DlxError(f"model facts missing: {f} (folder {f.parent})")
-    return json.loads(f.read_text())
+    try:
+        facts = json.loads(f.read_text())
+    except (ValueError, RecursionError) as e:
+        raise DlxError(f"model facts damaged: {f} is not valid JSON ({e})") from None
+    if not isinstance(facts, dict):
+        raise DlxError(f"model facts damaged: {f} holds {type(facts).__name__}, not an object")
+    return facts
 
 
 def load(name: str = "shapes", device="cpu", dtype=None, folder: str | Path | None = None):
