@@ -419,16 +419,16 @@ def _metrics(mets, q, batch, ref_img, finite, store) -> dict:
 
 
 def _previews(rec, batch: int):
-    """Per sample, uint8 (steps, 128, 128, 3) previews of x0 from the recorder's trace."""
+    """Per sample, uint8 (steps, 128, 128, 3) x0 previews from the recorder's trace: one batched
+    render (``dlx.render.render_steps``: the model's own small VAE for the zoo models, else the
+    family's latent-RGB map), each image enlarged to 128 px with sharp blocks (``to_pil``)."""
     import numpy as np
 
-    from ..preview import trace_previews
+    from ..render import render_steps, to_pil
 
-    out = []
-    for j in range(batch):
-        imgs = trace_previews(rec.trace, kind="x0", size=128, sample=j)
-        out.append(torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in imgs])))
-    return out
+    rgb = render_steps(rec.trace, "x0")  # (steps, samples, H, W, 3)
+    return [torch.from_numpy(np.stack([np.asarray(to_pil(rgb[i, j], 128)) for i in range(rgb.shape[0])]))
+            for j in range(batch)]
 
 
 def _save_previews(store, row_id, t):
