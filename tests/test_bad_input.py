@@ -79,6 +79,8 @@ ENTRY = {
     "fit_latent_rgb": (dlx.fit_latent_rgb, lambda: dict(vae=_pipe().vae, images=_image())),
     "latents_to_rgb": (dlx.latents_to_rgb, lambda: dict(latents=torch.zeros(1, 4, 8, 8), factors="sd15")),
     "Preview": (dlx.Preview, lambda: dict(fn=lambda step, image: None)),
+    "sweep": (dlx.sweep, lambda: dict(pipe="shapes", prompts=["a red circle"], seeds=[0], cutoffs=[0, 1.0],
+                                      out=__import__("tempfile").mkdtemp(), progress=False)),
 }
 
 #: entry point -> the expensive work it must not start on bad input: (module, attribute) patched to fail
@@ -115,6 +117,25 @@ def bad(entry, arg, value, label, xfail=None, match=None):
 
 BAD = [
     # Recorder(pipe, keep, dtype, downsample, storage)
+    # sweep(pipe, prompts, seeds, cutoffs, configs, metrics, out, max_batch, timing, ...): before any model work
+    bad("sweep", "pipe", None, "none"),
+    bad("sweep", "pipe", "no/such/thing/here", "unknown-model"),
+    bad("sweep", "prompts", [], "empty"),
+    bad("sweep", "prompts", [""], "empty-prompt"),
+    bad("sweep", "seeds", [], "empty"),
+    bad("sweep", "seeds", [NAN], "nan"),
+    bad("sweep", "cutoffs", [], "empty"),
+    bad("sweep", "cutoffs", [1.5], "range"),
+    bad("sweep", "cutoffs", [NAN], "nan"),
+    bad("sweep", "configs", {}, "empty"),
+    bad("sweep", "metrics", ["fid"], "unknown"),
+    bad("sweep", "metrics", ["lpips"], "no-network"),
+    bad("sweep", "max_batch", 0, "range"),
+    bad("sweep", "max_batch", NAN, "nan"),
+    bad("sweep", "timing", ["fast"], "unknown"),
+    bad("sweep", "timing_batch", 0, "range"),
+    bad("sweep", "out", "", "empty"),
+    bad("sweep", "device", "gpu9", "unknown"),
     bad("Recorder", "pipe", None, "none"),
     bad("Recorder", "pipe", "sd", "type"),
     bad("Recorder", "keep", "latent", "unknown"),
