@@ -6,7 +6,8 @@ hands it to ``callback_on_step_end``: ``latents`` are x_{t-1}. The predictions (
 ``timestep``/``sigma``. Tensors are kept with a leading batch dimension.
 
 Files are a single ``.safetensors``: tensors under ``steps.<i>.<field>`` and ``cond.<j>.<name>``,
-metadata as JSON in the header (``dlx.trace``), written atomically.
+metadata as JSON in the header (``dlx.trace``: format version, meta, step scalars, conditioning
+names and the list of the file's tensors), written atomically. Loading validates all of it.
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ class Trace:
             "meta": self.meta,
             "steps": [s.scalars() for s in self.steps],
             "conditioning": [sorted(c) for c in self.conditioning],
+            "tensors": sorted(tensors),  # the file's manifest: a tensor removed or added is seen on load
         }
         try:
             text = json.dumps(header, default=_json_default, allow_nan=True)
@@ -358,7 +360,7 @@ def _fsync_dir(folder: Path) -> None:
 
 #: deepest nesting of lists and dicts accepted in a file's header (dlx writes fewer than 10 levels)
 _MAX_DEPTH = 64
-_HEADER_KEYS = ("format_version", "meta", "steps", "conditioning")
+_HEADER_KEYS = ("format_version", "meta", "steps", "conditioning", "tensors")  # "tensors": optional
 
 
 def _parse_header(text: str, where: str) -> dict:
@@ -462,6 +464,16 @@ def _check_header(header: dict, tensors: dict, where: str):
             raise DlxError(f"{where}: steps[{n}].conditioning is {c}, but the file holds "
                            f"{len(conditioning)} conditioning entries")
         by_index[i] = {}
+    # the manifest, where the file has one: every tensor it names is present
+    manifest = header.get("tensors")  # absent in files written before it was added
+    if manifest is not None:
+        if not isinstance(manifest, list) or not all(isinstance(k, str) for k in manifest):
+            raise DlxError(f"{where}: 'tensors' must be a list of tensor names; got {_jtype(manifest)}")
+        absent = sorted(set(manifest) - set(tensors))
+        if absent:
+            shown = absent[:8] + (["..."] if len(absent) > 8 else [])
+            raise DlxError(f"{where}: {len(absent)} tensor(s) the metadata names are not in the file: {shown} "
+                           "(damaged or edited file)")
     # every tensor in the file belongs somewhere
     stray = []
     for name, v in tensors.items():
