@@ -227,3 +227,20 @@ def test_keep_previews_stores_per_step_x0_previews(tmp_path):
         assert all(np.array_equal(p[i].numpy(), np.asarray(to_pil(want[i, 0], 128))) for i in range(4))
     with pytest.raises(DlxError, match="keep_previews=True"):
         dlx.sweep.SweepResult(tmp_path).previews("nope")
+
+
+def test_padding_the_denoiser_batch_to_few_shapes_keeps_results(tmp_path):
+    # Under CUDA graphs each denoiser batch size is a graph; pad=True pads to buckets (here on the
+    # CPU, eager: the results must not change beyond batch-size rounding, and the sizes are logged).
+    assert [engine.buckets(n) for n in (1, 2, 3, 5, 7, 9, 13, 20, 40, 50, 96, 97)] == \
+        [1, 2, 3, 6, 8, 12, 16, 24, 48, 64, 96, 128]
+    pipe = pipe_for("sd")
+    kw = dict(prompts=PROMPTS, seeds=[0], cutoffs=[0, 0.5, 1.0], timing=(), progress=False, share=False, **CALL)
+    plain = dlx.sweep(pipe, out=tmp_path / "a", **kw).frame
+    padded = dlx.sweep(pipe, out=tmp_path / "b", pad=True, **kw)
+    shapes = next(e for e in padded.events if e["kind"] == "shapes")
+    # 6 rows: 6 + 4 guided rows, then 6 + 2: denoiser batches 10 and 8 -> buckets 12 and 8
+    assert shapes["padded_sizes"] == [8, 12] and shapes["graphs"] == 2
+    for a, b in zip(plain.image, padded.frame.image):
+        assert np.abs(png(a).astype(int) - png(b).astype(int)).max() <= 1
+    assert "forward" not in pipe.unet.__dict__  # the padding wrapper is gone
