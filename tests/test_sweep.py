@@ -244,3 +244,15 @@ def test_padding_the_denoiser_batch_to_few_shapes_keeps_results(tmp_path):
     for a, b in zip(plain.image, padded.frame.image):
         assert np.abs(png(a).astype(int) - png(b).astype(int)).max() <= 1
     assert "forward" not in pipe.unet.__dict__  # the padding wrapper is gone
+
+
+def test_explicit_pairs_instead_of_a_cross_product(tmp_path):
+    pairs = [("a red circle", 3), ("a blue square", 5), ("a red circle", 5)]
+    res = dlx.sweep(pipe_for("sd"), pairs=pairs, cutoffs=[0, 1.0], out=tmp_path, timing=(), progress=False, **CALL)
+    f = res.frame
+    assert sorted(zip(f.prompt, f.seed)) == sorted(pairs * 2)
+    assert res.spec.to_json()["pairs"] == [list(p) for p in pairs]
+    with pytest.raises(DlxError, match="`pairs`.*duplicates"):
+        build_spec(pairs=pairs + pairs[:1], cutoffs=[0], call=CALL)
+    with pytest.raises(DlxError, match="either `pairs` or `prompts`"):
+        build_spec(pairs=pairs, prompts=PROMPTS, cutoffs=[0], call=CALL)

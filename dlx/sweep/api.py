@@ -118,7 +118,7 @@ def _is_shapes(ident: dict) -> bool:
 
 
 # -- the sweep ----------------------------------------------------------------------------------------
-def sweep(pipe, prompts=None, seeds=range(8), *, cutoffs=None, configs=None, guidance_scales=None, steps=None,
+def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=None, guidance_scales=None, steps=None,
           metrics=None, networks=None, out=None, max_batch: int | None = None, timing=("eager",),
           timing_batch: int = 1, timing_repeats: int = 3, keep_previews: bool = False, retry_failed: bool = False,
           share: bool = True, pad: bool | None = None, progress: bool = True, device=None, dtype=None,
@@ -128,8 +128,9 @@ def sweep(pipe, prompts=None, seeds=range(8), *, cutoffs=None, configs=None, gui
     Args:
         pipe: a diffusers pipeline, or a model name: ``"shapes"`` (the embedded model), a folder
             saved with ``save_pretrained``, or a hub id (loaded only when rows are missing).
-        prompts, seeds: the (prompt, seed) pairs every config runs on; seed s draws the initial
-            noise of ``torch.Generator().manual_seed(s)``, as a standalone call would.
+        prompts, seeds: every config runs on every prompt with every seed (default seeds 0-7);
+            seed s draws the initial noise of ``torch.Generator().manual_seed(s)``, as a
+            standalone call would. ``pairs=[(prompt, seed), ...]`` gives the pairs explicitly.
         cutoffs: CFG cutoff ratios in [0, 1] (one ``CFGCutoff(ratio=r)`` config each), or
         configs: ``{name: control | [controls] | None}`` built from ``CFGCutoff``,
             ``GuidanceInterval``, ``GuidanceSchedule`` (named schedules), ``AdaptiveCutoff``.
@@ -181,7 +182,7 @@ def sweep(pipe, prompts=None, seeds=range(8), *, cutoffs=None, configs=None, gui
     if "compiled" in timing and (dev or torch.device("cpu")).type != "cuda" and (
             not callable(pipe) or engine._device_of(pipe).type != "cuda"):
         raise DlxError("argument `timing`: 'compiled' (CUDA graphs) needs a CUDA device")
-    spec = build_spec(prompts=prompts, seeds=seeds, cutoffs=cutoffs, configs=configs,
+    spec = build_spec(prompts=prompts, seeds=seeds, pairs=pairs, cutoffs=cutoffs, configs=configs,
                       guidance_scales=guidance_scales, steps=steps, metrics=[m.name for m in mets], call=call,
                       model=ident)
     if any(m.name == "adherence" for m in mets):

@@ -115,15 +115,26 @@ class SweepSpec:
     call: dict
     metrics: list
     model: dict = field(default_factory=dict)
+    pairs: list | None = None  # explicit (prompt, seed) pairs instead of prompts x seeds
 
     def to_json(self) -> dict:
-        return _canon({"configs": [c.to_json() for c in self.configs], "prompts": self.prompts,
-                       "seeds": self.seeds, "call": self.call, "metrics": self.metrics, "model": self.model})
+        d = {"configs": [c.to_json() for c in self.configs], "prompts": self.prompts,
+             "seeds": self.seeds, "call": self.call, "metrics": self.metrics, "model": self.model}
+        if self.pairs is not None:
+            d["pairs"] = [list(p) for p in self.pairs]
+        return _canon(d)
 
     @classmethod
     def from_json(cls, d: dict) -> "SweepSpec":
         return cls(configs=[Config(**c) for c in d["configs"]], prompts=d["prompts"], seeds=d["seeds"],
-                   call=d["call"], metrics=d["metrics"], model=d.get("model", {}))
+                   call=d["call"], metrics=d["metrics"], model=d.get("model", {}),
+                   pairs=[tuple(p) for p in d["pairs"]] if d.get("pairs") is not None else None)
+
+    def pair_list(self) -> list[tuple[str, int]]:
+        """The (prompt, seed) pairs every config runs on."""
+        if self.pairs is not None:
+            return [(p, int(s)) for p, s in self.pairs]
+        return [(p, int(s)) for p in self.prompts for s in self.seeds]
 
     def digest(self) -> str:
         return hashlib.sha1(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
@@ -137,11 +148,11 @@ class SweepSpec:
     def rows(self) -> list[dict]:
         """Every (config, prompt, seed) row, in grid order, with a stable id."""
         out = []
+        index = {p: i for i, p in enumerate(self.prompts)}
         for cfg in self.configs:
-            for pi, p in enumerate(self.prompts):
-                for s in self.seeds:
-                    out.append({"row_id": row_key(cfg.name, p, s), "config": cfg.name, "prompt": p,
-                                "prompt_index": pi, "seed": int(s)})
+            for p, s in self.pair_list():
+                out.append({"row_id": row_key(cfg.name, p, s), "config": cfg.name, "prompt": p,
+                            "prompt_index": index[p], "seed": int(s)})
         return out
 
     def reference_of(self, cfg: Config) -> Config:
@@ -215,9 +226,32 @@ def _as_controls(name: str, value) -> list[dict]:
                    f"config dict or None (full guidance); got {value!r}")
 
 
-def build_spec(*, prompts, seeds, cutoffs=None, configs=None, guidance_scales=None, steps=None,
-               metrics=(), call=None, model=None) -> SweepSpec:
+def _pairs(pairs) -> list[tuple[str, int]]:
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, (list, tuple)) or not pairs:
+        raise DlxError(f"argument `pairs` must be a non-empty list of (prompt, seed); got {pairs!r}")
+    out = []
+    for x in pairs:
+        if not (isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[0], str) and x[0].strip()
+                and not isinstance(x[1], bool) and isinstance(x[1], numbers.Integral) and x[1] >= 0):
+            raise DlxError(f"argument `pairs` must hold (prompt, seed) with a non-empty prompt and a seed >= 0; got {x!r}")
+        out.append((x[0], int(x[1])))
+    if len(set(out)) != len(out):
+        raise DlxError(f"argument `pairs` holds duplicates: {sorted({p for p in out if out.count(p) > 1})}")
+    return out
+
+
+def build_spec(*, prompts=None, seeds=None, pairs=None, cutoffs=None, configs=None, guidance_scales=None,
+               steps=None, metrics=(), call=None, model=None) -> SweepSpec:
     """Check the arguments of ``dlx.sweep`` and build its grid (no model work)."""
+    pair_list = None
+    if pairs is not None:
+        if prompts is not None or seeds is not None:
+            raise DlxError("give either `pairs` or `prompts` and `seeds`, not both")
+        pair_list = _pairs(pairs)
+        prompts = list(dict.fromkeys(p for p, _ in pair_list))
+        seeds = list(dict.fromkeys(s for _, s in pair_list))
+    elif seeds is None:
+        seeds = range(8)
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts) if prompts is not None else []
@@ -293,7 +327,7 @@ def build_spec(*, prompts, seeds, cutoffs=None, configs=None, guidance_scales=No
     if len(set(names)) != len(names):
         raise DlxError(f"argument `configs`: config names must be unique; got {names}")
     spec = SweepSpec(configs=grid, prompts=prompts, seeds=seeds, call=_canon(call), metrics=list(metrics),
-                     model=dict(model or {}))
+                     model=dict(model or {}), pairs=pair_list)
     # The fidelity reference: a full-guidance config per (scale, steps); added when missing.
     seen = set()
     for c in list(grid):

@@ -5,6 +5,7 @@
     out: runs/cutoffs
     prompts: ["a red circle on the left and a blue square on the right"]
     seeds: 8                       # an int n means seeds 0 .. n-1; or a list
+    # pairs: [["a red circle", 3], ...]   instead of prompts x seeds
     cutoffs: [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     # or named configs; a control is {type: CFGCutoff, ratio: 0.4} or {CFGCutoff: {ratio: 0.4}}
     # configs: {full: [], late: {GuidanceInterval: {start: 0.2, stop: 0.8}}}
@@ -23,7 +24,7 @@ from ..errors import DlxError
 
 __all__ = ["read_yaml", "run_yaml"]
 
-KEYS = {"model", "dtype", "device", "out", "prompts", "seeds", "cutoffs", "configs", "guidance_scales", "steps",
+KEYS = {"model", "dtype", "device", "out", "prompts", "seeds", "pairs", "cutoffs", "configs", "guidance_scales", "steps",
         "metrics", "call", "max_batch", "timing", "timing_batch", "timing_repeats", "keep_previews", "share"}
 
 
@@ -63,9 +64,12 @@ def read_yaml(path) -> dict:
     call = kw.pop("call", None) or {}
     if not isinstance(call, dict):
         raise DlxError(f"spec `call` must be a mapping of pipeline arguments; got {call!r}")
-    seeds = kw.get("seeds", 8)
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        kw["seeds"] = list(range(seeds))
+    if "pairs" in kw:
+        kw["pairs"] = [tuple(x) if isinstance(x, list) else x for x in (kw["pairs"] or [])]
+    else:
+        seeds = kw.get("seeds", 8)
+        if isinstance(seeds, int) and not isinstance(seeds, bool):
+            kw["seeds"] = list(range(seeds))
     if "configs" in kw:
         cfgs = kw["configs"]
         if not isinstance(cfgs, dict):
