@@ -39,6 +39,7 @@ class Step:
     cfg_active: bool  # the unconditional pass ran for at least one sample
     nfe: float  # denoiser evaluations per sample spent on this step
     step_ms: float = math.nan
+    evaluations: int = 0  # sample-rows the denoiser really evaluated (dlx.Share: fewer than nominal)
     ip_adapter_scale: float | None = None
     conditioning: int = 0  # index into Trace.conditioning in force for this step
     latents: torch.Tensor | None = None

@@ -159,7 +159,7 @@ def test_adaptive_cutoff_stops_per_sample_and_records_where():
     expected_uncond = sum((k if k is not None else 8) for k in stopped)
     assert counter.rows == 2 * 8 + expected_uncond
     assert trace.nfe == [8.0 + (k if k is not None else 8) for k in stopped]
-    assert trace.meta["parts"][0]["stopped_at"] == stopped
+    assert trace.meta["parts"][0]["report"]["stopped_at"] == stopped
     assert any(k is not None for k in stopped), "threshold chosen so the tiny model does stop"
 
 
@@ -196,10 +196,12 @@ def test_flux_true_cfg_can_be_cut():
     assert not bitwise(half, full) and not bitwise(half, no_cfg)
 
 
-def test_flux_rejects_scale_schedules():
+def test_flux_rejects_scale_schedules_when_attached_before_any_call():
     pipe = pipe_for("flux")
-    with pytest.raises(dlx.DlxError, match="not supported on Flux"):
-        _latents(pipe, "flux", [dlx.GuidanceSchedule("linear")])
+    with pytest.raises(dlx.DlxError, match="schedules are not supported on flux"):
+        with dlx.attach(pipe, dlx.GuidanceSchedule("linear")):
+            raise AssertionError("the block must be refused at attach")
+    assert type(pipe).__name__ == "FluxPipeline" and "_dlx_session" not in type(pipe).__dict__
 
 
 def test_schedule_needs_cfg_in_the_call():
