@@ -146,7 +146,7 @@ class _Control(Part):
         if run.batch:
             per = [[i for i, p in enumerate(plans) if p is not None and p.mask[j]] for j in range(run.batch)]
             self.report["last_guided_step_per_sample"] = [g[-1] if g else None for g in per]
-        if error is None and run.loop_started and not ran and self._planned():
+        if error is None and run.loop_started and not run.cfg_seen and self._planned():
             self.report["acted"] = False
             warnings.warn(
                 f"{type(self).__name__}: no step of this call was guided, so it could not act (the call "

@@ -29,7 +29,8 @@ Events, in order, each a method of ``Part`` (override what you need):
 What a part may read from ``run`` at any event: the attributes above, ``run.step`` (the step in
 progress), ``run.sigma(i)`` / ``run.t_of(i)``, ``run.plans`` (the plan of every finished step),
 ``run.nfe`` (per-sample nominal denoiser evaluations so far), ``run.evaluations`` (sample-rows the
-denoiser really evaluated), ``run.stop_reason``. A part changes the run only through its return
+denoiser really evaluated), ``run.cfg_seen`` (the pipeline ran CFG on some step),
+``run.stop_reason``. A part changes the run only through its return
 values, ``run.stop(reason)`` and (controls) the pipeline's documented callback tensors.
 
 A part instance belongs to one run at a time: using it in two calls at once is refused.
@@ -211,6 +212,7 @@ class Run:
         self.marks: list = []  # step-boundary marks: CUDA events or perf_counter values
         self.call_marks: dict = {}  # "start" / "return": (perf_counter, CUDA event or None)
         self.switched_at: int | None = None  # the step after which the pipeline left CFG
+        self.cfg_seen = False  # the pipeline ran CFG (a doubled batch, Flux's second call) on some step
         self.loop_flags: dict | None = None  # _guidance_scale / _interrupt as the call set them
         # dispatch lists, fixed for the run
         self.call_observers = [p for p in self.parts if p.wants_calls]
@@ -301,6 +303,7 @@ class Run:
             return cached[1]
         b = self.batch
         default = self.default_scale()
+        self.cfg_seen = True
         if self.switched_at is not None:
             mask, scale, default = (False,) * b, (self._switch_default,) * b, self._switch_default
         elif not self.controls:
