@@ -38,11 +38,12 @@ class DenoiserCall:
     """
 
     __slots__ = ("step", "timestep", "x_in", "cond", "uncond", "_guided", "mask", "scale", "lerp_guided",
-                 "pair", "rescale")
+                 "pair", "rescale", "revises")
 
     def __init__(self, step: int, timestep, x_in: torch.Tensor, cond: torch.Tensor,
                  uncond: torch.Tensor | None, guided: torch.Tensor | None, mask: tuple[bool, ...],
-                 scale: torch.Tensor | float, pair: torch.Tensor | None = None, rescale: float = 0.0):
+                 scale: torch.Tensor | float, pair: torch.Tensor | None = None, rescale: float = 0.0,
+                 revises: bool = False):
         self.step = step
         self.timestep = timestep
         self.x_in = x_in  # denoiser input of the conditional rows (after scale_model_input)
@@ -57,6 +58,9 @@ class DenoiserCall:
         #: ``guided`` is ``lerp(uncond, cond, scale)`` (the pipeline's own CFG, no rescale): an
         #: observer may compute it, or what follows from it, later from copies of ``uncond`` and ``cond``
         self.lerp_guided = guided is None and not rescale
+        #: a second event for the same step whose ``guided`` replaces the first one's: SD3's
+        #: skip-layer guidance adds (cond − skip-layer prediction)·scale after CFG
+        self.revises = revises
         #: the denoiser's whole output when ``uncond`` and ``cond`` are its two halves, in that
         #: order (the pipeline's own CFG batch): one copy of it keeps both
         self.pair = pair
@@ -157,6 +161,7 @@ class Tap:
         self._pending_cond = None  # Flux without true CFG: the cond call to observe at step end
         self._true_cfg = False
         self._checked = False  # dlx.Share's promise, checked on the first call
+        self._last = None  # (step, DenoiserCall, the "text" half the pipeline got): for SD3 skip-layer guidance
         run._flush = self._flush
 
     # -- install / remove -------------------------------------------------------------------
@@ -257,10 +262,10 @@ class Tap:
                         # guided=None: lerp(u, c, scale) (and the pipeline's rescale) when an
                         # observer reads it: the pipeline combines its own prediction
                         rescale = float(getattr(pipe, "guidance_rescale", 0.0) or 0.0)
-                        run.observe(
-                            DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, None,
-                                         plan.mask, plan.default, pair=pred, rescale=rescale)
-                        )
+                        call = DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, None,
+                                            plan.mask, plan.default, pair=pred, rescale=rescale)
+                        self._last = (run.step, call, c)
+                        run.observe(call)
                 return out
             rows, guided, gpos, lay = self._take(plan, lay, b, n)
             out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
@@ -299,10 +304,10 @@ class Tap:
                 u = torch.full_like(c, float("nan"))
                 u[gidx] = u_sub
             if run.wants_calls:
-                run.observe(
-                    DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, g, plan.mask,
-                                 plan.scale_value())
-                )
+                call = DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, g, plan.mask,
+                                    plan.scale_value())
+                self._last = (run.step, call, g)  # the pipeline's "text" half is g: it got [g, g]
+                run.observe(call)
             return _with_pred(out, torch.cat([g, g]))
 
         return forward
@@ -315,6 +320,14 @@ class Tap:
             out = orig(*args, **kwargs)
             if denoiser:
                 run.count(n, cond=True)
+                last = self._last
+                if kwargs.get("skip_layers") is not None and last is not None and last[0] == run.step:
+                    # SD3 skip-layer guidance: the pipeline adds (text − skip)·scale to its CFG
+                    # prediction, "text" being the second half of what the denoiser returned
+                    _, first, text = last
+                    guided = first.guided + (text - _pred_of(out)) * D.skip_layer_scale(run.pipe)
+                    run.observe(DenoiserCall(first.step, first.timestep, first.x_in, first.cond, first.uncond,
+                                             guided, first.mask, first.scale, revises=True))
             return out
         plan = run.unguided_plan()
         lay = run.layout(plan)

@@ -386,7 +386,7 @@ class AdaptiveCutoff(_Control):
         return all(s is not None and s <= step + 1 for s in self._stopped)
 
     def on_denoiser(self, run: Run, call: DenoiserCall):
-        if call.uncond is None:
+        if call.uncond is None or call.revises:
             return
         c = call.cond.float().flatten(1)
         u = call.uncond.float().flatten(1)

@@ -120,7 +120,12 @@ class Recorder(Part):
     def on_denoiser(self, run: Run, call: DenoiserCall):
         step = call.step
         calls = self._calls
-        if step in calls:  # extra evaluations (Heun's 2nd order, SD3 skip-layer): keep the first
+        if step in calls:
+            if call.revises and self._keep_x0:  # SD3 skip-layer guidance changed what the scheduler steps with
+                kept = calls[step]
+                kept.pop("_x0_in", None)
+                kept["x0"] = self._store(denoised_as(self._x0_kind, call.x_in, call.guided, run.sigma(step)),
+                                         fresh=True)
             return
         if self._ip_procs:
             self._ip_scale[step] = float(self._ip_procs[0].scale[0])
@@ -132,8 +137,11 @@ class Recorder(Part):
         else:
             if self._keep_cond:
                 keep["cond"] = self._store(call.cond)
-            if self._keep_uncond and call.uncond is not None:
-                keep["uncond"] = self._store(call.uncond)
+            if self._keep_uncond:
+                if call.uncond is not None:
+                    keep["uncond"] = self._store(call.uncond)
+                else:  # no sample guided: NaN rows, as for each unguided sample of a guided step
+                    keep["uncond"] = self._store(torch.full_like(call.cond, float("nan")), fresh=True)
         if self._keep_x0:
             lerp = call.lerp_guided
             if self._defer_x0 and (lerp or call.guided is call.cond):

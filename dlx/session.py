@@ -405,7 +405,13 @@ class Run:
         for p in self.step_parts:
             callback_kwargs = p.on_step_end(self, step, timestep, callback_kwargs)
         if user_cb is not None:
-            callback_kwargs = user_cb(self.pipe, step, timestep, callback_kwargs)
+            out = user_cb(self.pipe, step, timestep, dict(callback_kwargs))
+            if not isinstance(out, dict):
+                raise DlxError(
+                    f"callback_on_step_end must return a dict (diffusers pops the changed tensors from it); "
+                    f"{user_cb!r} returned {type(out).__name__} at step {step}")
+            # diffusers keeps what a callback leaves out (``pop(name, current)``): so do observers
+            callback_kwargs = {**callback_kwargs, **out}
         for p in self.step_observers:
             callback_kwargs = p.on_step_end(self, step, timestep, callback_kwargs)
         if self._switch_names and self.switched_at is None and step + 1 < self.num_steps:

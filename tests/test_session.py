@@ -2,6 +2,7 @@
 call arguments and call timing in the trace, the unguided tail, and what a call leaves behind."""
 
 import json
+import threading
 import math
 
 import pytest
@@ -300,7 +301,8 @@ def test_unguided_tail_leaves_cfg_like_diffusers_callbacks():
     assert trace.meta["cfg_left_after_step"] == 1
     assert [s.cfg_active for s in trace] == [True, True, False, False]
     assert [s.guidance_scale for s in trace] == [5.0] * 4, "the tail records the call's scale, not 0"
-    assert [s.nfe for s in trace] == [2, 2, 1, 1] and trace[2].uncond is None
+    assert [s.nfe for s in trace] == [2, 2, 1, 1] and trace[2].uncond.isnan().all()
+    assert trace.stack("uncond")[:2].isfinite().all()  # stack works on a cutoff trace
     assert pipeline_state(pipe) == before and pipe.guidance_scale == 5.0
     # the tap path (rows taken from the doubled batch on every step) gives the same result bitwise
     with _Shapes(pipe.unet) as shapes:
@@ -343,3 +345,108 @@ def test_a_fresh_pipeline_after_a_dlx_call_works_as_after_a_plain_call():
     assert fresh.do_classifier_free_guidance == plain.do_classifier_free_guidance
     assert fresh.interrupt is False and plain.interrupt is False
     assert math.isfinite(fresh.guidance_scale)
+
+
+# --- shared components, shared parts, threads (issue 11 items 2, 3) ------------------------------
+
+
+def _sibling(pipe):
+    """A second pipeline built from the same components (shares the UNet)."""
+    sib = type(pipe)(**pipe.components)
+    sib.set_progress_bar_config(disable=True)
+    return sib
+
+
+def test_two_blocks_cannot_tap_one_shared_denoiser():
+    pipe = pipe_for("sd")
+    sib = _sibling(pipe)
+    ref = run(sib, "sd")
+    with dlx.attach(pipe, dlx.CFGCutoff(ratio=0.5)):
+        with pytest.raises(dlx.DlxError, match="already tapped by another dlx block"):
+            with dlx.attach(sib):
+                pass
+    assert type(sib).__name__ == "StableDiffusionPipeline" and "forward" not in pipe.unet.__dict__
+    with dlx.attach(sib):  # once the first block ended
+        assert bitwise(run(sib, "sd"), ref)
+
+
+def test_a_plain_call_from_another_thread_through_a_tapped_denoiser_is_untouched():
+    pipe = pipe_for("sd")
+    sib = _sibling(pipe)
+    ref = run(sib, "sd")
+    got = {}
+
+    def meanwhile(p, i, t, kw):
+        if i == 1:  # the tap is installed on the shared UNet now
+            th = threading.Thread(target=lambda: got.setdefault("out", run(sib, "sd")))
+            th.start()
+            th.join()
+        return kw
+
+    with dlx.record(pipe, dlx.CFGCutoff(ratio=[0.25])) as trace:
+        run(pipe, "sd", callback_on_step_end=meanwhile)
+    assert bitwise(got["out"], ref)
+    assert trace.nfe == [5.0] and trace.meta["evaluations"] == 5
+    assert "forward" not in pipe.unet.__dict__
+
+
+def test_one_part_in_two_concurrent_runs_is_refused():
+    pipe = pipe_for("sd")
+    sib = _sibling(pipe)
+    sib.unet = pipe_for("sd-img2img").unet  # its own UNet: only the part is shared
+    cut = dlx.CFGCutoff(ratio=0.5)
+    errors = []
+
+    def second(p, i, t, kw):
+        if i == 0:
+            def other():
+                try:
+                    with dlx.attach(sib, cut):
+                        run(sib, "sd", steps=2)
+                except dlx.DlxError as e:
+                    errors.append(str(e))
+            th = threading.Thread(target=other)
+            th.start()
+            th.join()
+        return kw
+
+    with dlx.record(pipe, cut) as trace:
+        run(pipe, "sd", steps=4, callback_on_step_end=second)
+    assert len(errors) == 1 and "in use by another running pipeline call" in errors[0]
+    assert [s.cfg_active for s in trace] == [True, True, False, False]
+    assert type(sib).__name__ == "StableDiffusionPipeline"
+    with dlx.attach(sib, cut):  # one after the other is fine
+        run(sib, "sd", steps=2)
+    assert cut.report["last_guided_step"] == 0
+
+
+# --- second-order schedulers (issue 11 item 6) -----------------------------------------------------
+
+
+def test_second_order_schedulers_are_refused_before_the_call():
+    from diffusers import HeunDiscreteScheduler
+
+    pipe = _sibling(pipe_for("sd"))
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    with _Shapes(pipe.unet) as shapes:
+        with pytest.raises(dlx.DlxError, match="HeunDiscreteScheduler is a second-order scheduler"):
+            with dlx.record(pipe, dlx.CFGCutoff(ratio=0.5)):
+                run(pipe, "sd")
+    assert shapes.rows == [] and type(pipe).__name__ == "StableDiffusionPipeline"
+
+
+# --- reports describe what ran (issue 11 item 4) -----------------------------------------------------
+
+
+def test_reports_describe_what_ran_and_a_control_that_could_not_act_warns():
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    pipe = pipe_for("sd")
+    cut = dlx.CFGCutoff(ratio=0.75)
+    with dlx.record(pipe, cut):  # the user's own callback cuts CFG after step 1
+        run(pipe, "sd", steps=4, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.25))
+    assert cut.report["last_guided_step"] == 1 and cut.report["guided_steps_run"] == [0, 1]
+    with pytest.warns(UserWarning, match="CFGCutoff: no step of this call was guided"):
+        with dlx.record(pipe, cut):
+            run(pipe, "sd", guidance_scale=1.0)
+    assert cut.report["last_guided_step"] is None and cut.report["acted"] is False
