@@ -163,13 +163,18 @@ def test_attached_recorder_sees_the_official_cutoff_take_effect():
 
 def test_storage_options():
     pipe = pipe_for("sd")
+    with dlx.record(pipe, keep=("latents", "cond")) as full:
+        run(pipe, "sd")
     with dlx.record(pipe, keep=("latents", "cond"), dtype=torch.float16, downsample=2) as trace:
         out = run(pipe, "sd")
     s = trace[0]
     assert s.latents.dtype == torch.float16 and s.cond.dtype == torch.float16
     assert s.latents.shape[-1] == out.shape[-1] // 2
     assert s.uncond is None and s.x0 is None and trace.conditioning == []
-    assert torch.allclose(s.latents.float(), torch.nn.functional.avg_pool2d(trace[0].latents.float(), 1), atol=0)
+    for a, b in zip(trace, full):  # each kept tensor is the full one, 2×2-averaged in float32, then fp16
+        pool = lambda t: torch.nn.functional.avg_pool2d(t.float(), 2).to(t.dtype).to(torch.float16)  # noqa: E731
+        assert bitwise(a.latents, pool(b.latents)) and bitwise(a.cond, pool(b.cond))
+        assert not bitwise(a.latents.float(), b.latents[..., ::2, ::2].half().float())
 
 
 def test_one_run_per_recorder():

@@ -95,6 +95,9 @@ def test_per_sample_plans_are_recorded_per_sample():
     assert masks[:, 1].tolist() == [True, True, False, False, False]
     assert masks[:, 2].tolist() == [True] * 5
     assert trace.nfe == [5.0, 7.0, 10.0]
+    df = trace.to_frame(per_sample=True)
+    assert df.groupby("sample")["nfe"].sum().tolist() == pytest.approx(trace.nfe, rel=1e-12)
+    assert df[df["sample"] == 1]["cfg_active"].tolist() == [True, True, False, False, False]
 
 
 @pytest.mark.parametrize("part, name", [
