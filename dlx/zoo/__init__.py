@@ -29,8 +29,8 @@ def path(name: str = "shapes") -> Path:
     """The folder of a shipped model."""
     from dlx.errors import DlxError
 
-    if name not in MODELS:
-        raise DlxError(f"unknown zoo model {name!r}; shipped: {', '.join(MODELS)}")
+    if not isinstance(name, str) or name not in MODELS:
+        raise DlxError(f"argument `name`: unknown zoo model {name!r}; shipped: {', '.join(MODELS)}")
     return _ROOT / name
 
 
@@ -47,12 +47,17 @@ def info(name: str = "shapes") -> dict:
 
 def load(name: str = "shapes", device="cpu", dtype=None, folder: str | Path | None = None):
     """The shipped StableDiffusionPipeline, loaded offline with from_pretrained (fp16 files
-    upcast to `dtype`, float32 by default), progress bar off, no safety checker.
-    `folder` loads a copy of the model's folder instead of the shipped one."""
+    cast to `dtype`: a floating torch dtype or its name such as "float16"; float32 by default),
+    progress bar off, no safety checker. `folder` loads a copy of the model's folder instead
+    of the shipped one."""
     import torch
+    from dlx import _args
     from dlx.errors import DlxError
 
-    folder = Path(folder) if folder is not None else path(name)
+    shipped = path(name)  # checks `name` also when a copy's `folder` is given
+    folder = _args.path("folder", folder) if folder is not None else shipped
+    dtype = _args.float_dtype("dtype", dtype, allow_none=True)
+    device = _args.device("device", device)
     if not (folder / "model_index.json").is_file():
         raise DlxError(f"not a pipeline folder (no model_index.json): {folder}")
     missing = [w for w in _WEIGHTS if not (folder / w).is_file()]
