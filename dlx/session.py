@@ -710,6 +710,10 @@ def attach(pipe, *parts: Part):
     if len({id(p) for p in parts}) != len(parts):
         raise DlxError("attach() got the same part twice")
     cls = type(pipe)
+    try:
+        family_of(pipe)
+    except DlxError as e:
+        raise DlxError(f"argument `pipe` ({cls.__name__}): {e}") from None
     if getattr(cls, "_dlx_session", None) is not None:
         raise DlxError(f"this {cls.__name__} is already attached to a dlx block; attach all parts at once")
     session = _Session(pipe, parts)
