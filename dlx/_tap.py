@@ -161,6 +161,7 @@ class Tap:
         self._pending_cond = None  # Flux without true CFG: the cond call to observe at step end
         self._true_cfg = False
         self._checked = False  # dlx.Share's promise, checked on the first call
+        self._indices: dict = {}
         self._last = None  # (step, DenoiserCall, the "text" half the pipeline got): for SD3 skip-layer guidance
         run._flush = self._flush
 
@@ -202,6 +203,15 @@ class Tap:
             x, pred, t = pending
             run.unguided_plan()
             run.observe(DenoiserCall(run.step, t, x, pred, None, pred, (False,) * pred.shape[0], 1.0))
+
+    def _index(self, values: tuple, device) -> torch.Tensor:
+        """An index tensor on the device, made once per distinct value (Share's layouts change
+        only where a sample's plan does)."""
+        key = (values, device)
+        t = self._indices.get(key)
+        if t is None:
+            t = self._indices[key] = torch.tensor(values, device=device)
+        return t
 
     # -- batch-doubled CFG (SD, SDXL, SD3, ControlNet) ------------------------------------------
     def _take(self, plan, lay, b: int, n: int):
@@ -292,7 +302,7 @@ class Tap:
                     g[gidx] = D.rescale_noise_cfg(g[gidx], c[gidx], rescale)
             u = None
             if lay is not None:  # every sample gets its group's result
-                ex = torch.tensor(lay.expand, device=pred.device)
+                ex = self._index(lay.expand, pred.device)
                 c = c.index_select(0, ex)
                 g = g.index_select(0, ex) if k else c
                 if run.wants_calls and k:
@@ -351,7 +361,7 @@ class Tap:
             return out
         pred = _pred_of(out)
         run.count(len(lay.reps), cond=True)
-        full = pred.index_select(0, torch.tensor(lay.expand, device=pred.device))
+        full = pred.index_select(0, self._index(lay.expand, pred.device))
         if run.wants_calls:
             run.observe(DenoiserCall(run.step, _timestep_of(args, kwargs), x, full, None, full,
                                      plan.mask, plan.default))

@@ -243,6 +243,8 @@ def test_ip_adapter_cutoff_composes_with_cfg_cutoff_at_batch_two(ip_pipe):
         out = run(ip_pipe, "sd", ip_adapter_image=True, num_images_per_prompt=2)
     assert out.shape[0] == 2 and torch.isfinite(out).all()
     assert [s.cfg_active for s in trace] == [True, True, False, False]
+    # the doubled image embeddings live in the pipeline's locals: the tap keeps the unguided tail
+    assert "cfg_left_after_step" not in trace.meta
     assert [s.ip_adapter_scale for s in trace] == [0.6, 0.6, 0.6, 0.0]
     assert pipeline_state(ip_pipe)["ip"] == before["ip"]
 
