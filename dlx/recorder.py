@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from ._tap import DenoiserCall
 from . import _args
+from ._tap import DenoiserCall
 from .errors import DlxError
 from .families import BATCHED_X0, check_tensor_inputs, denoised_as, denoised_steps, family_of, prediction_type, sigma_at
 from .session import Part, Run, attach
@@ -67,8 +67,9 @@ class Recorder(Part):
 
     Args:
         pipe: the pipeline to record (its family decides which conditioning tensors to keep).
-        keep: what to keep among ``"latents", "x0", "cond", "uncond", "embeds"`` (one name or several). Predictions and
-            x0 need the denoiser tap: use ``dlx.record(pipe)`` or ``dlx.attach(pipe, rec)``.
+        keep: what to keep among ``"latents", "x0", "cond", "uncond", "embeds"`` (one name or
+            several). Predictions and x0 need the denoiser tap: use ``dlx.record(pipe)`` or
+            ``dlx.attach(pipe, rec)``.
         dtype: store tensors in this floating dtype, given as a ``torch.dtype`` or its name
             (default: as the run produced them).
         downsample: average-pool spatial dims of 4-D tensors by this factor (saves memory on big

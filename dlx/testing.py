@@ -821,6 +821,7 @@ def add_tiny_ip_adapter(pipe, seed: int = 0):
     """
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    seed = _args.integer("seed", seed)
     if getattr(pipe, "unet", None) is None or not hasattr(pipe, "load_ip_adapter") or not hasattr(pipe, "image_encoder"):
         raise DlxError(
             f"pipe={type(pipe).__name__} is not a UNet pipeline with IP-Adapter support; "

@@ -6,7 +6,8 @@ hands it to ``callback_on_step_end``: ``latents`` are x_{t-1}. The predictions (
 ``timestep``/``sigma``. Tensors are kept with a leading batch dimension.
 
 Files are a single ``.safetensors``: tensors under ``steps.<i>.<field>`` and ``cond.<j>.<name>``,
-metadata as JSON in the header (``dlx.trace``), written atomically.
+metadata as JSON in the header (``dlx.trace``: format version, meta, step scalars, conditioning
+names and the list of the file's tensors), written atomically. Loading validates all of it.
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ class Trace:
             "meta": self.meta,
             "steps": [s.scalars() for s in self.steps],
             "conditioning": [sorted(c) for c in self.conditioning],
+            "tensors": sorted(tensors),  # the file's manifest: a tensor removed or added is seen on load
         }
         try:
             text = json.dumps(header, default=_json_default, allow_nan=True)
@@ -297,14 +299,16 @@ def _atomic_write(path: Path, write) -> None:
     """``write(tmp)`` a file beside ``path``'s target, flush it to disk, rename it over the target.
 
     A symlink is followed (its target is replaced; the link stays). An existing file's permission
-    bits are kept; a new file is created with 0o666 less the umask, as ``open()`` creates files.
+    bits are kept, and its owner and group where the system lets us set them; a new file is
+    created with 0o666 less the umask, as ``open()`` creates files.
     """
     target = Path(os.path.realpath(path))
     if target.is_dir():
         raise DlxError(f"argument `path` names a directory, not a file: {str(path)!r}")
-    mode = None
+    mode = owner = None
     if target.exists():
-        mode = stat.S_IMODE(os.stat(target).st_mode)
+        st = os.stat(target)
+        mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
     target.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
         tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
@@ -323,7 +327,15 @@ def _atomic_write(path: Path, write) -> None:
         if mode is None:  # the bits open() gives a new file here: 0o666 less the umask
             mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(str(tmp))
-        os.chmod(tmp, mode)  # the writer may set its own (safetensors writes 0o600)
+        if owner is not None and hasattr(os, "chown"):
+            try:  # a file in a shared folder keeps its group (and owner, where we may set it)
+                os.chown(tmp, *owner)
+            except OSError:
+                try:
+                    os.chown(tmp, -1, owner[1])
+                except OSError:
+                    pass
+        os.chmod(tmp, mode)  # after chown, which may clear set-id bits; the writer may set its own
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -355,7 +367,7 @@ def _fsync_dir(folder: Path) -> None:
 
 #: deepest nesting of lists and dicts accepted in a file's header (dlx writes fewer than 10 levels)
 _MAX_DEPTH = 64
-_HEADER_KEYS = ("format_version", "meta", "steps", "conditioning")
+_HEADER_KEYS = ("format_version", "meta", "steps", "conditioning", "tensors")  # "tensors": optional
 
 
 def _parse_header(text: str, where: str) -> dict:
@@ -455,10 +467,20 @@ def _check_header(header: dict, tensors: dict, where: str):
         if i in by_index:
             raise DlxError(f"{where}: steps[{n}] repeats step index {i}; each step's index must be unique")
         c = sc.get("conditioning", 0)
-        if isinstance(c, int) and not isinstance(c, bool) and conditioning and not 0 <= c < len(conditioning):
+        if isinstance(c, int) and not isinstance(c, bool) and not 0 <= c < max(len(conditioning), 1):
             raise DlxError(f"{where}: steps[{n}].conditioning is {c}, but the file holds "
                            f"{len(conditioning)} conditioning entries")
         by_index[i] = {}
+    # the manifest, where the file has one: every tensor it names is present
+    manifest = header.get("tensors")  # absent in files written before it was added
+    if manifest is not None:
+        if not isinstance(manifest, list) or not all(isinstance(k, str) for k in manifest):
+            raise DlxError(f"{where}: 'tensors' must be a list of tensor names; got {_jtype(manifest)}")
+        absent = sorted(set(manifest) - set(tensors))
+        if absent:
+            shown = absent[:8] + (["..."] if len(absent) > 8 else [])
+            raise DlxError(f"{where}: {len(absent)} tensor(s) the metadata names are not in the file: {shown} "
+                           "(damaged or edited file)")
     # every tensor in the file belongs somewhere
     stray = []
     for name, v in tensors.items():

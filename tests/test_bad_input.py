@@ -3,7 +3,8 @@ given the wrong type, a value out of range, NaN and an empty value, must raise a
 that names the argument (and, for a plain value, shows it), before any expensive work.
 
 The table is the test. A new entry point is one line in ``ENTRY`` (how to call it, and arguments
-that are fine) and one line per bad value in ``BAD``. A row that fails today because the fix lives
+that are fine) and one line per bad value in ``BAD``; ``EXPENSIVE`` names the work (building,
+loading, opening a store) that is made to fail, so a row also proves the check comes first. A row that fails today because the fix lives
 in another module is marked ``xfail(strict=True)`` with the module named: it turns into a failure
 once fixed, and the mark must then go.
 """
@@ -73,17 +74,32 @@ ENTRY = {
     "zoo.info": (dlx.zoo.info, lambda: dict()),
     "zoo.path": (dlx.zoo.path, lambda: dict()),
     "zoo.adherence": (dlx.zoo.adherence, lambda: dict(images=torch.zeros(1, 3, 64, 64), prompts=["a red circle"])),
+    "zoo.latent_rgb": (dlx.zoo.latent_rgb, lambda: dict(vae=_pipe().vae)),
+    "testing.add_tiny_ip_adapter": (dlx.testing.add_tiny_ip_adapter, lambda: dict(pipe=_pipe())),
     "testing.tiny_pipeline": (dlx.testing.tiny_pipeline, lambda: dict(family="sd")),
     "testing.example_inputs": (dlx.testing.example_inputs, lambda: dict(family="sd")),
     "testing.latent_shape": (dlx.testing.latent_shape, lambda: dict(family="sd")),
     "fit_latent_rgb": (dlx.fit_latent_rgb, lambda: dict(vae=_pipe().vae, images=_image())),
     "latents_to_rgb": (dlx.latents_to_rgb, lambda: dict(latents=torch.zeros(1, 4, 8, 8), factors="sd15")),
     "Preview": (dlx.Preview, lambda: dict(fn=lambda step, image: None)),
+    "sweep": (dlx.sweep, lambda tmp: dict(pipe="shapes", prompts=["a red circle"], seeds=[0], cutoffs=[0, 1.0],
+                                          out=str(tmp / "sweep"), progress=False)),
+    "sweep.load_pipeline": (dlx.sweep.load_pipeline, lambda: dict(model="shapes")),
+}
+
+#: entry point -> the expensive work it must not start on bad input: (module, attribute) patched to fail
+EXPENSIVE = {
+    "testing.tiny_pipeline": [("dlx.testing", "_build")],
+    "zoo.load": [("diffusers", "StableDiffusionPipeline")],
+    "zoo.latent_rgb": [("dlx.zoo", "load"), ("dlx.zoo.shapes_data", "render")],
+    "sweep": [("dlx.sweep.api", "Store"), ("dlx.sweep.api", "load_pipeline"), ("dlx.zoo", "load")],
+    "sweep.load_pipeline": [("dlx.zoo", "load"), ("diffusers", "DiffusionPipeline")],
 }
 
 CORE = "fixed by core in dlx/session.py"
 GUIDANCE = "fixed by core in dlx/guidance.py"
 GALLERY = "fixed by gallery in dlx/preview.py"
+SWEEP = "fixed by sweep in dlx/sweep/api.py"
 
 
 class _Dir:
@@ -254,7 +270,16 @@ BAD = [
     bad("zoo.adherence", "prompts", ["a red elephant"], "not-a-caption"),
     bad("zoo.adherence", "prompts", ["a red circle", "a blue star"], "length"),
     bad("zoo.adherence", "as_frame", "yes", "type"),
+    bad("zoo.latent_rgb", "name", "nope", "unknown"),
+    bad("zoo.latent_rgb", "n", 0, "zero"),
+    bad("zoo.latent_rgb", "n", NAN, "nan"),
+    bad("zoo.latent_rgb", "n", "32", "type"),
+    bad("zoo.latent_rgb", "seed", 1.5, "float"),
+    bad("zoo.latent_rgb", "vae", "vae", "type"),
     # dlx.testing
+    bad("testing.add_tiny_ip_adapter", "pipe", None, "none"),
+    bad("testing.add_tiny_ip_adapter", "seed", "0", "type"),
+    bad("testing.add_tiny_ip_adapter", "seed", NAN, "nan"),
     bad("testing.tiny_pipeline", "family", "sd4", "unknown"),
     bad("testing.tiny_pipeline", "family", "", "empty"),
     bad("testing.tiny_pipeline", "family", None, "none"),
@@ -327,6 +352,40 @@ BAD = [
     bad("Preview", "taesd", "taesd", "type"),
     bad("Preview", "every", 0, "zero"),
     bad("Preview", "every", NAN, "nan"),
+    # sweep(pipe, prompts, seeds, cutoffs, configs, metrics, out, max_batch, timing, ...): before any model work
+    bad("sweep", "pipe", None, "none"),
+    bad("sweep", "pipe", "no/such/thing/here", "unknown-model"),
+    bad("sweep", "prompts", [], "empty"),
+    bad("sweep", "prompts", [""], "empty-prompt"),
+    bad("sweep", "seeds", [], "empty"),
+    bad("sweep", "seeds", [NAN], "nan"),
+    bad("sweep", "cutoffs", [], "empty"),
+    bad("sweep", "cutoffs", [1.5], "range"),
+    bad("sweep", "cutoffs", [NAN], "nan"),
+    bad("sweep", "configs", {}, "empty"),
+    bad("sweep", "metrics", ["fid"], "unknown"),
+    bad("sweep", "metrics", ["lpips"], "no-network"),
+    bad("sweep", "max_batch", 0, "range"),
+    bad("sweep", "max_batch", NAN, "nan"),
+    bad("sweep", "timing", ["fast"], "unknown"),
+    bad("sweep", "timing_batch", 0, "range"),
+    bad("sweep", "out", "", "empty"),
+    bad("sweep", "device", "gpu9", "unknown"),
+    bad("sweep", "dtype", "int8", "int8", xfail=SWEEP),
+    bad("sweep", "dtype", torch.int8, "int8-dtype", xfail=SWEEP),
+    bad("sweep", "dtype", "float99", "name", xfail=SWEEP),
+    # sweep.load_pipeline(model, device, dtype)
+    bad("sweep.load_pipeline", "model", None, "none"),
+    bad("sweep.load_pipeline", "model", "", "empty"),
+    bad("sweep.load_pipeline", "model", 5, "type"),
+    bad("sweep.load_pipeline", "model", "a/b/c", "unknown"),
+    bad("sweep.load_pipeline", "device", "warp-drive", "unknown"),
+    bad("sweep.load_pipeline", "device", "", "empty"),
+    bad("sweep.load_pipeline", "dtype", "float99", "name"),
+    bad("sweep.load_pipeline", "dtype", "", "empty"),
+    bad("sweep.load_pipeline", "dtype", "int8", "int8", xfail=SWEEP),
+    bad("sweep.load_pipeline", "dtype", torch.int8, "int8-dtype", xfail=SWEEP),
+    bad("sweep.load_pipeline", "dtype", 16, "type", xfail=SWEEP),
 ]
 
 
@@ -339,10 +398,27 @@ def _shown(value) -> str | None:
     return None
 
 
+class _Started:
+    """Stands in for expensive work: calling it or anything on it fails the test."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def __call__(self, *a, **k):
+        raise AssertionError(f"{self.what} started before the bad argument was reported")
+
+    def __getattr__(self, name):
+        raise AssertionError(f"{self.what}.{name} started before the bad argument was reported")
+
+
 @pytest.mark.parametrize("entry,arg,value,match", BAD)
-def test_bad_argument_is_a_dlx_error_naming_it(entry, arg, value, match, tmp_path):
+def test_bad_argument_is_a_dlx_error_naming_it(entry, arg, value, match, tmp_path, monkeypatch):
+    import importlib
+
+    for module, name in EXPENSIVE.get(entry, []):
+        monkeypatch.setattr(importlib.import_module(module), name, _Started(f"{module}.{name}"))
     call, good = ENTRY[entry]
-    kwargs = good()
+    kwargs = good(tmp_path) if good.__code__.co_argcount else good()
     if value is DIR:
         value = tmp_path
     elif value is MISSING:
@@ -364,10 +440,18 @@ def test_bad_argument_is_a_dlx_error_naming_it(entry, arg, value, match, tmp_pat
 
 
 def test_every_public_entry_point_has_rows():
-    """A public callable added to dlx without a line here fails this test."""
-    covered = {e.split(".")[-1] for e in ENTRY}
-    public = {n for n in dlx.__all__ if n not in ("DlxError", "__version__", "Part", "Step", "Trace", "family_of")}
-    assert public <= covered | {"load", "save"}, sorted(public - covered)
+    """A public callable added to dlx, dlx.zoo, dlx.testing or dlx.sweep without a line here fails."""
+    import inspect
+
+    covered = set(ENTRY)
+    public = {n for n in dlx.__all__ if n not in ("DlxError", "Part", "Step", "Trace", "family_of")
+              and callable(getattr(dlx, n)) and not inspect.ismodule(getattr(dlx, n))}
+    public |= {f"testing.{n}" for n in dlx.testing.__all__ if callable(getattr(dlx.testing, n))}
+    public |= {f"zoo.{n}" for n, v in vars(dlx.zoo).items()
+               if inspect.isfunction(v) and not n.startswith("_") and v.__module__ == "dlx.zoo"}
+    public |= {"sweep" if n == "sweep" else f"sweep.{n}" for n in dlx.sweep.__all__
+               if inspect.isfunction(getattr(dlx.sweep, n))}
+    assert public <= covered, sorted(public - covered)
     rows = {p.values[0] for p in BAD}
     assert rows == set(ENTRY), sorted(set(ENTRY) ^ rows)
 

@@ -313,7 +313,13 @@ DAMAGED = [
      r"conditioning\[0\] must be a list of tensor names"),
     ("stray step tensor", _swap_in_stray, r"1 tensor\(s\) its metadata does not describe: \['steps\.9\.latents'\]"),
     ("unknown tensor field", _unknown_tensor_field, r"does not describe: \['steps\.0\.noise'\]"),
+    ("step tensor removed", lambda h, t: t.pop("steps.1.latents"),
+     r"1 tensor\(s\) the metadata names are not in the file: \['steps\.1\.latents'\]"),
+    ("manifest not a list", _set("tensors", "all"), r"'tensors' must be a list of tensor names"),
     ("conditioning index out of range", _step("conditioning", 5), r"steps\[1\]\.conditioning is 5"),
+    ("conditioning index without conditioning", lambda h, t: (
+        h.__setitem__("conditioning", []), [t.pop(k) for k in list(t) if k.startswith("cond.")],
+        h["steps"][1].__setitem__("conditioning", 2)), r"steps\[1\]\.conditioning is 2, but the file holds 0"),
 ]
 
 
@@ -334,6 +340,14 @@ def test_a_deeply_nested_header_is_refused_not_a_recursion_error(tmp_path, openi
     path = _write(tmp_path, {"x": torch.zeros(1)}, None, raw=raw)
     with pytest.raises(dlx.DlxError, match=r"damaged\.safetensors.*nested deeper than 64"):
         Trace.load(path)
+
+
+def test_a_file_without_the_tensor_manifest_still_loads(trace, tmp_path):
+    """Files written before the header listed its tensors load as before."""
+    tensors, header = _parts(trace, tmp_path)
+    del header["tensors"]
+    back = Trace.load(_write(tmp_path, tensors, header))
+    _bitwise_round_trip(trace, back)
 
 
 def test_a_bracket_inside_a_string_is_not_nesting(trace, tmp_path):

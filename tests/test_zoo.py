@@ -182,14 +182,14 @@ def test_corrupt_captions_changes_one_fact_in_the_stated_share():
         sd.parse(cap)  # raises if two objects share a colour or the sides are not opposite
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, "float16", "torch.float16"])
-def test_load_honours_the_dtype_given_by_name_or_as_a_dtype(dtype):
-    import warnings
+def test_load_honours_the_dtype_given_by_name():
+    """Issue 11, item 11: dtype="float16" silently loaded float32 (one load: ~3 s)."""
+    from dlx._args import float_dtype
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        p = dlx.zoo.load("shapes", dtype=dtype)
+    p = dlx.zoo.load("shapes", dtype="float16")
     assert {m.dtype for m in (p.unet, p.vae, p.text_encoder)} == {torch.float16}
+    # every spelling goes through the same conversion
+    assert {float_dtype("dtype", d) for d in (torch.float16, "float16", "torch.float16", "half")} == {torch.float16}
 
 
 @pytest.mark.parametrize("dtype", ["float99", "int8", torch.int8, torch.bool, 16, ""])
@@ -224,3 +224,15 @@ def test_the_embedded_model_as_img2img_saves_and_round_trips(pipe, tmp_path):
     back = dlx.Trace.load(t.save(tmp_path / "i2i.safetensors"))
     for a, b in zip(t, back):
         assert all(bitwise(v.contiguous(), b.tensors()[k]) for k, v in a.tensors().items())
+
+
+def test_damaged_model_facts_name_the_file(tmp_path, monkeypatch):
+    dst = tmp_path / "shapes"
+    dst.mkdir()
+    (dst / "info.json").write_text("{not json")
+    monkeypatch.setattr(dlx.zoo, "_ROOT", tmp_path)
+    with pytest.raises(DlxError, match=r"model facts damaged: .*info\.json is not valid JSON"):
+        dlx.zoo.info("shapes")
+    (dst / "info.json").write_text("[1, 2]")
+    with pytest.raises(DlxError, match=r"info\.json holds list"):
+        dlx.zoo.info("shapes")

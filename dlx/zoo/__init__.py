@@ -42,7 +42,13 @@ def info(name: str = "shapes") -> dict:
     f = path(name) / "info.json"
     if not f.is_file():
         raise DlxError(f"model facts missing: {f} (folder {f.parent})")
-    return json.loads(f.read_text())
+    try:
+        facts = json.loads(f.read_text())
+    except (ValueError, RecursionError) as e:
+        raise DlxError(f"model facts damaged: {f} is not valid JSON ({e})") from None
+    if not isinstance(facts, dict):
+        raise DlxError(f"model facts damaged: {f} holds {type(facts).__name__}, not an object")
+    return facts
 
 
 def load(name: str = "shapes", device="cpu", dtype=None, folder: str | Path | None = None):
@@ -100,9 +106,17 @@ def latent_rgb(name: str = "shapes", vae=None, n: int = 32, seed: int = 0):
     renders (``dlx.fit_latent_rgb``); pass the loaded pipeline's ``vae`` to skip loading it."""
     import torch
 
+    from dlx import _args
     from dlx.preview import fit_latent_rgb
     from dlx.zoo.shapes_data import render, sample_scenes
 
+    path(name)
+    _args.integer("n", n, minimum=1)
+    _args.integer("seed", seed)
+    if vae is not None and not (isinstance(vae, torch.nn.Module) and callable(getattr(vae, "encode", None))):
+        from dlx.errors import DlxError
+
+        raise DlxError(f"argument `vae` must be a diffusers VAE (with encode) or None; got {vae!r:.80}")
     if vae is None:
         vae = load(name).vae
     images = render(sample_scenes(n, torch.Generator().manual_seed(seed)))
