@@ -179,7 +179,8 @@ def _from_json(v):
 
 
 def part_from_config(cfg: dict, pipe=None) -> Part:
-    """Rebuild a part from ``part.config()`` (``pipe`` for parts built on a pipeline: ``Recorder``)."""
+    """Rebuild a part from ``part.config()`` (``pipe`` for parts built on a pipeline: ``Recorder``).
+    An entry of ``trace.meta["parts"]`` works as it is (its ``"report"`` is ignored)."""
     if not isinstance(cfg, dict) or not isinstance(cfg.get("type"), str) or not isinstance(cfg.get("args", {}), dict):
         raise DlxError(f"argument `cfg` must be a part configuration {{'type': ..., 'args': {{...}}}}; got {cfg!r}")
     reg = _registry()
@@ -187,8 +188,10 @@ def part_from_config(cfg: dict, pipe=None) -> Part:
     if cls is None:
         raise DlxError(f"argument `cfg` names an unknown part type {cfg['type']!r}; known: {sorted(reg)}")
     if cfg.get("rebuildable", True) is False:
-        raise DlxError(f"{cfg['type']} configuration {cfg['args']!r} cannot be rebuilt (it holds a callable or an object)")
-    args = {k: _from_json(v) for k, v in cfg.get("args", {}).items()}
+        raise DlxError(f"{cfg['type']} configuration {cfg.get('args')!r} cannot be rebuilt (it holds a callable or an object)")
+    # ``{"type", "args"}``; also the flat form ``{"type": ..., "ratio": ...}`` (a sweep's rows)
+    given = cfg["args"] if "args" in cfg else {k: v for k, v in cfg.items() if k not in ("type", "rebuildable", "report")}
+    args = {k: _from_json(v) for k, v in given.items()}
     params = inspect.signature(cls.__init__).parameters
     if "pipe" in params:
         if pipe is None:

@@ -44,8 +44,12 @@ def control_config(part) -> dict:
     if callable(cfg_fn):  # the core's Part.config(), when it exists
         try:
             cfg = cfg_fn()
-            if isinstance(cfg, dict) and "type" in cfg:
-                return _canon(cfg)
+            if isinstance(cfg, dict) and "type" in cfg and cfg.get("rebuildable", True):
+                # the core's {"type", "args"} as this module's flat form (part_from_config takes both)
+                flat = {"type": cfg["type"], **cfg.get("args", {})}
+                if flat["type"] == "CFGCutoff" and flat.get("compat") == "dlx":
+                    del flat["compat"]
+                return _canon(flat)
         except Exception:  # noqa: BLE001 - fall back to reading the attributes
             pass
     if name not in CONTROLS:
