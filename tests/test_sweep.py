@@ -256,3 +256,20 @@ def test_explicit_pairs_instead_of_a_cross_product(tmp_path):
         build_spec(pairs=pairs + pairs[:1], cutoffs=[0], call=CALL)
     with pytest.raises(DlxError, match="either `pairs` or `prompts`"):
         build_spec(pairs=pairs, prompts=PROMPTS, cutoffs=[0], call=CALL)
+
+
+def test_rows_of_one_prompt_and_seed_share_their_guided_prefix(tmp_path):
+    # 6 cutoffs over 25 steps: 225 sample-evaluations as a loop, 125 with the prefix shared
+    # (dlx.Share); every row still equals its standalone run within the batched tolerance.
+    pipe = pipe_for("sd")
+    call = {**CALL, "num_inference_steps": 25}
+    res = dlx.sweep(pipe, prompts=PROMPTS[:1], seeds=[0], cutoffs=[0, 0.2, 0.4, 0.6, 0.8, 1.0], out=tmp_path,
+                    timing=(), progress=False, metrics=["psnr"], **call)
+    (batch,) = [e for e in res.events if e["kind"] == "batch"]
+    assert batch["nfe_sum"] == 225 and batch["evaluations"] == 125
+    f = res.frame
+    assert f.evaluations.sum() == pytest.approx(125)
+    cfgs = {c.name: c for c in res.spec.configs}
+    for r in f.itertuples():
+        ref = as_png_array(standalone(pipe, cfgs[r.config], r.prompt, r.seed, call))
+        assert np.abs(png(r.image).astype(int) - ref.astype(int)).max() <= 1, r.config

@@ -43,7 +43,9 @@ class RowPlans(Part):
     def __init__(self, controls: list[list[Part]]):
         self.rows = controls
         self.wants_calls = any(p.wants_calls for ps in controls for p in ps)
-        self._sets_scale = any(type(p).__name__ == "GuidanceSchedule" for ps in controls for p in ps)
+        self._sets_scale = any(getattr(p, "sets_scale", False) or type(p).__name__ == "GuidanceSchedule"
+                               for ps in controls for p in ps)
+        self.sets_scale = self._sets_scale  # the run allows one scale-setting part per block
         self.nfe: list[float] | None = None
         self.guided: list[int] = [0] * len(controls)
         self.step_ms: list[float] = []
@@ -88,6 +90,11 @@ class RowPlans(Part):
             if m:
                 self.guided[j] += 1
         return Guide(mask, scale if self._sets_scale else None)
+
+    def unguided_after(self, run: Run, step: int) -> bool:
+        """No row guides after ``step`` (each has a control that knows it): the run may take the
+        pipeline out of CFG for the tail, as it does for a standalone cutoff."""
+        return all(any(p.unguided_after(run, step) for p in ps) for ps in self.rows)
 
     def on_denoiser(self, run: Run, call):
         from .._tap import DenoiserCall
