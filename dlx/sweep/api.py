@@ -278,20 +278,12 @@ def _measure_costs(pipe, spec, store, todo, batch, repeats):
     from . import cost
 
     for mode, steps, scale in todo:
-        ctx = cost.compiled(pipe) if mode == "compiled" else _null()
+        ctx = cost.compiled(pipe) if mode == "compiled" else cost.eager(pipe)
         with ctx:
             c = cost.measure(pipe, call=spec.call, prompt=spec.prompts[0], seed=spec.seeds[0], steps=steps,
                              scale=scale, batch=batch, repeats=repeats, warmup=2 if mode == "compiled" else 1)
         c["batch"] = batch
         store.set_cost(mode, steps, scale, batch, c)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _is_compiled(pipe) -> bool:

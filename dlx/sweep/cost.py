@@ -46,16 +46,37 @@ class _Clock(Part):
 
 @contextlib.contextmanager
 def compiled(pipe):
-    """The pipeline's denoiser compiled with ``mode="reduce-overhead"`` inside the block."""
+    """The pipeline's denoiser compiled with ``mode="reduce-overhead"`` inside the block (as it
+    is, when the user compiled it already)."""
     from ..families import family_of
 
     name = family_of(pipe).denoiser
-    eager = getattr(pipe, name)
-    setattr(pipe, name, torch.compile(eager, mode="reduce-overhead"))
+    den = getattr(pipe, name)
+    if type(den).__name__ == "OptimizedModule":
+        yield pipe
+        return
+    setattr(pipe, name, torch.compile(den, mode="reduce-overhead"))
     try:
         yield pipe
     finally:
-        setattr(pipe, name, eager)
+        setattr(pipe, name, den)
+
+
+@contextlib.contextmanager
+def eager(pipe):
+    """The pipeline's denoiser uncompiled inside the block (``_orig_mod`` of a compiled one)."""
+    from ..families import family_of
+
+    name = family_of(pipe).denoiser
+    den = getattr(pipe, name)
+    if type(den).__name__ != "OptimizedModule":
+        yield pipe
+        return
+    setattr(pipe, name, den._orig_mod)
+    try:
+        yield pipe
+    finally:
+        setattr(pipe, name, den)
 
 
 def _device(pipe):

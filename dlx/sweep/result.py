@@ -146,7 +146,7 @@ class SweepResult:
         s.attrs["level"] = level
         return s
 
-    def plot(self, metric: str | None = None, mode: str | None = None, ax=None):
+    def plot(self, ax=None, *, metric: str | None = None, mode: str | None = None):
         """Speed against quality (``dlx.plots.speed_quality``): returns (fig, ax)."""
         from ..plots import speed_quality
 
