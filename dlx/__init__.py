@@ -31,9 +31,11 @@ _LAZY = {
     "fit_latent_rgb": "preview",
     "latents_to_rgb": "preview",
 }
-_SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "trace", "recorder", "session"}
+_SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "trace", "recorder", "session",
+               "sweep", "metrics", "plots"}
 
-__all__ = ["DlxError", "__version__", *_LAZY]
+# ``dlx.sweep`` is a callable module: ``dlx.sweep(pipe, ...)`` runs a sweep (dlx/sweep/__init__.py)
+__all__ = ["DlxError", "__version__", "sweep", *_LAZY]
 
 
 def __getattr__(name):

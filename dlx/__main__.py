@@ -1,19 +1,77 @@
-"""Command line: ``python -m dlx demo`` records a run and prints its per-step table."""
+"""Command line.
+
+    python -m dlx demo [--out dlx-demo]     the cutoff study on the embedded model (resumable)
+    python -m dlx demo --record [...]       record one run and print its per-step table
+    python -m dlx sweep spec.yaml [--out DIR] [--device cuda]   a sweep from a YAML spec
+    accelerate launch -m dlx sweep spec.yaml                     the same, sharded over processes
+
+Argument errors are one line, before any model work.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 
 
-def _demo(args) -> int:
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+
+
+def _fail(parser, msg: str) -> int:
+    print(f"{parser.prog}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _check_record_args(args) -> str | None:
+    if args.prompt is not None and not args.prompt.strip():
+        return f"argument --prompt must not be empty; got {args.prompt!r}"
+    if args.steps < 1:
+        return f"argument --steps must be at least 1; got {args.steps}"
+    if args.seed < 0:
+        return f"argument --seed must be >= 0; got {args.seed}"
+    if args.guidance_scale is not None and (not math.isfinite(args.guidance_scale) or args.guidance_scale < 0):
+        return f"argument --guidance-scale must be a finite number >= 0; got {args.guidance_scale}"
+    if args.cutoff is not None and not (0.0 <= args.cutoff <= 1.0):
+        return f"argument --cutoff must be a ratio in [0, 1]; got {args.cutoff}"
+    return None
+
+
+def _record(args, parser) -> int:
+    from pathlib import Path
+
+    from dlx.errors import DlxError
+
+    err = _check_record_args(args)
+    if err:
+        return _fail(parser, err)
+    out = None
+    if args.out is not None:
+        from dlx.sweep.store import check_out
+
+        try:
+            out = check_out(args.out, images=False)
+        except DlxError as e:
+            return _fail(parser, str(e).replace("argument `out`", "argument --out"))
     import torch
 
     import dlx
     from dlx.demo import demo_pipeline
 
     pipe, kwargs, label = demo_pipeline(model=args.model, steps=args.steps, seed=args.seed,
-                                                    prompt=args.prompt, guidance_scale=args.guidance_scale)
+                                        prompt=args.prompt, guidance_scale=args.guidance_scale)
     print(f"dlx {dlx.__version__} · torch {torch.__version__} · model: {label}")
     parts = [dlx.CFGCutoff(ratio=args.cutoff)] if args.cutoff is not None else []
     with dlx.record(pipe, *parts) as trace:
@@ -27,28 +85,107 @@ def _demo(args) -> int:
     if t["regime"] != "unknown":
         print(f"timing ({t['timer']}): guided step {t['guided_ms']:.1f} ms, unguided {t['unguided_ms']:.1f} ms "
               f"-> {t['regime']}, an unguided step saves {100 * t['saving']:.0f}%")
-    if args.out:
-        path = trace.save(args.out)
+    if out is not None:
+        path = trace.save(Path(out) / "trace.safetensors")
         print(f"trace written to {path}")
     return 0
 
 
+def _demo(args, parser) -> int:
+    if args.record:
+        return _record(args, parser)
+    from dlx.errors import DlxError
+
+    t0 = time.perf_counter()
+    prompts = [args.prompt] if args.prompt is not None else None
+    if args.model == "tiny":
+        return _fail(parser, "argument --model: the study runs on the embedded model ('shapes' or 'auto'); "
+                             "use --record for the tiny pipeline")
+    if args.cutoff is not None:
+        return _fail(parser, "argument --cutoff belongs to --record; the study takes --cutoffs 0,0.5,1")
+    from dlx.demo import STUDY_CUTOFFS, STUDY_PROMPTS, check_study_args, format_summary, study, write_outputs
+    from dlx.sweep.store import check_out
+
+    try:
+        check_study_args(prompts=prompts or STUDY_PROMPTS, seeds=args.seeds, seed=args.seed, steps=args.steps,
+                         guidance_scale=args.guidance_scale, cutoffs=args.cutoffs or STUDY_CUTOFFS)
+        out = check_out(args.out)
+    except DlxError as e:
+        return _fail(parser, str(e).replace("argument `out`", "argument --out"))
+    import torch
+
+    import dlx
+
+    pairs = len(prompts or STUDY_PROMPTS) * args.seeds
+    ncut = len(args.cutoffs or STUDY_CUTOFFS)
+    print(f"dlx {dlx.__version__} · torch {torch.__version__} ({torch.get_num_threads()} threads) · "
+          f"cutoff study on the embedded shapes model: {ncut} cutoffs x {pairs} (prompt, seed) pairs, "
+          f"{args.steps} steps -> {out}")
+    try:
+        res = study(out, prompts=prompts, seeds=args.seeds, seed=args.seed, steps=args.steps,
+                    guidance_scale=args.guidance_scale, cutoffs=args.cutoffs, progress=not args.quiet)
+    except DlxError as e:
+        return _fail(parser, str(e).replace("argument `out`", "argument --out"))
+    print(format_summary(res))
+    files = write_outputs(res, out)
+    print("wrote " + ", ".join(str(p) for p in [out / "sweep.sqlite", *files.values()]))
+    print(f"done in {time.perf_counter() - t0:.1f} s (after start-up); rerun the same command to resume or reread")
+    return 0
+
+
+def _sweep(args, parser) -> int:
+    from dlx.errors import DlxError
+    from dlx.sweep.yaml_spec import run_yaml
+
+    try:
+        res = run_yaml(args.spec, out=args.out, device=args.device, progress=not args.quiet)
+    except DlxError as e:
+        return _fail(parser, str(e))
+    from dlx.sweep.shard import ranks
+
+    if ranks().main:
+        import pandas as pd
+
+        with pd.option_context("display.width", 200, "display.max_columns", 40, "display.precision", 4):
+            print(res.summary().to_string(index=False))
+        res.frame.to_csv(res.out / "results.csv", index=False)
+        print(f"results in {res.out}")
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dlx", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m dlx", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="record one run (embedded shapes model if shipped, else a tiny pipeline)")
-    demo.add_argument("--model", default="auto", help="'shapes', 'tiny' or 'auto' (default)")
-    demo.add_argument("--prompt", default=None)
-    demo.add_argument("--steps", type=int, default=25)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--guidance-scale", type=float, default=None)
-    demo.add_argument("--cutoff", type=float, default=None, help="CFG cutoff ratio in [0, 1]")
-    demo.add_argument("--out", default=None, help="save the trace to this .safetensors file")
+    demo = sub.add_parser("demo", help="the CFG cutoff study on the embedded model (--record: one recorded run)")
+    demo.add_argument("--out", default=None, help="output folder (default dlx-demo/; with --record: no file)")
+    demo.add_argument("--model", default="auto", choices=["auto", "shapes", "tiny"],
+                      help="'tiny' only with --record")
+    demo.add_argument("--prompt", default=None, help="one caption of the embedded model's language")
+    demo.add_argument("--steps", type=int, default=None, help="denoising steps (study: 20, --record: 25)")
+    demo.add_argument("--seed", type=int, default=0, help="first seed")
+    demo.add_argument("--seeds", type=int, default=4, help="seeds per prompt in the study (default 4)")
+    demo.add_argument("--guidance-scale", type=_float, default=None)
+    demo.add_argument("--cutoffs", type=_ratios, default=None, help="study ratios, e.g. 0,0.2,0.4,0.6,0.8,1")
+    demo.add_argument("--cutoff", type=_float, default=None, help="--record: CFG cutoff ratio in [0, 1]")
+    demo.add_argument("--record", action="store_true", help="record one run and print its per-step table")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw = sub.add_parser("sweep", help="run a sweep from a YAML spec (accelerate launch -m dlx sweep: sharded)")
+    sw.add_argument("spec", help="the YAML spec file")
+    sw.add_argument("--out", default=None, help="output folder (overrides the spec's `out`)")
+    sw.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return _demo(args)
+    if args.command == "sweep":
+        return _sweep(args, sw)
+    if args.steps is None:
+        args.steps = 25 if args.record else 20
+    if args.out is None and not args.record:
+        args.out = "dlx-demo"
+    return _demo(args, demo)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,28 @@
-"""The model behind ``python -m dlx demo``: the embedded shapes model when shipped, else a tiny one."""
+"""``python -m dlx demo``: the cutoff study on the embedded model, and the single-run recording.
+
+The study sweeps CFG cutoff ratios over (prompt, seed) pairs of the embedded shapes model and
+writes what a researcher needs to decide how much guidance to keep: the summary (adherence,
+fidelity to full guidance, NFE, predicted standalone wall time and its timing regime),
+``results.csv`` (one row per run), ``speed_quality.png`` and the SQLite store. Rerunning with the
+same folder resumes (nothing is recomputed once finished).
+"""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 from .errors import DlxError
 
-
 DEMO_PROMPT = "a red circle and a blue square"
+#: the study's prompts: placed captions, where the model needs guidance most (see the model card)
+STUDY_PROMPTS = [
+    "a red circle on the left and a blue square on the right",
+    "a green star on the top and a yellow heart on the bottom",
+    "a purple triangle on the right and a cyan cross on the left",
+    "a yellow diamond on the bottom and a red ring on the top",
+]
+STUDY_CUTOFFS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 
 def _shapes_available() -> bool:
@@ -15,7 +32,7 @@ def _shapes_available() -> bool:
 
 
 def demo_pipeline(model: str = "auto", steps: int = 25, seed: int = 0, prompt=None, guidance_scale=None):
-    """(pipeline, call kwargs, label) for the demo; ``model`` is 'auto', 'shapes' or 'tiny'."""
+    """(pipeline, call kwargs, label) for the single-run demo; ``model`` is 'auto', 'shapes' or 'tiny'."""
     import torch
 
     if model not in ("auto", "shapes", "tiny"):
@@ -38,3 +55,110 @@ def demo_pipeline(model: str = "auto", steps: int = 25, seed: int = 0, prompt=No
     kwargs = example_inputs("sd", steps=steps, seed=seed, prompt=prompt or "a red circle",
                             guidance_scale=guidance_scale if guidance_scale is not None else 5.0)
     return pipe, kwargs, "tiny random-weight SD pipeline (dlx.testing)"
+
+
+def check_study_args(*, prompts, seeds: int, seed: int, steps: int, guidance_scale, cutoffs) -> None:
+    """Every argument of the study, checked before any model work (DlxError naming it)."""
+    from .zoo.shapes_data import parse
+
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise DlxError(f"argument --prompt must be a caption of the embedded model's language; got {p!r}")
+        try:
+            parse(p)
+        except DlxError:
+            raise DlxError(f"argument --prompt: {p!r} is not a caption of the embedded model's language "
+                           f"(e.g. {STUDY_PROMPTS[0]!r}; see dlx.zoo.info('shapes'))") from None
+    if seeds < 1:
+        raise DlxError(f"argument --seeds must be at least 1; got {seeds}")
+    if seed < 0:
+        raise DlxError(f"argument --seed must be >= 0; got {seed}")
+    if len(prompts) * seeds < 1:
+        raise DlxError("the study needs at least one (prompt, seed) pair")
+    if steps < 1:
+        raise DlxError(f"argument --steps must be at least 1; got {steps}")
+    if guidance_scale is not None and (not math.isfinite(guidance_scale) or guidance_scale <= 1):
+        raise DlxError(f"argument --guidance-scale must be a finite number > 1 (a cutoff study needs CFG); "
+                       f"got {guidance_scale}")
+    for r in cutoffs:
+        if not (0.0 <= r <= 1.0):
+            raise DlxError(f"argument --cutoffs: ratios must be in [0, 1]; got {r}")
+    if not cutoffs:
+        raise DlxError("argument --cutoffs must hold at least one ratio")
+
+
+def study(out, *, prompts=None, seeds: int = 4, seed: int = 0, steps: int = 25, guidance_scale=None,
+          cutoffs=None, progress: bool = True, timing_repeats: int = 2):
+    """Run (or resume) the cutoff study into ``out``; returns the SweepResult."""
+    from . import zoo
+    from .sweep import sweep
+
+    scale = guidance_scale if guidance_scale is not None else zoo.info("shapes")["recommended_guidance_scale"]
+    return sweep("shapes", prompts=list(prompts or STUDY_PROMPTS), seeds=range(seed, seed + seeds),
+                 cutoffs=list(cutoffs if cutoffs is not None else STUDY_CUTOFFS),
+                 metrics=["adherence", "psnr", "ssim"], out=out, num_inference_steps=steps, guidance_scale=scale,
+                 timing=("eager",), timing_repeats=timing_repeats, progress=progress)
+
+
+def write_outputs(res, out) -> dict:
+    """The study's files beside the store: results.csv, summary.csv, speed_quality.png.
+    (The gallery's ``dlx.report`` adds report.html here, when it exists: see ``_report``.)"""
+    out = Path(out)
+    files = {}
+    res.frame.to_csv(out / "results.csv", index=False)
+    files["results"] = out / "results.csv"
+    summary = res.summary()
+    summary.to_csv(out / "summary.csv", index=False)
+    files["summary"] = out / "summary.csv"
+    fig, _ = res.plot(metric="adherence" if "adherence" in res.metrics else None)
+    fig.savefig(out / "speed_quality.png", dpi=120)
+    files["plot"] = out / "speed_quality.png"
+    report = _report(res, out)
+    if report is not None:
+        files["report"] = report
+    return files
+
+
+def _report(res, out: Path):
+    """report.html from dlx/report.py (the gallery), when this dlx has it; None otherwise."""
+    import importlib.util
+
+    if importlib.util.find_spec("dlx.report") is None:
+        return None
+    from . import report
+
+    fn = getattr(report, "write_report", None)
+    return fn(res, out / "report.html") if fn is not None else None
+
+
+def format_summary(res) -> str:
+    """The study's summary as text: per config adherence and fidelity with 95% intervals, NFE,
+    predicted standalone time and the timing regime, then how the sweep compared to a loop."""
+    s = res.summary()
+    lines = []
+    head = f"{'config':<12} {'NFE':>5} {'time alone':>10}  {'adherence (95% CI)':<22} {'PSNR dB (95% CI)':<20} {'SSIM':>6}"
+    lines.append(head)
+    lines.append("-" * len(head))
+    for r in s.itertuples():
+        t = getattr(r, "time_eager_s", math.nan)
+        adh = f"{r.adherence:6.1%} [{r.adherence_lo:.0%}, {r.adherence_hi:.0%}]" if "adherence" in s else ""
+        ps = f"{r.psnr:5.1f} [{r.psnr_lo:.1f}, {r.psnr_hi:.1f}]"
+        lines.append(f"{r.config:<12} {r.nfe:5.1f} {t:9.3f}s  {adh:<22} {ps:<20} {r.ssim:6.3f}")
+    cost = next(iter(res.costs("eager").values()), None)
+    if cost is not None:
+        lines.append("")
+        lines.append(f"timing ({cost['device_name']}, eager, batch {cost['batch']}, medians of {cost['repeats']} "
+                     f"interleaved runs): guided step {cost['guided_step_ms']:.1f} ms, unguided "
+                     f"{cost['unguided_step_ms']:.1f} ms, fixed {cost['fixed_ms']:.0f} ms -> {cost['regime']}: "
+                     f"an unguided step saves {100 * cost['saving']:.0f}%")
+        lines.append("'time alone' is the predicted wall time of one such run by itself (measured costs, not "
+                     "the sweep's clock); PSNR/SSIM compare with full guidance (cutoff=1) of the same prompt and seed.")
+    f = res.frame
+    batches = [e for e in res.events if e["kind"] == "batch"]
+    if batches:
+        ev = sum(e["evaluations"] for e in batches)
+        loop = f.nfe.sum()
+        lines.append(f"the sweep ran {len(f)} rows in {len(batches)} pipeline call(s), {sum(e['call_ms'] for e in batches) / 1e3:.1f} s "
+                     f"of calls; a loop of standalone runs would take ~{f.time_eager_s.sum():.0f} s (predicted) and "
+                     f"{loop:.0f} denoiser evaluations against the sweep's {ev:.0f}")
+    return "\n".join(lines)

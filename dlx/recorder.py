@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from . import _args
 from ._tap import DenoiserCall
 from .errors import DlxError
 from .families import BATCHED_X0, check_tensor_inputs, denoised_as, denoised_steps, family_of, prediction_type, sigma_at
@@ -23,15 +24,57 @@ _STORAGE = ("cpu", "device")
 _NOTHING: dict = {}
 
 
+def _keep_arg(keep) -> tuple[str, ...]:
+    """``keep`` as a tuple of names: one name or an iterable of them, each known, none twice."""
+    if isinstance(keep, str):
+        keep = (keep,)
+    elif keep is None or not isinstance(keep, (list, tuple, set, frozenset)):
+        raise DlxError(f"argument `keep` must be a name or a list of names from {list(_KEEP)}; got {keep!r}")
+    keep = tuple(keep)
+    bad = [k for k in keep if not isinstance(k, str) or k not in _KEEP]
+    if bad:
+        raise DlxError(f"argument `keep` has unknown entries {bad}; choose from {list(_KEEP)}")
+    if len(set(keep)) != len(keep):
+        raise DlxError(f"argument `keep` names an entry twice: {list(keep)}")
+    return keep
+
+
+def _check_downsample(downsample: int | None, shape, what: str) -> None:
+    """A DlxError when average pooling by ``downsample`` cannot fit a 4-D tensor of ``shape``."""
+    if downsample and downsample > 1 and len(shape) == 4 and min(shape[-2:]) < downsample:
+        raise DlxError(
+            f"argument `downsample`={downsample} is larger than the {what} "
+            f"({shape[-2]}x{shape[-1]}); use at most {min(shape[-2:])} (or None)")
+
+
+def _latent_hw(pipe, call_kwargs: dict) -> tuple[int, int] | None:
+    """The latent height and width a call will have, from its arguments, where they say so."""
+    vsf = getattr(pipe, "vae_scale_factor", None)
+    if not isinstance(vsf, int) or vsf < 1:
+        return None
+    h, w = call_kwargs.get("height"), call_kwargs.get("width")
+    if isinstance(h, int) and isinstance(w, int):
+        return h // vsf, w // vsf
+    image = call_kwargs.get("image")
+    size = getattr(image, "size", None)  # a PIL image: (width, height)
+    if h is None and w is None and isinstance(size, tuple) and len(size) == 2:
+        return size[1] // vsf, size[0] // vsf
+    return None
+
+
 class Recorder(Part):
     """Records latents, conditioning, guidance state, predictions, x0 and timing of every step.
 
     Args:
         pipe: the pipeline to record (its family decides which conditioning tensors to keep).
-        keep: what to keep among ``"latents", "x0", "cond", "uncond", "embeds"``. Predictions and
-            x0 need the denoiser tap: use ``dlx.record(pipe)`` or ``dlx.attach(pipe, rec)``.
-        dtype: store tensors in this dtype (default: as the run produced them).
-        downsample: average-pool spatial dims of 4-D tensors by this factor (saves memory on big runs).
+        keep: what to keep among ``"latents", "x0", "cond", "uncond", "embeds"`` (one name or
+            several). Predictions and x0 need the denoiser tap: use ``dlx.record(pipe)`` or
+            ``dlx.attach(pipe, rec)``.
+        dtype: store tensors in this floating dtype, given as a ``torch.dtype`` or its name
+            (default: as the run produced them).
+        downsample: average-pool spatial dims of 4-D tensors by this factor (saves memory on big
+            runs); at most the latent's height and width, checked before the run where the call
+            gives its size, else at the first step.
         storage: ``"cpu"`` (tensors stay on the device during the run, so no per-step host sync,
             and move to the CPU once the run ends: on CUDA one copy per dtype into page-locked
             memory, queued behind the run; pageable above ``dlx.recorder.PIN_LIMIT`` bytes) or
@@ -53,16 +96,15 @@ class Recorder(Part):
 
     def __init__(self, pipe, *, keep=_KEEP, dtype: torch.dtype | None = None,
                  downsample: int | None = None, storage: str = "cpu"):
-        self.family = family_of(pipe)
-        keep = tuple(keep)
-        bad = [k for k in keep if k not in _KEEP]
-        if bad:
-            raise DlxError(f"argument `keep` has unknown entries {bad}; choose from {list(_KEEP)}")
-        if dtype is not None and not isinstance(dtype, torch.dtype):
-            raise DlxError(f"argument `dtype` must be a torch.dtype; got {dtype!r}")
+        try:
+            self.family = family_of(pipe)
+        except DlxError as e:
+            raise DlxError(f"argument `pipe` ({type(pipe).__name__}): {e}") from None
+        keep = _keep_arg(keep)
+        dtype = _args.float_dtype("dtype", dtype, allow_none=True)
         if downsample is not None and (isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1):
             raise DlxError(f"argument `downsample` must be a positive int or None; got {downsample!r}")
-        if storage not in _STORAGE:
+        if not isinstance(storage, str) or storage not in _STORAGE:
             raise DlxError(f"argument `storage` must be one of {list(_STORAGE)}; got {storage!r}")
         self.keep = keep
         self.dtype = dtype
@@ -99,6 +141,7 @@ class Recorder(Part):
         if self._plain:  # no conversion: a copy (CUDA-graph outputs are overwritten by the next replay)
             return t if fresh else t.clone()
         if self.downsample and self.downsample > 1 and t.ndim == 4:
+            _check_downsample(self.downsample, t.shape, "recorded tensor")
             t = torch.nn.functional.avg_pool2d(t.float(), self.downsample).to(t.dtype)
             fresh = True
         # otherwise copy: CUDA-graph outputs are overwritten by the next replay
@@ -110,6 +153,10 @@ class Recorder(Part):
             raise DlxError("this Recorder already holds a run; create a new Recorder (or dlx.record block) per run")
         self._reset()
         self._ip_procs = run.ip_processors
+        if self.downsample and not self.family.packed:  # before any model work, where the call says the size
+            hw = _latent_hw(run.pipe, run.call_kwargs)
+            if hw is not None:
+                _check_downsample(self.downsample, (0, 0, *hw), "latent")
 
     def on_loop_start(self, run: Run):
         if self._keep_x0:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from dlx import _args
 from dlx.errors import DlxError
 
 __all__ = [
@@ -77,6 +78,8 @@ _WORDS = (
 ).split()
 _PROMPT_VARIANTS = ("blue", "green", "small", "large", "bright", "dark", "detailed", "simple")
 
+_OUTPUT_TYPES = ("latent", "pil", "pt", "np")
+
 _CLIP_VOCAB_SIZE = 1000  # text encoder embedding rows; the BPE vocab uses fewer ids
 _T5_VOCAB_SIZE = 256
 
@@ -88,7 +91,7 @@ _T5_VOCAB_SIZE = 256
 
 def _check_family(family: str) -> str:
     """Return ``family`` if known, else raise DlxError naming it and the valid choices."""
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise DlxError(f"family={family!r} is not a known family; valid choices: {', '.join(FAMILIES)}")
     return family
 
@@ -555,8 +558,8 @@ def tiny_pipeline(
         seed: weights depend only on this; each component is seeded on its own (from the seed and
             the component's name), so the same seed gives bitwise identical weights. The caller's
             global torch RNG state is left untouched.
-        dtype: torch dtype of all models.
-        device: device to move the pipeline to.
+        dtype: floating torch dtype of all models, or its name (``"float16"``).
+        device: device to move the pipeline to (a ``torch.device`` or its name).
         scheduler: ``None`` for the family's default (SD families: ``DDIMScheduler`` configured like
             SD 1.5; SDXL families: ``EulerDiscreteScheduler`` configured like SDXL; SD3/Flux:
             ``FlowMatchEulerDiscreteScheduler`` like their checkpoints), a name from
@@ -573,6 +576,9 @@ def tiny_pipeline(
         DlxError: unknown ``family`` or ``scheduler`` name, or a scheduler name unfit for the family.
     """
     _check_family(family)
+    seed = _args.integer("seed", seed)
+    dtype = _args.float_dtype("dtype", dtype)
+    device = _args.device("device", device)
     sched_obj = None
     if scheduler is not None and not isinstance(scheduler, str):
         from diffusers import SchedulerMixin
@@ -595,7 +601,7 @@ def tiny_pipeline(
     if dtype != torch.float32:
         with _QuietDiffusers():
             pipe = pipe.to(dtype=dtype)
-    if torch.device(device).type != "cpu":
+    if device.type != "cpu":
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -613,6 +619,7 @@ def latent_shape(family: str, batch: int = 1) -> tuple[int, ...]:
     latents: (batch, tokens, 4 * channels) with one token per 2x2 latent patch.
     """
     _check_family(family)
+    _args.integer("batch", batch, minimum=1)
     side = IMAGE_SIZE // _VAE_SCALE
     if family == "flux":
         return (batch, (side // 2) * (side // 2), LATENT_CHANNELS * 4)
@@ -685,7 +692,8 @@ def example_inputs(
 
     Args:
         family: one of :data:`FAMILIES`.
-        prompt: the prompt; with ``batch > 1`` the first of ``batch`` distinct prompts.
+        prompt: the prompt (or a list, passed through); with ``batch > 1`` the first of ``batch``
+            distinct prompts.
         batch: number of prompts.
         num_images_per_prompt: passed through.
         steps: number of denoising steps actually run. For img2img families (whose diffusers
@@ -704,8 +712,18 @@ def example_inputs(
         A dict of keyword arguments (``height``/``width`` are 32, the tiny pipelines' native size).
     """
     _check_family(family)
-    if steps < 1:
-        raise DlxError(f"steps={steps!r} must be at least 1")
+    if not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
+                                         and all(isinstance(p, str) for p in prompt))):
+        raise DlxError(f"argument `prompt` must be a str or a non-empty list of str; got {prompt!r}")
+    _args.integer("batch", batch, minimum=1)
+    _args.integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
+    _args.integer("steps", steps, minimum=1)
+    _args.integer("seed", seed)
+    _args.finite("guidance_scale", guidance_scale, minimum=0)
+    if not isinstance(output_type, str) or output_type not in _OUTPUT_TYPES:
+        raise DlxError(f"argument `output_type` must be one of {list(_OUTPUT_TYPES)}; got {output_type!r}")
+    if not isinstance(ip_adapter_image, bool):
+        raise DlxError(f"argument `ip_adapter_image` must be a bool; got {ip_adapter_image!r}")
     kwargs: dict[str, Any] = dict(
         prompt=_prompts(prompt, batch),
         num_images_per_prompt=num_images_per_prompt,
@@ -803,6 +821,7 @@ def add_tiny_ip_adapter(pipe, seed: int = 0):
     """
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    seed = _args.integer("seed", seed)
     if getattr(pipe, "unet", None) is None or not hasattr(pipe, "load_ip_adapter") or not hasattr(pipe, "image_encoder"):
         raise DlxError(
             f"pipe={type(pipe).__name__} is not a UNet pipeline with IP-Adapter support; "

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
-import tempfile
+import secrets
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import _args
 from .errors import DlxError
 
 __all__ = ["Step", "Trace", "FORMAT_VERSION"]
@@ -146,30 +149,10 @@ class Trace:
         return pd.DataFrame(rows)
 
     def timing(self) -> dict:
-        """Which timing regime the run was in, from its per-step times.
+        """Which timing regime the run was in (host- or denoiser-bound): ``dlx.timing.regime(trace)``."""
+        from .timing import regime
 
-        Compares the median time of guided steps (unconditional pass ran) with that of unguided
-        ones (the first step is left out: it carries warm-up). ``saving`` is the share of a
-        guided step's time an unguided step saves. Below 10 % the loop is bound by the host
-        (Python and kernel launches, as eager diffusers on a fast GPU): cutting CFG saves little
-        wall time. Above, the denoiser dominates (CPU, or a compiled GPU pipeline) and a cutoff
-        saves about ``saving`` per unguided step. ``regime`` is "unknown" without both kinds.
-        """
-        import statistics
-
-        g = [s.step_ms for s in self.steps[1:] if s.cfg_active and s.step_ms == s.step_ms]
-        u = [s.step_ms for s in self.steps[1:] if not s.cfg_active and s.step_ms == s.step_ms]
-        out = {
-            "timer": self.meta.get("timing"),
-            "guided_ms": statistics.median(g) if g else math.nan,
-            "unguided_ms": statistics.median(u) if u else math.nan,
-            "saving": math.nan,
-            "regime": "unknown",
-        }
-        if g and u:
-            out["saving"] = 1.0 - out["unguided_ms"] / out["guided_ms"]
-            out["regime"] = "host-bound" if out["saving"] < 0.10 else "denoiser-bound"
-        return out
+        return regime(self)
 
     def compare(self, other: "Trace"):
         """Per-step divergence between two traces of the same shape, as a DataFrame.
@@ -196,88 +179,375 @@ class Trace:
             rows.append(r)
         return pd.DataFrame(rows)
 
-    # -- previews (a view of the trace; logic in dlx.preview) ---------------------------------
+    # -- previews: a view, defined in dlx.preview; imported only when called -----------------
     def previews(self, kind: str = "x0", size: int = 128, sample: int = 0, factors=None, taesd=None):
-        """PIL previews of every step: ``kind="x0"`` (denoised estimate) or ``"latent"`` (x_t);
-        ``factors`` overrides the family's latent→RGB map, ``taesd`` decodes with an AutoencoderTiny."""
-        from . import preview
+        """PIL previews of every step: ``dlx.preview.trace_previews(trace, ...)`` (see there)."""
+        from .preview import trace_previews
 
-        return preview.trace_previews(self, kind=kind, size=size, sample=sample, factors=factors, taesd=taesd)
+        return trace_previews(self, kind=kind, size=size, sample=sample, factors=factors, taesd=taesd)
 
     # -- files --------------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """Write the trace to ``path`` (a ``.safetensors`` file) atomically; return the path."""
-        from safetensors.torch import save_file
+        """Write the trace to ``path`` (a ``.safetensors`` file) atomically; return the path.
 
-        path = Path(path)
-        tensors = {}
-        for s in self.steps:
-            for k, v in s.tensors().items():
-                # clone: steps may be views of one stacked tensor; safetensors refuses shared storage
-                tensors[f"steps.{s.index}.{k}"] = v.detach().cpu().clone()
-        for j, c in enumerate(self.conditioning):
-            for k, v in c.items():
-                tensors[f"cond.{j}.{k}"] = v.detach().cpu().clone()
+        Any tensor layout is saved (channels-last, strided views, views of one stacked tensor) and
+        loads back bitwise equal. The file is written beside its target and renamed over it, so a
+        crash leaves the old file or the new one, never a mix. An existing file keeps its
+        permission bits; a new one gets the umask's, as ``open()`` gives; a symlink stays a
+        symlink and its target is replaced.
+        """
+        from safetensors import torch as st
+
+        path = _args.path("path", path)
+        tensors = _tensors_to_save(self)
         header = {
             "format_version": FORMAT_VERSION,
             "meta": self.meta,
             "steps": [s.scalars() for s in self.steps],
             "conditioning": [sorted(c) for c in self.conditioning],
         }
-        text = json.dumps(header, default=_json_default, allow_nan=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"dlx.trace": text})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+            text = json.dumps(header, default=_json_default, allow_nan=True)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise DlxError(f"trace metadata cannot be written as JSON ({type(e).__name__}: {e})") from None
+        _atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata={"dlx.trace": text}))
         return path
 
     @classmethod
     def load(cls, path) -> "Trace":
-        """Read a trace written by ``save``; a damaged or foreign file gives a DlxError naming it."""
+        """Read a trace written by ``save``; a damaged or foreign file gives a DlxError naming it
+        and saying what is wrong. Nothing in the file is executed, dropped or guessed."""
         from safetensors import safe_open
 
-        path = Path(path)
+        path = _args.path("path", path)
+        where = repr(str(path))
+        if path.is_dir():
+            raise DlxError(f"argument `path` names a directory, not a trace file: {where}")
         if not path.is_file():
-            raise DlxError(f"trace file {str(path)!r} does not exist")
+            raise DlxError(f"trace file {where} does not exist" if not path.exists()
+                           else f"argument `path` is not a regular file: {where}")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for damaged headers/data
             raise DlxError(
-                f"{str(path)!r} is not a readable dlx trace (truncated or corrupt safetensors file: {e})"
+                f"{where} is not a readable dlx trace (truncated or corrupt safetensors file: {e})"
             ) from None
         if "dlx.trace" not in meta:
-            raise DlxError(f"{str(path)!r} is a safetensors file but not a dlx trace (no 'dlx.trace' metadata)")
-        try:
-            header = json.loads(meta["dlx.trace"])
-        except json.JSONDecodeError as e:
-            raise DlxError(f"{str(path)!r}: the trace metadata is not valid JSON ({e})") from None
-        version = header.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise DlxError(
-                f"{str(path)!r} was written with trace format version {version}, newer than this dlx "
-                f"reads ({FORMAT_VERSION}); upgrade dlx"
-            )
+            raise DlxError(f"{where} is a safetensors file but not a dlx trace (no 'dlx.trace' metadata)")
+        header = _parse_header(meta["dlx.trace"], where)
+        steps_by_index, conditioning = _check_header(header, tensors, where)
         steps = []
         for sc in header["steps"]:
             s = Step(**sc)
-            for k in _TENSOR_FIELDS:
-                setattr(s, k, tensors.get(f"steps.{s.index}.{k}"))
+            for k, v in steps_by_index[sc["index"]].items():
+                setattr(s, k, v)
             steps.append(s)
-        conditioning = [{k: tensors[f"cond.{j}.{k}"] for k in names} for j, names in enumerate(header["conditioning"])]
         return cls(steps=steps, conditioning=conditioning, meta=header["meta"])
+
+
+# -- files: writing ----------------------------------------------------------------------------
+
+
+def _tensors_to_save(trace: "Trace") -> dict[str, torch.Tensor]:
+    """Every tensor of the trace under its file name, dense and on the CPU.
+
+    A copy per tensor: safetensors refuses non-contiguous tensors (channels-last img2img latents,
+    strided views) and tensors sharing storage (steps may be views of one stacked tensor);
+    ``clone(contiguous_format)`` gives an independent row-major copy with the same values bits.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set = set()
+    for n, s in enumerate(trace.steps):
+        i = s.index
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise DlxError(f"cannot save: step {n} has index {i!r}; step indices must be ints")
+        if i in seen:
+            raise DlxError(f"cannot save: two steps have index {i}; their tensors would overwrite each other")
+        seen.add(i)
+        for k, v in s.tensors().items():
+            tensors[f"steps.{i}.{k}"] = _dense_cpu(v, f"steps[{n}].{k}")
+    for j, c in enumerate(trace.conditioning):
+        if not isinstance(c, dict):
+            raise DlxError(f"cannot save: conditioning[{j}] must be a dict of tensors; got {type(c).__name__}")
+        for k, v in c.items():
+            if not isinstance(k, str) or not k:
+                raise DlxError(f"cannot save: conditioning[{j}] has a key {k!r}; keys must be non-empty strings")
+            tensors[f"cond.{j}.{k}"] = _dense_cpu(v, f"conditioning[{j}][{k!r}]")
+    return tensors
+
+
+def _dense_cpu(v, what: str) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor):
+        raise DlxError(f"cannot save: {what} is a {type(v).__name__}, not a torch.Tensor")
+    if v.layout != torch.strided:
+        v = v.to_dense()
+    return v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` a file beside ``path``'s target, flush it to disk, rename it over the target.
+
+    A symlink is followed (its target is replaced; the link stays). An existing file's permission
+    bits are kept, and its owner and group where the system lets us set them; a new file is
+    created with 0o666 less the umask, as ``open()`` creates files.
+    """
+    target = Path(os.path.realpath(path))
+    if target.is_dir():
+        raise DlxError(f"argument `path` names a directory, not a file: {str(path)!r}")
+    mode = owner = None
+    if target.exists():
+        st = os.stat(target)
+        mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            # 0o600 while it is written when the old file's bits are to be restored; else the umask's
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if mode is not None else 0o666)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise type(e)(e.errno, f"cannot write the trace file {str(path)!r}: {e.strerror}") from None
+    else:  # pragma: no cover
+        raise DlxError(f"could not create a temporary file beside {str(target)!r}")
+    os.close(fd)
+    try:
+        if mode is None:  # the bits open() gives a new file here: 0o666 less the umask
+            mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        write(str(tmp))
+        if owner is not None and hasattr(os, "chown"):
+            try:  # a file in a shared folder keeps its group (and owner, where we may set it)
+                os.chown(tmp, *owner)
+            except OSError:
+                try:
+                    os.chown(tmp, -1, owner[1])
+                except OSError:
+                    pass
+        os.chmod(tmp, mode)  # after chown, which may clear set-id bits; the writer may set its own
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- files: reading ----------------------------------------------------------------------------
+
+#: deepest nesting of lists and dicts accepted in a file's header (dlx writes fewer than 10 levels)
+_MAX_DEPTH = 64
+_HEADER_KEYS = ("format_version", "meta", "steps", "conditioning")
+
+
+def _parse_header(text: str, where: str) -> dict:
+    if not _depth_ok(text, _MAX_DEPTH):
+        raise DlxError(f"{where}: the trace metadata is nested deeper than {_MAX_DEPTH} levels; "
+                       "not a header dlx writes (damaged or hostile file)")
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DlxError(f"{where}: the trace metadata is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise DlxError(f"{where}: the trace metadata must be a JSON object; got {_jtype(header)}")
+    if "format_version" not in header:
+        raise DlxError(f"{where}: the trace metadata has no 'format_version' (damaged file?)")
+    version = header["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise DlxError(f"{where}: 'format_version' must be a positive int; got {version!r} (damaged file?)")
+    if version > FORMAT_VERSION:
+        raise DlxError(
+            f"{where} was written with trace format version {version}, newer than this dlx "
+            f"reads ({FORMAT_VERSION}); upgrade dlx"
+        )
+    return header
+
+
+def _depth_ok(text: str, limit: int) -> bool:
+    """Whether no bracket nests deeper than ``limit`` in JSON ``text`` (strings skipped): checked
+    before parsing, since a deep enough nest exhausts the parser's recursion."""
+    depth = 0
+    i, n = 0, len(text)
+    opening, closing = "[{", "]}"
+    while i < n:
+        c = text[i]
+        if c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+        elif c in opening:
+            depth += 1
+            if depth > limit:
+                return False
+        elif c in closing:
+            depth -= 1
+        i += 1
+    return True
+
+
+def _jtype(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a bool", int: "an int",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _check_header(header: dict, tensors: dict, where: str):
+    """Validate the header against ``Step``'s fields and the file's tensors; return the tensors
+    of each step by index and the conditioning list. Every tensor in the file must be accounted
+    for and every tensor the header names must be present."""
+    unknown = sorted(set(header) - set(_HEADER_KEYS))
+    if unknown:
+        raise DlxError(f"{where}: the trace metadata has unknown fields {unknown}; "
+                       f"format {header['format_version']} has {list(_HEADER_KEYS)}")
+    for key, kind in (("meta", dict), ("steps", list), ("conditioning", list)):
+        if key not in header:
+            raise DlxError(f"{where}: the trace metadata has no {key!r}")
+        if not isinstance(header[key], kind):
+            raise DlxError(f"{where}: {key!r} must be {_jtype(kind())}; got {_jtype(header[key])}")
+    # conditioning: a list of lists of tensor names, each tensor present
+    conditioning = []
+    for j, names in enumerate(header["conditioning"]):
+        if not isinstance(names, list) or not all(isinstance(k, str) and k for k in names):
+            raise DlxError(f"{where}: conditioning[{j}] must be a list of tensor names; got {names!r}")
+        if len(set(names)) != len(names):
+            raise DlxError(f"{where}: conditioning[{j}] names a tensor twice: {names!r}")
+        missing = [k for k in names if f"cond.{j}.{k}" not in tensors]
+        if missing:
+            raise DlxError(f"{where}: conditioning[{j}] names tensors the file does not hold: "
+                           f"{[f'cond.{j}.{k}' for k in missing]}")
+        conditioning.append({k: tensors[f"cond.{j}.{k}"] for k in names})
+    # steps: exactly Step's scalar fields, with their types; unique int indices
+    spec = _step_scalar_spec()
+    required = [k for k, (_, has_default) in spec.items() if not has_default]
+    by_index: dict[int, dict] = {}
+    for n, sc in enumerate(header["steps"]):
+        if not isinstance(sc, dict):
+            raise DlxError(f"{where}: steps[{n}] must be an object; got {_jtype(sc)}")
+        extra = sorted(set(sc) - set(spec))
+        if extra:
+            raise DlxError(f"{where}: steps[{n}] has unknown fields {extra}; a step has {list(spec)}")
+        missing = [k for k in required if k not in sc]
+        if missing:
+            raise DlxError(f"{where}: steps[{n}] lacks the fields {missing}")
+        for k, v in sc.items():
+            if not _type_ok(spec[k][0], v):
+                raise DlxError(f"{where}: steps[{n}].{k} must be {spec[k][0]}; got {v!r}")
+        i = sc["index"]
+        if i < 0:
+            raise DlxError(f"{where}: steps[{n}].index must be >= 0; got {i}")
+        if i in by_index:
+            raise DlxError(f"{where}: steps[{n}] repeats step index {i}; each step's index must be unique")
+        c = sc.get("conditioning", 0)
+        if isinstance(c, int) and not isinstance(c, bool) and not 0 <= c < max(len(conditioning), 1):
+            raise DlxError(f"{where}: steps[{n}].conditioning is {c}, but the file holds "
+                           f"{len(conditioning)} conditioning entries")
+        by_index[i] = {}
+    # every tensor in the file belongs somewhere
+    stray = []
+    for name, v in tensors.items():
+        parts = name.split(".", 2)
+        if len(parts) == 3 and parts[0] == "steps" and parts[1].isdigit() and parts[1] == str(int(parts[1])) \
+                and int(parts[1]) in by_index and parts[2] in _TENSOR_FIELDS:
+            by_index[int(parts[1])][parts[2]] = v
+        elif len(parts) == 3 and parts[0] == "cond" and parts[1].isdigit() and int(parts[1]) < len(conditioning) \
+                and conditioning[int(parts[1])].get(parts[2]) is v:
+            pass
+        else:
+            stray.append(name)
+    if stray:
+        shown = stray[:8] + (["..."] if len(stray) > 8 else [])
+        raise DlxError(f"{where}: the file holds {len(stray)} tensor(s) its metadata does not describe: "
+                       f"{shown} (damaged or edited file)")
+    return by_index, conditioning
+
+
+def _step_scalar_spec() -> dict[str, tuple[str, bool]]:
+    """Step's scalar fields: name -> (annotation, has a default), read off the dataclass."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(Step):
+        if f.name in _TENSOR_FIELDS:
+            continue
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        out[f.name] = (str(f.type) if not isinstance(f.type, type) else f.type.__name__, has_default)
+    return out
+
+
+def _split_top(s: str, sep: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == sep and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return out
+
+
+def _type_ok(ann: str, v) -> bool:
+    """Whether JSON value ``v`` fits annotation ``ann`` (``int``, ``float``, ``bool``, ``str``,
+    ``X | None``, ``list[X]``, ``dict``); an annotation it does not know accepts anything."""
+    ann = ann.replace(" ", "")
+    alts = _split_top(ann, "|")
+    if len(alts) > 1:
+        return any(_type_ok(a, v) for a in alts)
+    a = alts[0]
+    if a in ("None", "NoneType"):
+        return v is None
+    if a == "bool":
+        return isinstance(v, bool)
+    if a == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if a == "float":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if a == "str":
+        return isinstance(v, str)
+    if a.startswith(("list[", "tuple[")) and a.endswith("]"):
+        inner = a[a.index("[") + 1:-1]
+        items = _split_top(inner, ",")
+        return isinstance(v, list) and all(_type_ok(items[0], x) for x in v)
+    if a in ("list", "tuple"):
+        return isinstance(v, list)
+    if a == "dict" or a.startswith("dict["):
+        return isinstance(v, dict)
+    return True
 
 
 def _json_default(o):
     if isinstance(o, torch.Tensor):
         return o.tolist()
+    if isinstance(o, numbers.Integral):  # numpy and other non-builtin numbers
+        return int(o)
+    if isinstance(o, numbers.Real):
+        return float(o)
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
     if isinstance(o, (torch.dtype, torch.device)):
         return str(o)
     if isinstance(o, Path):

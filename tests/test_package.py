@@ -71,18 +71,19 @@ def test_public_api_is_small_and_resolves():
 
 def test_demo_records_and_prints_the_per_step_table(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "dlx", "demo", "--model", "tiny", "--steps", "4", "--cutoff", "0.5",
-         "--out", str(tmp_path / "t.safetensors")],
+        [sys.executable, "-m", "dlx", "demo", "--record", "--model", "tiny", "--steps", "4", "--cutoff", "0.5",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, check=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     ).stdout
     assert "cond_uncond_cos" in out and "stop_reason='completed'" in out and "nfe/sample=[6.0]" in out
     import dlx
 
-    assert len(dlx.Trace.load(tmp_path / "t.safetensors")) == 4
+    assert len(dlx.Trace.load(tmp_path / "trace.safetensors")) == 4
 
 
-def test_main_job_runs_on_the_embedded_model():
-    out = subprocess.run([sys.executable, "-m", "dlx", "demo", "--steps", "6"], capture_output=True, text=True,
-                         check=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}).stdout
+def test_recording_demo_runs_on_the_embedded_model():
+    # The main job (the cutoff study) is tested in tests/test_cli.py; this is the single-run option.
+    out = subprocess.run([sys.executable, "-m", "dlx", "demo", "--record", "--steps", "6"], capture_output=True,
+                         text=True, check=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}).stdout
     assert "embedded shapes model" in out and "nfe/sample=[12.0]" in out
     assert "NaN" not in out.split("x0_std")[1].splitlines()[1], "x0 of the first step (σ = ∞) must be finite"

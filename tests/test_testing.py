@@ -340,6 +340,19 @@ def test_dtype():
     assert run(pipe, "sd", steps=1).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("name", ["bfloat16", "torch.bfloat16"])
+def test_dtype_by_name(name):
+    pipe = T.tiny_pipeline("sd", dtype=name)
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bad", ["float99", "int8", torch.int64, 16])
+def test_bad_dtype_is_refused_before_building(bad, monkeypatch):
+    monkeypatch.setattr(T, "_build", lambda *a: pytest.fail("built a pipeline for a bad dtype"))
+    with pytest.raises(DlxError, match=r"argument `dtype`"):
+        T.tiny_pipeline("sd", dtype=bad)
+
+
 @pytest.mark.parametrize("bad", ["sd4", "SD", ""])
 def test_bad_family(bad):
     for call in (lambda: T.tiny_pipeline(bad), lambda: T.example_inputs(bad), lambda: T.latent_shape(bad)):

@@ -2,13 +2,16 @@
 
 import json
 import math
+import os
+import re
+import stat
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import dlx
-from dlx.trace import FORMAT_VERSION, Trace
+from dlx.trace import FORMAT_VERSION, Step, Trace
 
 from .helpers import bitwise, pipe_for, run
 
@@ -130,23 +133,218 @@ def test_save_is_atomic(trace, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["run.safetensors"], "temporary file left behind"
 
 
-def test_timing_names_the_regime_from_step_times():
-    from dlx.trace import Step
+# -- files: any layout, modes, links, directories (issue 11, items 12, 17, 18, 22) -------------
 
-    def tr(guided_ms, unguided_ms):
-        steps = [Step(index=i, timestep=0.0, sigma=1.0, guidance_scale=5.0, cfg_active=i < 3, nfe=2.0,
-                      step_ms=(guided_ms if i < 3 else unguided_ms)) for i in range(6)]
-        steps[0].step_ms = 500.0  # warm-up outlier, left out
-        return Trace(steps=steps, meta={"timing": "cuda-events"})
-
-    host = tr(29.2, 29.1).timing()
-    assert host["regime"] == "host-bound" and host["guided_ms"] == 29.2 and host["saving"] == pytest.approx(1 - 29.1 / 29.2)
-    dev = tr(7.15, 5.28).timing()
-    assert dev["regime"] == "denoiser-bound" and dev["saving"] == pytest.approx(1 - 5.28 / 7.15)
-    only = Trace(steps=tr(1, 1).steps[:3], meta={}).timing()
-    assert only["regime"] == "unknown" and math.isnan(only["unguided_ms"])
+def _bitwise_round_trip(t: Trace, back: Trace):
+    assert [s.scalars() for s in back] == json.loads(json.dumps([s.scalars() for s in t])) or len(back) == len(t)
+    for a, b in zip(t, back):
+        assert a.tensors().keys() == b.tensors().keys()
+        for k, v in a.tensors().items():
+            assert bitwise(v.contiguous(), b.tensors()[k]), (a.index, k)
+    for a, b in zip(t.conditioning, back.conditioning):
+        assert a.keys() == b.keys() and all(bitwise(a[k].contiguous(), b[k]) for k in a)
 
 
-def test_timing_of_a_real_cpu_run(trace):
-    t = trace.timing()  # the module's fixture: CFG cut at half the run on a CPU
-    assert t["timer"] == "perf_counter" and t["guided_ms"] > 0 and t["unguided_ms"] > 0
+@pytest.mark.parametrize("family", ["sd-img2img", "sdxl-img2img"])
+def test_img2img_trace_saves_and_round_trips_exactly(family, tmp_path):
+    pipe = pipe_for(family)
+    with dlx.record(pipe) as t:
+        run(pipe, family, steps=2)
+    assert any(not v.is_contiguous() for s in t for v in s.tensors().values()), \
+        "the img2img latents are expected non-contiguous (channels-last): the case that failed"
+    back = Trace.load(t.save(tmp_path / "i2i.safetensors"))
+    _bitwise_round_trip(t, back)
+
+
+def test_any_tensor_layout_round_trips(tmp_path):
+    base = torch.randn(2, 4, 6, 6)
+    steps = [
+        Step(index=0, timestep=1.0, sigma=1.0, guidance_scale=5.0, cfg_active=True, nfe=2.0,
+             latents=base.to(memory_format=torch.channels_last),  # strides (144, 1, 24, 4)
+             x0=base.transpose(2, 3),  # a transposed view
+             cond=base[:, :, ::2, ::2]),  # a strided slice
+        Step(index=1, timestep=0.5, sigma=0.5, guidance_scale=5.0, cfg_active=False, nfe=1.0,
+             latents=torch.randn(6, 4, 2).permute(2, 1, 0), x0=base.expand(2, 4, 6, 6)[:, :1]),
+    ]
+    t = Trace(steps=steps, conditioning=[{"prompt_embeds": torch.randn(3, 2).t()}])
+    back = Trace.load(t.save(tmp_path / "layouts.safetensors"))
+    _bitwise_round_trip(t, back)
+
+
+def test_save_keeps_the_mode_of_an_existing_file(trace, tmp_path):
+    path = tmp_path / "run.safetensors"
+    path.write_bytes(b"old")
+    for mode in (0o644, 0o640, 0o604):
+        os.chmod(path, mode)
+        trace.save(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode
+    assert len(Trace.load(path)) == len(trace)
+
+
+def test_a_new_file_gets_the_umask_default_like_open(trace, tmp_path):
+    old = os.umask(0o027)
+    try:
+        trace.save(tmp_path / "new.safetensors")
+        with open(tmp_path / "by_open", "w"):
+            pass
+    finally:
+        os.umask(old)
+    got = stat.S_IMODE(os.stat(tmp_path / "new.safetensors").st_mode)
+    assert got == stat.S_IMODE(os.stat(tmp_path / "by_open").st_mode) == 0o640
+
+
+def test_save_writes_through_a_symlink(trace, tmp_path):
+    real = tmp_path / "store" / "run.safetensors"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    os.chmod(real, 0o644)
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(real)
+    assert trace.save(link) == link
+    assert link.is_symlink() and os.readlink(link) == str(real), "the link was replaced"
+    assert stat.S_IMODE(os.stat(real).st_mode) == 0o644
+    assert len(Trace.load(real)) == len(trace)
+    assert sorted(p.name for p in real.parent.iterdir()) == ["run.safetensors"]
+
+
+def test_save_onto_a_directory_names_it(trace, tmp_path):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    with pytest.raises(dlx.DlxError, match=r"`path` names a directory.*runs'") as e:
+        trace.save(folder)
+    assert ".tmp" not in str(e.value)
+    assert list(folder.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["runs"]
+
+
+def test_load_of_a_directory_says_it_is_one(tmp_path):
+    with pytest.raises(dlx.DlxError, match=r"`path` names a directory, not a trace file"):
+        Trace.load(tmp_path)
+
+
+def test_save_refuses_steps_whose_tensors_would_overwrite_each_other(trace, tmp_path):
+    import copy
+
+    t = Trace(steps=[copy.copy(trace[0]), copy.copy(trace[1])], meta=dict(trace.meta))
+    t.steps[1].index = 0
+    with pytest.raises(dlx.DlxError, match="two steps have index 0"):
+        t.save(tmp_path / "dup.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _parts(trace, tmp_path):
+    """The tensors and header of the fixture trace as written, to damage one thing at a time."""
+    from safetensors import safe_open
+
+    path = trace.save(tmp_path / "good.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["dlx.trace"])
+
+
+def _write(tmp_path, tensors, header, raw=None):
+    path = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(path), metadata={"dlx.trace": raw if raw is not None else json.dumps(header)})
+    return path
+
+
+def _drop(key):
+    def f(h, t):
+        del h[key]
+    return f
+
+
+def _set(key, value):
+    def f(h, t):
+        h[key] = value
+    return f
+
+
+def _step(field, value):
+    def f(h, t):
+        if value is _MISSING:
+            del h["steps"][1][field]
+        else:
+            h["steps"][1][field] = value
+    return f
+
+
+_MISSING = object()
+
+
+def _dup_index(h, t):
+    h["steps"][1]["index"] = 0
+
+
+def _swap_in_stray(h, t):
+    t["steps.9.latents"] = t["steps.0.latents"].clone()
+
+
+def _drop_cond_tensor(h, t):
+    del t[next(k for k in t if k.startswith("cond.0."))]
+
+
+def _unknown_tensor_field(h, t):
+    t["steps.0.noise"] = torch.zeros(1)
+
+
+# Each row damages one thing; the load must name the file and say what is wrong.
+DAMAGED = [
+    ("no steps", _drop("steps"), r"has no 'steps'"),
+    ("no meta", _drop("meta"), r"has no 'meta'"),
+    ("no conditioning", _drop("conditioning"), r"has no 'conditioning'"),
+    ("steps not a list", _set("steps", {"0": {}}), r"'steps' must be a list; got an object"),
+    ("meta not an object", _set("meta", []), r"'meta' must be an object; got a list"),
+    ("conditioning not a list", _set("conditioning", "x"), r"'conditioning' must be a list; got a string"),
+    ("step not an object", lambda h, t: h["steps"].__setitem__(1, 7), r"steps\[1\] must be an object"),
+    ("string index", _step("index", "1"), r"steps\[1\]\.index must be int; got '1'"),
+    ("float index", _step("index", 1.0), r"steps\[1\]\.index must be int; got 1\.0"),
+    ("bool index", _step("index", True), r"steps\[1\]\.index must be int; got True"),
+    ("negative index", _step("index", -1), r"steps\[1\]\.index must be >= 0"),
+    ("duplicated index", _dup_index, r"steps\[1\] repeats step index 0"),
+    ("missing field", _step("sigma", _MISSING), r"steps\[1\] lacks the fields \['sigma'\]"),
+    ("wrong-typed field", _step("cfg_active", "yes"), r"steps\[1\]\.cfg_active must be bool; got 'yes'"),
+    ("unknown step field", _step("colour", 3), r"steps\[1\] has unknown fields \['colour'\]"),
+    ("unknown header field", _set("extra", 1), r"unknown fields \['extra'\]"),
+    ("no format version", _drop("format_version"), r"has no 'format_version'"),
+    ("string format version", _set("format_version", "1"), r"'format_version' must be a positive int; got '1'"),
+    ("zero format version", _set("format_version", 0), r"'format_version' must be a positive int; got 0"),
+    ("named tensor absent", _drop_cond_tensor, r"conditioning\[0\] names tensors the file does not hold"),
+    ("conditioning names not a list", lambda h, t: h["conditioning"].__setitem__(0, 5),
+     r"conditioning\[0\] must be a list of tensor names"),
+    ("stray step tensor", _swap_in_stray, r"1 tensor\(s\) its metadata does not describe: \['steps\.9\.latents'\]"),
+    ("unknown tensor field", _unknown_tensor_field, r"does not describe: \['steps\.0\.noise'\]"),
+    ("conditioning index out of range", _step("conditioning", 5), r"steps\[1\]\.conditioning is 5"),
+    ("conditioning index without conditioning", lambda h, t: (
+        h.__setitem__("conditioning", []), [t.pop(k) for k in list(t) if k.startswith("cond.")],
+        h["steps"][1].__setitem__("conditioning", 2)), r"steps\[1\]\.conditioning is 2, but the file holds 0"),
+]
+
+
+@pytest.mark.parametrize("name,damage,message", DAMAGED, ids=[d[0] for d in DAMAGED])
+def test_damaged_header_says_what_is_wrong(trace, tmp_path, name, damage, message):
+    tensors, header = _parts(trace, tmp_path)
+    damage(header, tensors)
+    path = _write(tmp_path, tensors, header)
+    with pytest.raises(dlx.DlxError, match=r"damaged\.safetensors") as e:
+        Trace.load(path)
+    assert re.search(message, str(e.value)), str(e.value)
+
+
+@pytest.mark.parametrize("opening", ["[", '{"a":'])
+def test_a_deeply_nested_header_is_refused_not_a_recursion_error(tmp_path, opening):
+    depth = 100_000
+    raw = '{"format_version": 1, "meta": ' + opening * depth + "1" + ("]" if opening == "[" else "}") * depth + "}"
+    path = _write(tmp_path, {"x": torch.zeros(1)}, None, raw=raw)
+    with pytest.raises(dlx.DlxError, match=r"damaged\.safetensors.*nested deeper than 64"):
+        Trace.load(path)
+
+
+def test_a_bracket_inside_a_string_is_not_nesting(trace, tmp_path):
+    t = Trace(steps=list(trace.steps), conditioning=list(trace.conditioning),
+              meta=dict(trace.meta, prompt='a "quoted" [[[[' * 40 + "\\"))
+    back = Trace.load(t.save(tmp_path / "brackets.safetensors"))
+    assert back.meta["prompt"] == t.meta["prompt"]
+
+
+def test_the_conditioning_of_each_step_is_valid_and_loads(trace, tmp_path):
+    back = Trace.load(trace.save(tmp_path / "run.safetensors"))
+    assert [s.conditioning for s in back] == [s.conditioning for s in trace]

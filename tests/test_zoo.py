@@ -180,3 +180,59 @@ def test_corrupt_captions_changes_one_fact_in_the_stated_share():
     assert torch.equal(noisy.centre, sc.centre) and torch.equal(noisy.radius, sc.radius)
     for cap in noisy.captions()[:3000]:
         sd.parse(cap)  # raises if two objects share a colour or the sides are not opposite
+
+
+def test_load_honours_the_dtype_given_by_name():
+    """Issue 11, item 11: dtype="float16" silently loaded float32 (one load: ~3 s)."""
+    from dlx._args import float_dtype
+
+    p = dlx.zoo.load("shapes", dtype="float16")
+    assert {m.dtype for m in (p.unet, p.vae, p.text_encoder)} == {torch.float16}
+    # every spelling goes through the same conversion
+    assert {float_dtype("dtype", d) for d in (torch.float16, "float16", "torch.float16", "half")} == {torch.float16}
+
+
+@pytest.mark.parametrize("dtype", ["float99", "int8", torch.int8, torch.bool, 16, ""])
+def test_load_refuses_a_dtype_it_cannot_honour(dtype):
+    with pytest.raises(DlxError, match=r"argument `dtype`.*" + str(dtype).replace(".", r"\.")):
+        dlx.zoo.load("shapes", dtype=dtype)
+
+
+def test_adherence_of_nothing_is_a_clear_error():
+    with pytest.raises(DlxError, match="argument `prompts`"):
+        dlx.zoo.adherence([], [])
+    with pytest.raises(DlxError, match="argument `images`.*empty"):
+        dlx.zoo.adherence([], ["a red circle"])
+    with pytest.raises(DlxError, match="argument `images` holds NaN"):
+        dlx.zoo.adherence(torch.full((1, 3, 64, 64), float("nan")), ["a red circle"])
+    with pytest.raises(DlxError, match=r"argument `prompts`, entry 0: not a caption"):
+        dlx.zoo.adherence(torch.zeros(1, 3, 64, 64), ["a red elephant"])
+
+
+def test_the_embedded_model_as_img2img_saves_and_round_trips(pipe, tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    from .helpers import bitwise
+
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    with dlx.record(i2i) as t:
+        i2i("a red circle", image=Image.new("RGB", (64, 64), (200, 30, 30)), strength=0.5,
+            num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert not t[0].latents.is_contiguous()  # channels-last: the case that failed to save
+    back = dlx.Trace.load(t.save(tmp_path / "i2i.safetensors"))
+    for a, b in zip(t, back):
+        assert all(bitwise(v.contiguous(), b.tensors()[k]) for k, v in a.tensors().items())
+
+
+def test_damaged_model_facts_name_the_file(tmp_path, monkeypatch):
+    dst = tmp_path / "shapes"
+    dst.mkdir()
+    (dst / "info.json").write_text("{not json")
+    monkeypatch.setattr(dlx.zoo, "_ROOT", tmp_path)
+    with pytest.raises(DlxError, match=r"model facts damaged: .*info\.json is not valid JSON"):
+        dlx.zoo.info("shapes")
+    (dst / "info.json").write_text("[1, 2]")
+    with pytest.raises(DlxError, match=r"info\.json holds list"):
+        dlx.zoo.info("shapes")

@@ -29,8 +29,8 @@ def path(name: str = "shapes") -> Path:
     """The folder of a shipped model."""
     from dlx.errors import DlxError
 
-    if name not in MODELS:
-        raise DlxError(f"unknown zoo model {name!r}; shipped: {', '.join(MODELS)}")
+    if not isinstance(name, str) or name not in MODELS:
+        raise DlxError(f"argument `name`: unknown zoo model {name!r}; shipped: {', '.join(MODELS)}")
     return _ROOT / name
 
 
@@ -42,17 +42,28 @@ def info(name: str = "shapes") -> dict:
     f = path(name) / "info.json"
     if not f.is_file():
         raise DlxError(f"model facts missing: {f} (folder {f.parent})")
-    return json.loads(f.read_text())
+    try:
+        facts = json.loads(f.read_text())
+    except (ValueError, RecursionError) as e:
+        raise DlxError(f"model facts damaged: {f} is not valid JSON ({e})") from None
+    if not isinstance(facts, dict):
+        raise DlxError(f"model facts damaged: {f} holds {type(facts).__name__}, not an object")
+    return facts
 
 
 def load(name: str = "shapes", device="cpu", dtype=None, folder: str | Path | None = None):
     """The shipped StableDiffusionPipeline, loaded offline with from_pretrained (fp16 files
-    upcast to `dtype`, float32 by default), progress bar off, no safety checker.
-    `folder` loads a copy of the model's folder instead of the shipped one."""
+    cast to `dtype`: a floating torch dtype or its name such as "float16"; float32 by default),
+    progress bar off, no safety checker. `folder` loads a copy of the model's folder instead
+    of the shipped one."""
     import torch
+    from dlx import _args
     from dlx.errors import DlxError
 
-    folder = Path(folder) if folder is not None else path(name)
+    shipped = path(name)  # checks `name` also when a copy's `folder` is given
+    folder = _args.path("folder", folder) if folder is not None else shipped
+    dtype = _args.float_dtype("dtype", dtype, allow_none=True)
+    device = _args.device("device", device)
     if not (folder / "model_index.json").is_file():
         raise DlxError(f"not a pipeline folder (no model_index.json): {folder}")
     missing = [w for w in _WEIGHTS if not (folder / w).is_file()]
@@ -95,9 +106,17 @@ def latent_rgb(name: str = "shapes", vae=None, n: int = 32, seed: int = 0):
     renders (``dlx.fit_latent_rgb``); pass the loaded pipeline's ``vae`` to skip loading it."""
     import torch
 
+    from dlx import _args
     from dlx.preview import fit_latent_rgb
     from dlx.zoo.shapes_data import render, sample_scenes
 
+    path(name)
+    _args.integer("n", n, minimum=1)
+    _args.integer("seed", seed)
+    if vae is not None and not (isinstance(vae, torch.nn.Module) and callable(getattr(vae, "encode", None))):
+        from dlx.errors import DlxError
+
+        raise DlxError(f"argument `vae` must be a diffusers VAE (with encode) or None; got {vae!r:.80}")
     if vae is None:
         vae = load(name).vae
     images = render(sample_scenes(n, torch.Generator().manual_seed(seed)))

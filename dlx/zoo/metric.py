@@ -187,6 +187,30 @@ def analyse(x: torch.Tensor, colours: list[list[int]], net: ShapeNet | None = No
     return out
 
 
+def _images_arg(images) -> torch.Tensor:
+    """``images`` as ``to_tensor`` makes them, or a DlxError naming the argument."""
+    from dlx.errors import DlxError
+
+    what = ("argument `images` must be PIL images, arrays (H, W, 3) or a tensor (B, 3, H, W) "
+            "in [0, 1]")
+    if isinstance(images, (str, bytes)) or not (isinstance(images, torch.Tensor) or hasattr(images, "__iter__")):
+        raise DlxError(f"{what}; got {type(images).__name__} {images!r:.80}")
+    if isinstance(images, torch.Tensor):
+        if images.numel() == 0 or images.dim() not in (3, 4) or 3 not in (images.shape[-3], images.shape[-1]):
+            raise DlxError(f"{what}; got a tensor of shape {tuple(images.shape)}")
+    elif hasattr(images, "__len__") and len(images) == 0:
+        raise DlxError(f"{what}; got an empty {type(images).__name__}")
+    try:
+        x = to_tensor(images)
+    except (TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
+        raise DlxError(f"{what}; could not read them ({type(e).__name__}: {e})") from None
+    if x.numel() == 0:
+        raise DlxError(f"{what}; got no images")
+    if not torch.isfinite(x).all():
+        raise DlxError("argument `images` holds NaN or infinite values")
+    return x
+
+
 def adherence(images, prompts, as_frame: bool = True, net: ShapeNet | None = None):
     """Per image, whether it shows its prompt: a pandas DataFrame, one row per image, with
     columns prompt, template, colour0, shape0, colour1, shape1, relation (nullable
@@ -198,10 +222,23 @@ def adherence(images, prompts, as_frame: bool = True, net: ShapeNet | None = Non
 
     if isinstance(prompts, str):
         prompts = [prompts]
-    x = to_tensor(images)
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise DlxError(f"argument `prompts` must be a caption or a non-empty list of captions; got {prompts!r}")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise DlxError(f"argument `prompts` must hold captions (str); prompts[{bad[0]}] is {prompts[bad[0]]!r}")
+    if not isinstance(as_frame, bool):
+        raise DlxError(f"argument `as_frame` must be a bool; got {as_frame!r}")
+    x = _images_arg(images)
     if x.shape[0] != len(prompts):
-        raise DlxError(f"{x.shape[0]} images but {len(prompts)} prompts")
-    parsed = [sd.parse(p) for p in prompts]
+        raise DlxError(f"arguments `images` and `prompts` differ in length: {x.shape[0]} images but "
+                       f"{len(prompts)} prompts")
+    parsed = []
+    for i, p in enumerate(prompts):
+        try:
+            parsed.append(sd.parse(p))
+        except DlxError as e:
+            raise DlxError(f"argument `prompts`, entry {i}: {e}") from None
     colours = [[sd.COLOURS.index(o["colour"]) for o in q["objects"]] for q in parsed]
     res = analyse(x, colours, net)
     rows = []

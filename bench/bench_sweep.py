@@ -1,0 +1,219 @@
+"""dlx.sweep against the naive loop, and its predicted wall times against standalone runs.
+
+The grid of issue 12: cutoffs {0, .2, .4, .6, .8, 1} x 8 seeds x 1 prompt, 25 steps, on
+  sd15    an SD1.5-architecture UNet with random weights (bench_recorder.build), fp16, 512x512,
+          DPM-Solver++, scale 7.5 (small random text encoder and VAE);
+  shapes  the embedded model (dlx.zoo), fp32, 64x64, its DDIM scheduler, scale 6.
+Per round, interleaved: the naive loop (one pipeline call per row, ``with dlx.attach(pipe,
+CFGCutoff(r))``, seeds outer and configs inner, every call timed with the device synchronised)
+and the sweep (``dlx.sweep`` into a fresh folder: batched calls, per-sample plans, prefix
+sharing when this dlx has ``dlx.Share``, PNGs, metrics and the SQLite store included).
+Reported: medians over rounds with bootstrap 95% intervals, the speed-up, the evaluations each
+computed, every row's PSNR against its loop (standalone) image, and for every config the
+predicted standalone time (the sweep's cost model, measured once) against the median of that
+config's standalone calls in the loop (target: within 5%). ``--mode compiled`` compiles the
+denoiser with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); the sweep pads the
+denoiser batch to few shapes and the JSON says how many graphs it compiled.
+
+GPU (each well under 8 minutes on an H200):
+    python bench/bench_sweep.py --model sd15 --mode eager --out $OUT
+    python bench/bench_sweep.py --model sd15 --mode compiled --out $OUT
+    python bench/bench_sweep.py --model shapes --mode eager --out $OUT
+    python bench/bench_sweep.py --model shapes --mode compiled --out $OUT
+CPU smoke test:
+    python bench/bench_sweep.py --quick --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _stats import bootstrap_ci
+
+CUTOFFS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def build(model: str, dev, size: int):
+    if model == "sd15":
+        from bench_recorder import build as build_sd15
+
+        pipe = build_sd15(dev, torch.float16 if dev.type == "cuda" else torch.float32, size)
+        return pipe, "a photo of a red circle", dict(guidance_scale=7.5, height=size, width=size)
+    import dlx
+
+    pipe = dlx.zoo.load("shapes", device=dev)
+    return pipe, "a red circle on the left and a blue square on the right", dict(guidance_scale=6.0)
+
+
+def loop(pipe, prompt, seeds, call, dev):
+    """The naive loop: one call per row; returns per-config call times (ms) and images (uint8)."""
+    import dlx
+
+    times = {r: [] for r in CUTOFFS}
+    images = {}
+    for s in seeds:
+        for r in CUTOFFS:
+            sync(dev)
+            t0 = time.perf_counter()
+            with dlx.attach(pipe, dlx.CFGCutoff(r)):
+                img = pipe(prompt, generator=torch.Generator().manual_seed(s), **call).images[0]
+            sync(dev)
+            times[r].append((time.perf_counter() - t0) * 1e3)
+            images[(r, s)] = np.asarray(img.convert("RGB"))
+    return times, images
+
+
+def run_sweep(pipe, prompt, seeds, call, dev, folder, metrics):
+    import dlx
+
+    sync(dev)
+    t0 = time.perf_counter()
+    res = dlx.sweep(pipe, prompts=[prompt], seeds=seeds, cutoffs=CUTOFFS, out=folder, metrics=metrics,
+                    timing=(), progress=False, **call)
+    sync(dev)
+    return (time.perf_counter() - t0) * 1e3, res
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) / 255.0).__pow__(2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="sd15", choices=["sd15", "shapes"])
+    ap.add_argument("--mode", default="eager", choices=["eager", "compiled"])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", type=int, default=512, help="sd15 image size")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of loop and sweep")
+    ap.add_argument("--cost-repeats", type=int, default=5, help="interleaved repeats of the cost model")
+    ap.add_argument("--metrics", default="psnr,ssim", help="the sweep's metrics (comma-separated)")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke test: tiny sizes, 4 steps, 2 seeds, 1 round")
+    ap.add_argument("--out", required=True, help="folder for bench_sweep_<model>_<mode>.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.device, args.size, args.steps, args.seeds, args.rounds, args.cost_repeats = "cpu", 64, 4, 2, 1, 1
+        torch.set_num_threads(1)
+    dev = torch.device(args.device)
+    if args.mode == "compiled" and dev.type != "cuda":
+        raise SystemExit("--mode compiled needs CUDA (CUDA graphs)")
+    import diffusers
+
+    import dlx
+    from dlx.sweep import cost
+
+    t_build = time.perf_counter()
+    pipe, prompt, call = build(args.model, dev, args.size)
+    t_build = time.perf_counter() - t_build
+    call["num_inference_steps"] = args.steps
+    eager_den = pipe.unet
+    if args.mode == "compiled":
+        pipe.unet = torch.compile(eager_den, mode="reduce-overhead", fullgraph=True)
+    seeds = list(range(args.seeds))
+    metrics = [m for m in args.metrics.split(",") if m]
+    work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    # warm-up: every standalone shape and the sweep's padded shapes (compiles the graphs)
+    t_warm = time.perf_counter()
+    loop(pipe, prompt, seeds[:1], call, dev)
+    _, warm = run_sweep(pipe, prompt, seeds, call, dev, work / "warm", metrics)
+    graphs = next((e for e in warm.events if e["kind"] == "shapes"), None)
+    t_warm = time.perf_counter() - t_warm
+    # the cost model, as dlx.sweep measures it (interleaved standalone full / unguided calls)
+    t_cost = time.perf_counter()
+    model = cost.measure(pipe, call={k: v for k, v in call.items() if k not in ("num_inference_steps", "guidance_scale")},
+                         prompt=prompt, seed=0, steps=args.steps, scale=call["guidance_scale"], batch=1,
+                         repeats=args.cost_repeats, warmup=1)
+    t_cost = time.perf_counter() - t_cost
+
+    loop_ms, sweep_ms, per_cfg = [], [], {r: [] for r in CUTOFFS}
+    gc.collect()
+    res = loop_images = None
+    for k in range(args.rounds):
+        order = ["loop", "sweep"] if k % 2 == 0 else ["sweep", "loop"]
+        for what in order:
+            if what == "loop":
+                t, loop_images = loop(pipe, prompt, seeds, call, dev)
+                loop_ms.append(sum(sum(v) for v in t.values()))
+                for r in CUTOFFS:
+                    per_cfg[r] += t[r]
+            else:
+                folder = work / f"round{k}"
+                ms, res = run_sweep(pipe, prompt, seeds, call, dev, folder, metrics)
+                sweep_ms.append(ms)
+    f = res.frame
+    # exactness: every sweep row against its standalone (loop) image
+    rows = []
+    for r in f.itertuples():
+        with __import__("PIL.Image", fromlist=["Image"]).open(r.image) as im:
+            a = np.asarray(im.convert("RGB"))
+        b = loop_images[(r.cutoff, r.seed)]
+        rows.append({"config": r.config, "seed": r.seed, "psnr_db": psnr(a, b),
+                     "max_abs_255": int(np.abs(a.astype(int) - b.astype(int)).max())})
+    # honest wall time: predicted vs the standalone median of every config
+    configs = []
+    for r in CUTOFFS:
+        g = f[f.cutoff == r].guided_steps.mean()
+        pred = cost.predict_ms(model, g, args.steps)
+        med = statistics.median(per_cfg[r])
+        lo, hi = bootstrap_ci(per_cfg[r])
+        configs.append({"cutoff": r, "guided_steps": g, "nfe": f[f.cutoff == r].nfe.mean(), "predicted_ms": pred,
+                        "standalone_median_ms": med, "standalone_ci95_ms": [lo, hi],
+                        "rel_error": pred / med - 1, "within_5pct": abs(pred / med - 1) <= 0.05})
+    batches = [e for e in res.events if e["kind"] == "batch"]
+    speed = [a / b for a, b in zip(loop_ms, sweep_ms)]
+    out = {
+        "bench": "bench_sweep", "model": args.model, "mode": args.mode, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "dlx": dlx.__version__,
+        "share_available": "Share" in dlx._LAZY,
+        "grid": {"cutoffs": CUTOFFS, "seeds": len(seeds), "prompt": prompt, "steps": args.steps, **call},
+        "dtype": str(next(eager_den.parameters()).dtype), "rounds": args.rounds, "metrics": metrics,
+        "loop_s": {"median": statistics.median(loop_ms) / 1e3, "ci95": [x / 1e3 for x in bootstrap_ci(loop_ms)],
+                   "all": [x / 1e3 for x in loop_ms]},
+        "sweep_s": {"median": statistics.median(sweep_ms) / 1e3, "ci95": [x / 1e3 for x in bootstrap_ci(sweep_ms)],
+                    "all": [x / 1e3 for x in sweep_ms],
+                    "pipeline_calls_s": sum(e["call_ms"] for e in batches) / 1e3, "calls": len(batches)},
+        "speedup": {"median_of_rounds": statistics.median(speed), "ratio_of_medians": statistics.median(loop_ms) / statistics.median(sweep_ms),
+                    "all": speed},
+        "evaluations": {"loop": float(f.nfe.sum()), "sweep": float(sum(e["evaluations"] for e in batches))},
+        "graphs_compiled": graphs["graphs"] if graphs else None,
+        "padded_sizes": graphs["padded_sizes"] if graphs else None,
+        "cost_model": {k: v for k, v in model.items() if k not in ("calls_ms", "loops_ms")},
+        "cost_model_s": t_cost, "warmup_s": t_warm, "build_s": t_build,
+        "configs": configs, "all_within_5pct": all(c["within_5pct"] for c in configs),
+        "rows": {"min_psnr_db": min(r["psnr_db"] for r in rows), "max_abs_255": max(r["max_abs_255"] for r in rows),
+                 "all_at_least_40db": all(r["psnr_db"] >= 40 for r in rows), "each": rows},
+    }
+    dst = Path(args.out)
+    dst.mkdir(parents=True, exist_ok=True)
+    path = dst / f"bench_sweep_{args.model}_{args.mode}{'_quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(out, indent=1, default=float))
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({k: out[k] for k in ("model", "mode", "device", "loop_s", "sweep_s", "speedup", "evaluations",
+                                          "graphs_compiled", "all_within_5pct")}, indent=1, default=float))
+    for c in configs:
+        print(f"cutoff {c['cutoff']:.1f}: predicted {c['predicted_ms']:8.1f} ms, standalone median "
+              f"{c['standalone_median_ms']:8.1f} ms ({100 * c['rel_error']:+.1f}%)")
+    print(f"rows: min PSNR {out['rows']['min_psnr_db']:.1f} dB, max |diff| {out['rows']['max_abs_255']}/255 -> {path}")
+
+
+if __name__ == "__main__":
+    main()

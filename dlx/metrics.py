@@ -1,0 +1,154 @@
+"""Per-image quality metrics for sweeps: a functional core, each metric with ``higher_is_better``.
+
+Every metric is a callable ``f(images, prompts, reference_images) -> per-image values`` with
+images float tensors (B, 3, H, W) in [0, 1]:
+
+* ``psnr``, ``ssim``: fidelity to the reference image (full guidance, same prompt and seed),
+  from torchmetrics (``peak_signal_noise_ratio``, ``structural_similarity_index_measure``,
+  data range 1). PSNR of identical images is infinite; it is reported as ``PSNR_CAP`` (100 dB)
+  so means and plots stay finite.
+* ``lpips``: torchmetrics' LPIPS computation with the network the user passes
+  (``networks={"lpips": net}``: torchmetrics' ``LearnedPerceptualImagePatchSimilarity`` or its
+  ``.net``, called as ``net(a, b, normalize=True)``); no weights are downloaded here.
+* ``clip``: torchmetrics' CLIP score with the model and processor the user passes
+  (``networks={"clip": (model, processor)}``).
+* ``adherence``: the embedded shapes model's check (``dlx.zoo.adherence``), 1.0 or 0.0 per image.
+* any user callable with that signature (its ``higher_is_better`` attribute, default True).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import DlxError
+
+__all__ = ["Metric", "resolve", "BUILTIN", "PSNR_CAP", "psnr", "ssim", "adherence"]
+
+PSNR_CAP = 100.0
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named per-image metric. ``reference``: it compares with the full-guidance image."""
+
+    name: str
+    fn: Callable
+    higher_is_better: bool = True
+    reference: bool = False
+
+    def __call__(self, images, prompts, reference_images=None) -> list[float]:
+        vals = self.fn(images, prompts, reference_images)
+        if hasattr(vals, "tolist"):
+            vals = vals.tolist()
+        vals = [float(v) for v in vals]
+        if len(vals) != len(prompts):
+            raise DlxError(f"metric {self.name!r} returned {len(vals)} values for {len(prompts)} images")
+        return vals
+
+
+def psnr(images, prompts, reference_images) -> list[float]:
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    v = peak_signal_noise_ratio(images.float(), reference_images.float(), data_range=1.0, reduction="none",
+                                dim=(1, 2, 3))
+    return [min(float(x), PSNR_CAP) for x in v.reshape(-1)]
+
+
+def ssim(images, prompts, reference_images) -> list[float]:
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    v = structural_similarity_index_measure(images.float(), reference_images.float(), data_range=1.0,
+                                            reduction="none")
+    return [float(x) for x in v.reshape(-1)]
+
+
+def adherence(images, prompts, reference_images=None) -> list[float]:
+    from .zoo import adherence as _adherence
+
+    return [1.0 if ok else 0.0 for ok in _adherence(images, list(prompts))["ok"].tolist()]
+
+
+def _lpips(net):
+    import torch
+
+    inner = getattr(net, "net", net)  # torchmetrics' metric object or its network
+
+    def fn(images, prompts, reference_images):
+        with torch.no_grad():
+            v = inner(images.float(), reference_images.float(), normalize=True)
+        return [float(x) for x in v.reshape(-1)]
+
+    return fn
+
+
+def _clip(pair):
+    model, processor = pair
+
+    def fn(images, prompts, reference_images):
+        from torchmetrics.functional.multimodal import clip_score
+
+        out = []
+        for img, p in zip(images, prompts):  # per image: clip_score averages over its batch
+            x = (img.float().clamp(0, 1) * 255).round().to(dtype=__import__("torch").uint8)
+            out.append(float(clip_score(x, p, model_name_or_path=lambda: (model, processor))))
+        return out
+
+    return fn
+
+
+BUILTIN = {
+    "psnr": dict(higher_is_better=True, reference=True),
+    "ssim": dict(higher_is_better=True, reference=True),
+    "lpips": dict(higher_is_better=False, reference=True),
+    "clip": dict(higher_is_better=True, reference=False),
+    "adherence": dict(higher_is_better=True, reference=False),
+}
+_NETWORKS = {"lpips": "networks={'lpips': net} (torchmetrics LPIPS or its .net)",
+             "clip": "networks={'clip': (model, processor)} (a transformers CLIPModel and CLIPProcessor)"}
+
+
+def resolve(metrics, networks=None) -> list[Metric]:
+    """Names and callables -> Metric objects, checked before any model work."""
+    networks = dict(networks or {})
+    for k in networks:
+        if k not in _NETWORKS:
+            raise DlxError(f"argument `networks` has unknown key {k!r}; it takes {list(_NETWORKS)}")
+    if isinstance(metrics, (str, Metric)) or callable(metrics):
+        metrics = [metrics]
+    out: list[Metric] = []
+    for m in metrics or []:
+        if isinstance(m, Metric):
+            out.append(m)
+        elif isinstance(m, str):
+            if m not in BUILTIN:
+                raise DlxError(f"argument `metrics` has unknown metric {m!r}; built in: {list(BUILTIN)} "
+                               f"(or pass a callable f(images, prompts, reference_images))")
+            if m in _NETWORKS and m not in networks:
+                raise DlxError(f"argument `metrics`: {m!r} needs its network: pass {_NETWORKS[m]}; "
+                               f"no weights are downloaded")
+            fn = {"psnr": psnr, "ssim": ssim, "adherence": adherence}.get(m)
+            if m == "lpips":
+                fn = _lpips(networks["lpips"])
+            elif m == "clip":
+                pair = networks["clip"]
+                if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                    raise DlxError(f"argument `networks`: 'clip' must be (model, processor); got {pair!r}")
+                fn = _clip(pair)
+            out.append(Metric(m, fn, **BUILTIN[m]))
+        elif callable(m):
+            name = getattr(m, "__name__", type(m).__name__)
+            out.append(Metric(name, m, bool(getattr(m, "higher_is_better", True)),
+                              bool(getattr(m, "reference", False))))
+        else:
+            raise DlxError(f"argument `metrics` takes metric names or callables; got {m!r}")
+    names = [m.name for m in out]
+    if len(set(names)) != len(names):
+        raise DlxError(f"argument `metrics` names a metric twice: {names}")
+    return out
+
+
+def finite_mean(xs) -> float:
+    v = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(v) / len(v) if v else math.nan

@@ -1,0 +1,451 @@
+"""``dlx.sweep``: check everything, open the store, run the missing rows, return the results."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import DlxError
+from . import engine
+from .result import SweepResult
+from .shard import ranks, shard_paths, split
+from .spec import build_spec
+from .store import Store, check_out
+
+__all__ = ["sweep", "load_pipeline", "model_identity"]
+
+
+# -- the model --------------------------------------------------------------------------------------
+def _check_device(device):
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DlxError(f"argument `device` must name a torch device ('cpu', 'cuda', 'cuda:1'); got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DlxError(f"argument `device` is {device!r} but CUDA is not available on this machine")
+    return dev
+
+
+def _check_model(model: str, arg: str = "model") -> dict:
+    if not isinstance(model, str) or not model.strip():
+        raise DlxError(f"argument `{arg}` must be 'shapes', a pipeline folder or a hub id; got {model!r}")
+    if model == "shapes":
+        return {"name": "shapes"}
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise DlxError(f"argument `{arg}`: {model!r} is a folder without model_index.json (not a saved pipeline)")
+        return {"folder": str(p.resolve())}
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return {"hub": model}
+    raise DlxError(f"argument `{arg}`: {model!r} is neither 'shapes', a pipeline folder nor a hub id (org/name)")
+
+
+def load_pipeline(model: str, device=None, dtype=None):
+    """The pipeline a spec names: 'shapes' (dlx.zoo), a folder saved by ``save_pretrained`` (offline),
+    or a hub id (only when the hub is reachable; otherwise the local cache)."""
+    import os
+
+    ident = _check_model(model)
+    dev = _check_device(device) or torch.device("cpu")
+    if isinstance(dtype, str):
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise DlxError(f"argument `dtype` must be a torch dtype name ('float32', 'float16'); got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    if "name" in ident:
+        from .. import zoo
+
+        return zoo.load("shapes", device=dev, dtype=dtype or torch.float32)
+    from diffusers import DiffusionPipeline
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    offline = "folder" in ident or os.environ.get("HF_HUB_OFFLINE") == "1"
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(ident.get("folder") or ident["hub"], dtype=dtype or torch.float32,
+                                                 local_files_only=offline)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise DlxError(f"argument `model`: could not load {model!r} ({'offline' if offline else 'hub'}): {e}") from e
+    finally:
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dev)
+
+
+def model_identity(pipe) -> dict:
+    """What the store records about a pipeline object (compared on resume)."""
+    from ..families import family_of
+
+    fam = family_of(pipe)
+    den = getattr(pipe, fam.denoiser)
+    name = str(getattr(getattr(pipe, "config", {}), "_name_or_path", "") or getattr(pipe, "name_or_path", "") or "")
+    try:
+        dtype = str(next(den.parameters()).dtype)
+    except StopIteration:  # pragma: no cover
+        dtype = "?"
+    from .. import zoo
+
+    if name and Path(name).resolve() == zoo.path("shapes").resolve():
+        name = "shapes"
+    return {"pipeline": type(pipe).__name__, "name_or_path": name, "dtype": dtype,
+            "scheduler": type(pipe.scheduler).__name__}
+
+
+def _is_shapes(ident: dict) -> bool:
+    return ident.get("name") == "shapes" or ident.get("name_or_path") == "shapes"
+
+
+# -- the sweep ----------------------------------------------------------------------------------------
+def sweep(pipe, prompts=None, seeds=range(8), *, cutoffs=None, configs=None, guidance_scales=None, steps=None,
+          metrics=None, networks=None, out=None, max_batch: int | None = None, timing=("eager",),
+          timing_batch: int = 1, timing_repeats: int = 3, keep_previews: bool = False, retry_failed: bool = False,
+          share: bool = True, pad: bool | None = None, progress: bool = True, device=None, dtype=None,
+          **call) -> SweepResult:
+    """Run every (config, prompt, seed) row of a grid and return its results (``SweepResult``).
+
+    Args:
+        pipe: a diffusers pipeline, or a model name: ``"shapes"`` (the embedded model), a folder
+            saved with ``save_pretrained``, or a hub id (loaded only when rows are missing).
+        prompts, seeds: the (prompt, seed) pairs every config runs on; seed s draws the initial
+            noise of ``torch.Generator().manual_seed(s)``, as a standalone call would.
+        cutoffs: CFG cutoff ratios in [0, 1] (one ``CFGCutoff(ratio=r)`` config each), or
+        configs: ``{name: control | [controls] | None}`` built from ``CFGCutoff``,
+            ``GuidanceInterval``, ``GuidanceSchedule`` (named schedules), ``AdaptiveCutoff``.
+        guidance_scales, steps: lists crossed with the configs into the grid.
+        metrics: names (``psnr``, ``ssim``, ``lpips``, ``clip``, ``adherence``) or callables
+            ``f(images, prompts, reference_images)``; default PSNR and SSIM against full guidance,
+            plus adherence on the embedded model. ``networks``: the LPIPS / CLIP networks.
+        out: the results folder (SQLite + PNGs); the same spec on the same folder resumes.
+        max_batch: rows per pipeline call (default by device; halved on CUDA out-of-memory).
+        timing: cost-model modes to measure, ``("eager",)`` and/or ``"compiled"``; ``()`` for none.
+        timing_batch: the batch size the predicted standalone time is for (default 1).
+        keep_previews: store per-step 128×128 x0 previews of every row (``res.previews(row_id)``).
+        share: let rows of the same prompt and seed share their guided prefix (``dlx.Share``).
+        pad: pad the denoiser batch to few shapes (default: when the denoiser is compiled).
+        **call: pipeline keyword arguments shared by every row (``num_inference_steps``,
+            ``guidance_scale``, ``height``, ``negative_prompt``, ...).
+    """
+    from ..metrics import resolve
+
+    # 1. everything checked before any model work
+    if isinstance(pipe, str):
+        ident = _check_model(pipe, "pipe")
+    elif pipe is None or not callable(pipe):
+        raise DlxError(f"argument `pipe` must be a diffusers pipeline or a model name ('shapes', a folder, a hub id); "
+                       f"got {pipe!r}")
+    else:
+        ident = model_identity(pipe)
+    dev = _check_device(device)
+    if metrics is None:
+        metrics = ["psnr", "ssim"] + (["adherence"] if _is_shapes(ident) else [])
+    mets = resolve(metrics, networks)
+    if isinstance(timing, str):
+        timing = (timing,)
+    timing = tuple(timing or ())
+    for m in timing:
+        if m not in ("eager", "compiled"):
+            raise DlxError(f"argument `timing` takes 'eager' and/or 'compiled'; got {m!r}")
+    for name, v in (("timing_batch", timing_batch), ("timing_repeats", timing_repeats)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DlxError(f"argument `{name}` must be a positive int; got {v!r}")
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        raise DlxError(f"argument `max_batch` must be a positive int or None; got {max_batch!r}")
+    if "compiled" in timing and (dev or torch.device("cpu")).type != "cuda" and (
+            not callable(pipe) or engine._device_of(pipe).type != "cuda"):
+        raise DlxError("argument `timing`: 'compiled' (CUDA graphs) needs a CUDA device")
+    spec = build_spec(prompts=prompts, seeds=seeds, cutoffs=cutoffs, configs=configs,
+                      guidance_scales=guidance_scales, steps=steps, metrics=[m.name for m in mets], call=call,
+                      model=ident)
+    if any(m.name == "adherence" for m in mets):
+        from ..zoo.shapes_data import parse
+
+        for p in spec.prompts:
+            try:
+                parse(p)
+            except DlxError as e:
+                raise DlxError(f"argument `prompts`: metric 'adherence' judges captions of the embedded model's "
+                               f"language; {p!r} is not one ({e}). See dlx.zoo.info('shapes')") from None
+    if out is None:
+        out = tempfile.mkdtemp(prefix="dlx-sweep-")
+    out = check_out(out)
+
+    # 2. the store: resume, or refuse a different spec
+    rk = ranks()
+    dev = rk.device(dev)
+    main = Store(out)
+    try:
+        main.bind(spec)
+        main.set_meta("metric_info", {m.name: {"higher_is_better": m.higher_is_better, "reference": m.reference}
+                                      for m in mets})
+        if rk.world == 1:
+            for sp in shard_paths(out):  # a sharded run that stopped before its merge
+                main.merge_from(sp)
+                sp.unlink()
+        done = main.done_ids(include_failed=not retry_failed)
+        costs_have = {(c["mode"], c["steps"], c["scale"], c["batch"]) for c in main.costs()}
+    finally:
+        main.close()
+    store = Store(out, rk.shard_db()) if rk.world > 1 else Store(out)
+    try:
+        done |= store.done_ids(include_failed=not retry_failed)
+        costs_have |= {(c["mode"], c["steps"], c["scale"], c["batch"]) for c in store.costs()}
+        units = _units(spec)
+        mine = split(units, rk)
+        todo_units = [[r for r in u if r["row_id"] not in done] for u in mine]
+        todo_units = [u for u in todo_units if u]
+        groups = sorted({(spec.steps_of(c), spec.scale_of(c)) for c in spec.configs})
+        cost_todo = [(m, n, s) for m in timing for (n, s) in groups
+                     if (m, n, s, timing_batch) not in costs_have] if rk.main else []
+        if todo_units or cost_todo:
+            # 3. the model, only now
+            if isinstance(pipe, str):
+                pipe = load_pipeline(pipe, device=dev, dtype=dtype)
+            elif dev is not None and engine._device_of(pipe) != dev:
+                raise DlxError(f"argument `device` is {str(dev)!r} but the pipeline is on "
+                               f"{str(engine._device_of(pipe))!r}; move it with pipe.to(...) or leave device out")
+            if cost_todo:
+                _measure_costs(pipe, spec, store, cost_todo, timing_batch, timing_repeats)
+            if todo_units:
+                _run(pipe, spec, store, todo_units, mets, max_batch=max_batch, share=share, pad=pad,
+                     keep_previews=keep_previews, progress=progress, shard=rk.rank)
+    finally:
+        store.close()
+    # 4. shards merge on rank 0
+    if rk.world > 1:
+        rk.barrier()
+        if rk.main:
+            main = Store(out)
+            try:
+                for sp in shard_paths(out):
+                    main.merge_from(sp)
+                    for f in (sp, Path(str(sp) + "-wal"), Path(str(sp) + "-shm")):
+                        f.unlink(missing_ok=True)
+                if (out / "shards").is_dir() and not any((out / "shards").iterdir()):
+                    (out / "shards").rmdir()
+            finally:
+                main.close()
+        rk.barrier()
+    return SweepResult(out)
+
+
+def _units(spec) -> list[list[dict]]:
+    """Rows grouped by (steps, scale, prompt, seed), each group's reference row first."""
+    cfgs = {c.name: c for c in spec.configs}
+    refs = {c.name: spec.reference_of(c).name for c in spec.configs}
+    units: dict = {}
+    for r in spec.rows():
+        c = cfgs[r["config"]]
+        key = (spec.steps_of(c), spec.scale_of(c), r["prompt_index"], r["seed"])
+        units.setdefault(key, []).append(r)
+    out = []
+    for key in sorted(units, key=lambda k: (k[0], k[1], k[2], k[3])):
+        rows = units[key]
+        rows.sort(key=lambda r: (refs[r["config"]] != r["config"],))  # reference first (stable)
+        out.append(rows)
+    return out
+
+
+def _measure_costs(pipe, spec, store, todo, batch, repeats):
+    from . import cost
+
+    for mode, steps, scale in todo:
+        ctx = cost.compiled(pipe) if mode == "compiled" else _null()
+        with ctx:
+            c = cost.measure(pipe, call=spec.call, prompt=spec.prompts[0], seed=spec.seeds[0], steps=steps,
+                             scale=scale, batch=batch, repeats=repeats, warmup=2 if mode == "compiled" else 1)
+        c["batch"] = batch
+        store.set_cost(mode, steps, scale, batch, c)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _is_compiled(pipe) -> bool:
+    from ..families import family_of
+
+    den = getattr(pipe, family_of(pipe).denoiser)
+    return type(den).__name__ == "OptimizedModule"
+
+
+def _run(pipe, spec, store, units, mets, *, max_batch, share, pad, keep_previews, progress, shard):
+    from tqdm.auto import tqdm
+
+    dev = engine._device_of(pipe)
+    limit = max_batch or engine.default_max_batch(dev)
+    pad = _is_compiled(pipe) if pad is None else bool(pad)
+    refs = {c.name: spec.reference_of(c).name for c in spec.configs}
+    cfgs = {c.name: c for c in spec.configs}
+    versions = _versions()
+    state = {"limit": limit}
+    shapes = engine.ShapeLog()
+    total = sum(len(u) for u in units)
+    bar = tqdm(total=total, unit="row", desc="sweep", disable=not progress)
+    try:
+        by_group: dict = {}
+        for u in units:
+            c = cfgs[u[0]["config"]]
+            by_group.setdefault((spec.steps_of(c), spec.scale_of(c)), []).append(u)
+        with engine.pad_shapes(pipe, shapes, enabled=pad):
+            for key, group_units in by_group.items():
+                pending = list(group_units)
+                while pending:
+                    batch = engine.plan_batches(pending, state["limit"])[0]
+                    ids = {r["row_id"] for r in batch}
+                    pending = [[r for r in u if r["row_id"] not in ids] for u in pending]
+                    pending = [u for u in pending if u]
+                    _run_batch(pipe, spec, store, batch, mets, refs, state, share, keep_previews, versions,
+                               dev, shard, bar)
+        if pad:
+            store.event("shapes", padded_sizes=sorted(shapes.sizes), graphs=len(shapes.sizes))
+    finally:
+        bar.close()
+
+
+def _run_batch(pipe, spec, store, batch, mets, refs, state, share, keep_previews, versions, dev, shard, bar):
+    try:
+        extra, rec = [], None
+        if keep_previews:
+            import dlx
+
+            rec = dlx.Recorder(pipe, keep=("x0",))
+            extra.append(rec)
+        res = engine.run_batch(pipe, spec, batch, share=share, extra_parts=extra)
+    except Exception as e:  # noqa: BLE001 - stored with the rows; KeyboardInterrupt passes
+        if engine.is_oom(e) and len(batch) > 1:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            new = max(1, len(batch) // 2)
+            store.event("oom", batch=len(batch), retry_with=new, error=str(e)[:300])
+            state["limit"] = min(state["limit"], new)
+            for piece in engine.plan_batches([batch], new):
+                _run_batch(pipe, spec, store, piece, mets, refs, state, share, keep_previews, versions, dev, shard, bar)
+            return
+        err = f"{type(e).__name__}: {e}"
+        store.event("batch_failed", rows=len(batch), error=err[:500])
+        for r in batch:
+            _finish_row(store, r, None, err, {}, None, None, None, len(batch), None, dev, versions, shard)
+            bar.update(1)
+        return
+    store.event("batch", rows=len(batch), steps=res["steps"], scale=res["scale"], evaluations=res["evaluations"],
+                nfe_sum=float(sum(res["nfe"])), call_ms=res["call_ms"])
+    images = res["images"]
+    finite = torch.isfinite(images.flatten(1)).all(1).tolist()
+    q = engine.to_uint8(images.clamp(0, 1)).float() / 255  # what the PNG holds
+    # reference images: from this batch, else from the store's PNGs
+    here = {(r["config"], r["prompt"], r["seed"]): j for j, r in enumerate(batch)}
+    ref_img = []
+    for j, r in enumerate(batch):
+        k = here.get((refs[r["config"]], r["prompt"], r["seed"]))
+        if k is not None:
+            ref_img.append(q[k] if finite[k] else None)
+        else:
+            ref_img.append(_load_png(store, refs[r["config"]], r["prompt"], r["seed"]))
+    values = _metrics(mets, q, batch, ref_img, finite, store)
+    per_eval = res["evaluations"] / len(batch)
+    previews = _previews(rec, len(batch)) if rec is not None else None
+    for j, r in enumerate(batch):
+        guided = res["guided"][j]
+        if not finite[j]:
+            err = "non-finite values (NaN/inf) in the decoded image"
+            _finish_row(store, r, None, err, {}, res["nfe"][j], per_eval, guided, len(batch), res["call_ms"], dev,
+                        versions, shard)
+        else:
+            if previews is not None:
+                _save_previews(store, r["row_id"], previews[j])
+            png = engine.png_bytes(images[j].clamp(0, 1))
+            _finish_row(store, r, png, None, {m: values[m][j] for m in values}, res["nfe"][j], per_eval, guided,
+                        len(batch), res["call_ms"], dev, versions, shard)
+        bar.update(1)
+
+
+def _finish_row(store, r, png, error, metrics, nfe, evaluations, guided, batch, call_ms, dev, versions, shard):
+    image = store.write_image(r["row_id"], png) if png is not None else None
+    store.add_row({"row_id": r["row_id"], "config": r["config"], "prompt": r["prompt"], "seed": r["seed"],
+                   "status": "ok" if error is None else "failed", "error": error, "nfe": nfe,
+                   "evaluations": evaluations, "guided_steps": guided, "metrics": metrics, "image": image,
+                   "batch": batch, "call_ms": call_ms, "device": str(dev), "versions": versions, "shard": shard})
+
+
+def _load_png(store, config, prompt, seed):
+    import numpy as np
+    from PIL import Image
+
+    from .spec import row_key
+
+    rid = row_key(config, prompt, seed)
+    p = store.out / "images" / f"{rid}.png"
+    row = store.con.execute("SELECT status FROM rows WHERE row_id=?", (rid,)).fetchone()
+    if not p.is_file() or (row is not None and row[0] != "ok"):
+        return None  # the reference failed (or lives in another shard's database, not yet merged)
+    with Image.open(p) as im:
+        a = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255
+
+
+def _metrics(mets, q, batch, ref_img, finite, store) -> dict:
+    prompts = [r["prompt"] for r in batch]
+    out = {}
+    for m in mets:
+        vals = [math.nan] * len(batch)
+        idx = [j for j in range(len(batch)) if finite[j] and (not m.reference or ref_img[j] is not None)]
+        if idx:
+            refs = torch.stack([ref_img[j] for j in idx]) if all(ref_img[j] is not None for j in idx) else None
+            try:
+                got = m(q[idx], [prompts[j] for j in idx], refs)
+            except Exception as e:  # noqa: BLE001 - a metric's failure leaves NaN and an event
+                store.event("metric_failed", metric=m.name, error=f"{type(e).__name__}: {e}"[:500])
+                got = [math.nan] * len(idx)
+            for j, v in zip(idx, got):
+                vals[j] = v
+        out[m.name] = vals
+    return out
+
+
+def _previews(rec, batch: int):
+    """Per sample, uint8 (steps, 128, 128, 3) previews of x0 from the recorder's trace."""
+    import numpy as np
+
+    from ..preview import trace_previews
+
+    out = []
+    for j in range(batch):
+        imgs = trace_previews(rec.trace, kind="x0", size=128, sample=j)
+        out.append(torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in imgs])))
+    return out
+
+
+def _save_previews(store, row_id, t):
+    import os
+
+    from safetensors.torch import save_file
+
+    d = store.out / "previews"
+    d.mkdir(exist_ok=True)
+    tmp = d / f".{row_id}.tmp"
+    save_file({"x0": t.contiguous()}, str(tmp))
+    os.replace(tmp, d / f"{row_id}.safetensors")
+
+
+def _versions() -> dict:
+    import diffusers
+
+    from .. import __version__
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "dlx": __version__}

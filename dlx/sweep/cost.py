@@ -1,0 +1,124 @@
+"""Honest wall time: what a config costs when a user runs it alone, measured, not assumed.
+
+A sweep runs many rows per call, so its own clock says nothing about one config's time. The
+cost model is measured standalone on the same device, at the batch size the user will run
+(``timing_batch``, default 1): interleaved repeats of a full-guidance call and of an unguided one
+(``CFGCutoff(ratio=0)``, same call otherwise), after warm-up, with the device synchronised
+around each call. From their medians:
+
+    guided step   g = loop time with full guidance / N
+    unguided step u = loop time with no guided step / N
+    fixed         f = call time − loop time (text encoding, latents, decoding, post-processing)
+
+and a config that guides k of its N steps is predicted to take ``f + k·g + (N − k)·u`` (k from
+the row's own plan, so adaptive configs are priced by what they did). The timing regime is
+``trace.timing()``'s: an unguided step saving under 10 % of a guided one is host-bound (eager
+diffusers on a fast GPU, where cutting CFG saves little); above, denoiser-bound (CPU, compiled
+with CUDA graphs). "compiled" measures the same calls with the denoiser compiled
+(``torch.compile(mode="reduce-overhead")``: CUDA graphs); the benchmark validates both against
+standalone runs of every config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import torch
+
+from ..session import Part
+
+__all__ = ["measure", "predict_ms", "compiled"]
+
+MODES = ("eager", "compiled")
+
+
+class _Clock(Part):
+    observer = True
+
+    def __init__(self):
+        self.step_ms: list[float] = []
+
+    def on_run_end(self, run, error):
+        self.step_ms = run.step_ms()
+
+
+@contextlib.contextmanager
+def compiled(pipe):
+    """The pipeline's denoiser compiled with ``mode="reduce-overhead"`` inside the block."""
+    from ..families import family_of
+
+    name = family_of(pipe).denoiser
+    eager = getattr(pipe, name)
+    setattr(pipe, name, torch.compile(eager, mode="reduce-overhead"))
+    try:
+        yield pipe
+    finally:
+        setattr(pipe, name, eager)
+
+
+def _device(pipe):
+    from .engine import _device_of
+
+    return _device_of(pipe)
+
+
+def timed_call(pipe, kwargs: dict, parts=()) -> tuple[float, float]:
+    """(call ms, loop ms) of one call with ``parts`` attached; the device synchronised around it."""
+    import dlx
+
+    dev = _device(pipe)
+    clock = _Clock()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    with dlx.attach(pipe, *parts, clock):
+        pipe(**kwargs)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return (time.perf_counter() - t0) * 1e3, float(sum(clock.step_ms))
+
+
+def standalone_kwargs(call: dict, prompt: str, seed: int, steps: int, scale: float, batch: int = 1) -> dict:
+    """The call a user makes to run one config alone (``batch`` copies of the prompt)."""
+    kw = dict(call)
+    gens = [torch.Generator().manual_seed(int(seed) + i) for i in range(batch)]
+    kw.update(prompt=prompt if batch == 1 else [prompt] * batch, num_inference_steps=steps, guidance_scale=scale,
+              generator=gens[0] if batch == 1 else gens)
+    return kw
+
+
+def measure(pipe, *, call: dict, prompt: str, seed: int, steps: int, scale: float, batch: int = 1,
+            repeats: int = 3, warmup: int = 1) -> dict:
+    """Fit the cost model from interleaved standalone calls (full guidance, no guided step)."""
+    import dlx
+
+    kinds = {"guided": lambda: [], "unguided": lambda: [dlx.CFGCutoff(ratio=0)]}
+    calls = {k: [] for k in kinds}
+    loops = {k: [] for k in kinds}
+    for r in range(warmup + repeats):
+        for k, parts in kinds.items():
+            c, lp = timed_call(pipe, standalone_kwargs(call, prompt, seed, steps, scale, batch), parts())
+            if r >= warmup:
+                calls[k].append(c)
+                loops[k].append(lp)
+    med = {k: statistics.median(v) for k, v in calls.items()}
+    g = statistics.median(loops["guided"]) / steps
+    u = statistics.median(loops["unguided"]) / steps
+    fixed = statistics.median([c - lp for k in kinds for c, lp in zip(calls[k], loops[k])])
+    saving = 1.0 - u / g if g > 0 else float("nan")
+    return {
+        "guided_step_ms": g, "unguided_step_ms": u, "fixed_ms": fixed,
+        "full_ms": med["guided"], "none_ms": med["unguided"],
+        "calls_ms": calls, "loops_ms": loops, "repeats": repeats, "warmup": warmup,
+        "saving": saving, "regime": "host-bound" if saving < 0.10 else "denoiser-bound",
+        "device": str(_device(pipe)),
+        "device_name": torch.cuda.get_device_name(_device(pipe)) if _device(pipe).type == "cuda" else "cpu",
+        "timer": "perf_counter around cuda-synchronised calls" if _device(pipe).type == "cuda" else "perf_counter",
+    }
+
+
+def predict_ms(cost: dict, guided_steps: float, steps: int) -> float:
+    """Predicted standalone wall time of a run that guides ``guided_steps`` of ``steps``."""
+    return cost["fixed_ms"] + guided_steps * cost["guided_step_ms"] + (steps - guided_steps) * cost["unguided_step_ms"]

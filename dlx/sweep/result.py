@@ -1,0 +1,180 @@
+"""A sweep's results, read back from its folder: the frame, the summary with 95% CIs, the plot.
+
+``SweepResult(out)`` opens a finished (or partly finished) sweep folder without any model:
+``frame`` has one row per (config, prompt, seed), ``summary()`` one per config with each
+metric's mean and 95% bootstrap interval across prompts × seeds, NFE and the predicted
+standalone wall time with its timing regime; ``plot()`` draws speed against quality.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..errors import DlxError
+from .spec import SweepSpec
+from .store import DB, Store
+
+__all__ = ["SweepResult", "bootstrap_ci"]
+
+
+def bootstrap_ci(values, n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (resampling the values with replacement)."""
+    import numpy as np
+
+    v = np.asarray([x for x in values if x == x], dtype=float)
+    if len(v) == 0:
+        return math.nan, math.nan
+    if len(v) == 1 or np.all(v == v[0]):
+        return float(v[0]), float(v[0])
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n, len(v)))].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+class SweepResult:
+    """Results of a sweep stored in ``out`` (see ``dlx.sweep``)."""
+
+    def __init__(self, out, *, events: list | None = None):
+        self.out = Path(out)
+        if not (self.out / DB).is_file():
+            raise DlxError(f"argument `out`: no sweep database in {str(self.out)!r}")
+        store = Store(self.out)
+        try:
+            self.spec: SweepSpec = store.spec()
+            self._rows = store.rows()
+            self._costs = store.costs()
+            self.events = store.events() if events is None else events
+            self.metric_info = store.meta("metric_info", {})
+        finally:
+            store.close()
+        self._frame = None
+
+    def __repr__(self):
+        n = len(self.spec.rows())
+        ok = sum(r["status"] == "ok" for r in self._rows)
+        return f"SweepResult({str(self.out)!r}, {ok}/{n} rows ok, {len(self.spec.configs)} configs)"
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(self.spec.metrics)
+
+    @property
+    def complete(self) -> bool:
+        return len(self._rows) >= len(self.spec.rows())
+
+    def costs(self, mode: str = "eager") -> dict:
+        """The measured cost model per (steps, scale) for ``mode`` ("eager" or "compiled")."""
+        return {(c["steps"], c["scale"]): c for c in self._costs if c["mode"] == mode}
+
+    @property
+    def timing_modes(self) -> list[str]:
+        return sorted({c["mode"] for c in self._costs}, key=lambda m: (m != "eager", m))
+
+    @property
+    def frame(self):
+        """One row per (config, prompt, seed): config, its JSON, cutoff, prompt, seed, status, error,
+        NFE, guided steps, evaluations, predicted standalone time per timing mode, metrics, image."""
+        if self._frame is None:
+            self._frame = self._make_frame()
+        return self._frame.copy()
+
+    def _make_frame(self):
+        import pandas as pd
+
+        from .cost import predict_ms
+
+        spec = self.spec
+        cfgs = {c.name: c for c in spec.configs}
+        order = {r["row_id"]: i for i, r in enumerate(spec.rows())}
+        modes = self.timing_modes
+        costs = {m: self.costs(m) for m in modes}
+        out = []
+        for r in sorted(self._rows, key=lambda r: order.get(r["row_id"], 1 << 30)):
+            c = cfgs.get(r["config"])
+            if c is None:
+                continue
+            steps, scale = spec.steps_of(c), spec.scale_of(c)
+            d = {"row_id": r["row_id"], "config": r["config"], "config_json": json.dumps(c.to_json(), sort_keys=True),
+                 "cutoff": c.cutoff if c.cutoff is not None else math.nan, "guidance_scale": scale, "steps": steps,
+                 "prompt": r["prompt"], "seed": r["seed"], "status": r["status"], "error": r["error"],
+                 "nfe": r["nfe"], "guided_steps": r["guided_steps"], "evaluations": r["evaluations"]}
+            for m in modes:
+                cost = costs[m].get((steps, scale))
+                ok = cost is not None and r["guided_steps"] is not None and r["guided_steps"] == r["guided_steps"]
+                d[f"time_{m}_s"] = predict_ms(cost, r["guided_steps"], steps) / 1e3 if ok else math.nan
+            for name in spec.metrics:
+                v = r["metrics"].get(name)
+                d[name] = math.nan if v is None else v
+            d["image"] = str(self.out / r["image"]) if r["image"] else None
+            d["batch"] = r["batch"]
+            d["device"] = r["device"]
+            out.append(d)
+        cols = ["row_id", "config", "config_json", "cutoff", "guidance_scale", "steps", "prompt", "seed", "status",
+                "error", "nfe", "guided_steps", "evaluations", *[f"time_{m}_s" for m in modes], *spec.metrics,
+                "image", "batch", "device"]
+        return pd.DataFrame(out, columns=cols)
+
+    def summary(self, level: float = 0.95, n_boot: int = 2000):
+        """One row per config: rows ok/failed, NFE, predicted standalone time and timing regime per
+        mode, and for each metric its mean and bootstrap interval (``<metric>_lo``/``_hi``)
+        across prompts × seeds."""
+        import pandas as pd
+
+        f = self.frame
+        spec = self.spec
+        out = []
+        for c in spec.configs:
+            g = f[f.config == c.name]
+            ok = g[g.status == "ok"]
+            d = {"config": c.name, "cutoff": c.cutoff if c.cutoff is not None else math.nan,
+                 "guidance_scale": spec.scale_of(c), "steps": spec.steps_of(c), "rows": len(g),
+                 "failed": int((g.status != "ok").sum()), "nfe": ok.nfe.mean() if len(ok) else math.nan}
+            for m in self.timing_modes:
+                d[f"time_{m}_s"] = ok[f"time_{m}_s"].mean() if len(ok) else math.nan
+                cost = self.costs(m).get((spec.steps_of(c), spec.scale_of(c)))
+                d[f"regime_{m}"] = cost["regime"] if cost else None
+            for name in spec.metrics:
+                vals = ok[name].tolist()
+                d[name] = float(sum(v for v in vals if v == v) / max(1, sum(v == v for v in vals))) if vals else math.nan
+                d[f"{name}_lo"], d[f"{name}_hi"] = bootstrap_ci(vals, n=n_boot, level=level)
+            out.append(d)
+        s = pd.DataFrame(out)
+        s.attrs["higher_is_better"] = {k: v.get("higher_is_better", True) for k, v in self.metric_info.items()}
+        s.attrs["level"] = level
+        return s
+
+    def plot(self, metric: str | None = None, mode: str | None = None, ax=None):
+        """Speed against quality (``dlx.plots.speed_quality``): returns (fig, ax)."""
+        from ..plots import speed_quality
+
+        return speed_quality(self.summary(), metric=metric, mode=mode, ax=ax)
+
+    def images(self, config: str | None = None, prompt: str | None = None, seed: int | None = None) -> list:
+        """PIL images of the rows that match (all given filters), in frame order."""
+        from PIL import Image
+
+        f = self.frame
+        if config is not None:
+            f = f[f.config == config]
+        if prompt is not None:
+            f = f[f.prompt == prompt]
+        if seed is not None:
+            f = f[f.seed == seed]
+        out = []
+        for p in f.image.tolist():
+            if p:
+                with Image.open(p) as im:
+                    out.append(im.convert("RGB"))
+        return out
+
+    def previews(self, row_id: str):
+        """Per-step x0 previews of a row, uint8 tensor (steps, 128, 128, 3) (``keep_previews=True``)."""
+        from safetensors.torch import load_file
+
+        p = self.out / "previews" / f"{row_id}.safetensors"
+        if not p.is_file():
+            raise DlxError(f"no previews for row {row_id!r} in {str(self.out)!r}; run the sweep with keep_previews=True")
+        return load_file(str(p))["x0"]

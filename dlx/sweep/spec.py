@@ -1,0 +1,330 @@
+"""What a sweep computes: named configs × prompts × seeds, as data that can be stored and compared.
+
+A ``Config`` is a name, the guidance controls one row runs with (as JSON: ``{"type":
+"CFGCutoff", "ratio": 0.4}``), and the call's guidance scale and step count. A ``SweepSpec`` is
+the grid plus the pipeline keyword arguments every row shares and the metrics asked for. Both are
+plain dataclasses with a canonical JSON form: the store keeps it, a resumed sweep compares it
+key by key, and every result row carries its config (nothing needs re-running to regroup).
+
+Everything here is checked before any model work: an empty grid, a ratio out of range, an
+unknown control or a pipeline argument the sweep sets itself is a ``DlxError`` naming the
+argument and its value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+from dataclasses import asdict, dataclass, field
+
+from ..errors import DlxError
+
+__all__ = ["Config", "SweepSpec", "build_spec", "control_config", "control_from_config", "row_key"]
+
+#: controls a config may use, with the keyword arguments that rebuild them
+CONTROLS = {
+    "CFGCutoff": ("ratio", "step", "sigma", "compat"),
+    "GuidanceInterval": ("start", "stop"),
+    "GuidanceSchedule": ("schedule", "low", "high"),
+    "AdaptiveCutoff": ("threshold",),
+}
+#: pipeline arguments the sweep sets per row or per call: not accepted as pass-through kwargs
+RESERVED = ("prompt", "generator", "latents", "output_type", "callback_on_step_end",
+            "callback_on_step_end_tensor_inputs", "num_images_per_prompt", "return_dict", "prompt_embeds",
+            "negative_prompt_embeds")
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def control_config(part) -> dict:
+    """JSON description of a guidance control (its constructor arguments)."""
+    name = type(part).__name__
+    cfg_fn = getattr(part, "config", None)
+    if callable(cfg_fn):  # the core's Part.config(), when it exists
+        try:
+            cfg = cfg_fn()
+            if isinstance(cfg, dict) and "type" in cfg:
+                return _canon(cfg)
+        except Exception:  # noqa: BLE001 - fall back to reading the attributes
+            pass
+    if name not in CONTROLS:
+        raise DlxError(f"sweep configs take the controls {', '.join(CONTROLS)}; got {part!r}")
+    d = {"type": name}
+    for k in CONTROLS[name]:
+        v = getattr(part, k, None)
+        if callable(v):
+            raise DlxError(f"a sweep stores its configs as data; {name}({k}=<callable>) cannot be stored: "
+                           f"use a named schedule ('linear', 'cosine', 'constant')")
+        if v is not None and not (name == "CFGCutoff" and k == "compat" and v == "dlx"):
+            d[k] = v
+    return d
+
+
+def control_from_config(cfg: dict):
+    """Rebuild a control from ``control_config``'s JSON."""
+    import dlx
+
+    if not isinstance(cfg, dict) or cfg.get("type") not in CONTROLS:
+        raise DlxError(f"a control config must be a dict with `type` one of {list(CONTROLS)}; got {cfg!r}")
+    from_cfg = getattr(dlx, "part_from_config", None) if "part_from_config" in getattr(dlx, "_LAZY", {}) else None
+    if from_cfg is not None:
+        try:
+            return from_cfg(cfg)
+        except DlxError:
+            raise
+        except Exception:  # noqa: BLE001 - our own rebuild below
+            pass
+    kw = {k: v for k, v in cfg.items() if k != "type"}
+    unknown = [k for k in kw if k not in CONTROLS[cfg["type"]]]
+    if unknown:
+        raise DlxError(f"control {cfg['type']} has no argument(s) {unknown}; it takes {list(CONTROLS[cfg['type']])}")
+    cls = getattr(dlx, cfg["type"])
+    if cfg["type"] == "GuidanceSchedule":
+        return cls(kw.pop("schedule", "linear"), **kw)
+    return cls(**kw)
+
+
+def _canon(obj):
+    """JSON round trip: tuples become lists, floats stay floats."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def is_full_guidance(controls: list[dict]) -> bool:
+    """Whether a config guides every step at the call's scale (the fidelity reference)."""
+    for c in controls:
+        t = c.get("type")
+        if t == "CFGCutoff" and c.get("ratio") == 1 and c.get("compat", "dlx") == "dlx":
+            continue
+        if t == "GuidanceInterval" and c.get("start", 0) == 0 and c.get("stop", 1) == 1:
+            continue
+        return False
+    return True
+
+
+@dataclass
+class Config:
+    """One column of the grid: a name, its controls (JSON), scale and step count (None: the call's)."""
+
+    name: str
+    controls: list = field(default_factory=list)
+    guidance_scale: float | None = None
+    num_inference_steps: int | None = None
+    cutoff: float | None = None  # the CFGCutoff ratio, for plots against the cutoff
+
+    def parts(self) -> list:
+        """Fresh control instances for one run of this config."""
+        return [control_from_config(c) for c in self.controls]
+
+    def to_json(self) -> dict:
+        return _canon(asdict(self))
+
+
+@dataclass
+class SweepSpec:
+    """The grid: configs × prompts × seeds, the shared call arguments and the metrics."""
+
+    configs: list
+    prompts: list
+    seeds: list
+    call: dict
+    metrics: list
+    model: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return _canon({"configs": [c.to_json() for c in self.configs], "prompts": self.prompts,
+                       "seeds": self.seeds, "call": self.call, "metrics": self.metrics, "model": self.model})
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SweepSpec":
+        return cls(configs=[Config(**c) for c in d["configs"]], prompts=d["prompts"], seeds=d["seeds"],
+                   call=d["call"], metrics=d["metrics"], model=d.get("model", {}))
+
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def steps_of(self, cfg: Config) -> int:
+        return int(cfg.num_inference_steps if cfg.num_inference_steps is not None else self.call.get("num_inference_steps", 50))
+
+    def scale_of(self, cfg: Config) -> float:
+        return float(cfg.guidance_scale if cfg.guidance_scale is not None else self.call.get("guidance_scale", 7.5))
+
+    def rows(self) -> list[dict]:
+        """Every (config, prompt, seed) row, in grid order, with a stable id."""
+        out = []
+        for cfg in self.configs:
+            for pi, p in enumerate(self.prompts):
+                for s in self.seeds:
+                    out.append({"row_id": row_key(cfg.name, p, s), "config": cfg.name, "prompt": p,
+                                "prompt_index": pi, "seed": int(s)})
+        return out
+
+    def reference_of(self, cfg: Config) -> Config:
+        """The full-guidance config with the same scale and steps (PSNR/SSIM/LPIPS compare to it)."""
+        key = (self.scale_of(cfg), self.steps_of(cfg))
+        for c in self.configs:
+            if is_full_guidance(c.controls) and (self.scale_of(c), self.steps_of(c)) == key:
+                return c
+        raise DlxError(f"no full-guidance config for scale {key[0]} and {key[1]} steps")  # build_spec adds one
+
+    def diff(self, other: "SweepSpec") -> list[str]:
+        """What differs between two specs, one line per top-level key."""
+        a, b = self.to_json(), other.to_json()
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                out.append(f"{k}: stored {_short(b.get(k))}, given {_short(a.get(k))}")
+        return out
+
+
+def _short(v, n: int = 160) -> str:
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def row_key(config: str, prompt: str, seed: int) -> str:
+    """Stable id of a row (also its image's file name)."""
+    return hashlib.sha1(f"{config}\x1f{prompt}\x1f{int(seed)}".encode()).hexdigest()[:12]
+
+
+def _number_list(name: str, values, *, lo=None, hi=None, integer=False) -> list:
+    if values is None:
+        return []
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        values = [values]
+    out = []
+    for v in values:
+        ok = not isinstance(v, bool) and isinstance(v, numbers.Integral if integer else numbers.Real)
+        if ok and not integer:
+            ok = math.isfinite(float(v))
+        if ok and lo is not None:
+            ok = v >= lo
+        if ok and hi is not None:
+            ok = v <= hi
+        if not ok:
+            rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
+            raise DlxError(f"argument `{name}` must hold {'ints' if integer else 'finite numbers'}{rng}; got {v!r}")
+        out.append(int(v) if integer else float(v))
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def _as_controls(name: str, value) -> list[dict]:
+    from ..session import Part
+
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [_canon(control_config(control_from_config(value)))]  # validates by building it
+    if isinstance(value, Part):
+        return [control_config(value)]
+    if isinstance(value, (list, tuple)):
+        out = []
+        for v in value:
+            out += _as_controls(name, v)
+        return out
+    raise DlxError(f"argument `configs`: config {name!r} must be a dlx control, a list of them, a control "
+                   f"config dict or None (full guidance); got {value!r}")
+
+
+def build_spec(*, prompts, seeds, cutoffs=None, configs=None, guidance_scales=None, steps=None,
+               metrics=(), call=None, model=None) -> SweepSpec:
+    """Check the arguments of ``dlx.sweep`` and build its grid (no model work)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts) if prompts is not None else []
+    if not prompts:
+        raise DlxError(f"argument `prompts` must hold at least one prompt; got {prompts!r}")
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise DlxError(f"argument `prompts` must hold non-empty strings; got {p!r}")
+    if len(set(prompts)) != len(prompts):
+        raise DlxError(f"argument `prompts` holds duplicates: {sorted({p for p in prompts if prompts.count(p) > 1})}")
+    seeds = _number_list("seeds", list(seeds) if seeds is not None else [], lo=0, integer=True)
+    if not seeds:
+        raise DlxError(f"argument `seeds` must hold at least one seed; got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise DlxError(f"argument `seeds` holds duplicates: {seeds}")
+    call = dict(call or {})
+    for k, v in call.items():
+        if k in RESERVED:
+            raise DlxError(f"pipeline argument `{k}` is set by the sweep per row; give prompts= and seeds= instead")
+        if not (isinstance(v, _JSON_SCALARS) or (isinstance(v, list) and all(isinstance(x, _JSON_SCALARS) for x in v))):
+            raise DlxError(f"pipeline argument `{k}` must be a plain value (str, number, bool, None or a list of them) "
+                           f"so the sweep can store it; got {type(v).__name__}")
+    if "num_inference_steps" in call:
+        _number_list("num_inference_steps", [call["num_inference_steps"]], lo=1, integer=True)
+    if "guidance_scale" in call:
+        _number_list("guidance_scale", [call["guidance_scale"]], lo=0)
+    scales = _number_list("guidance_scales", guidance_scales, lo=0)
+    step_list = _number_list("steps", steps, lo=1, integer=True)
+    if guidance_scales is not None and not scales:
+        raise DlxError(f"argument `guidance_scales` is empty; got {guidance_scales!r}")
+    if steps is not None and not step_list:
+        raise DlxError(f"argument `steps` is empty; got {steps!r}")
+
+    base: list[Config] = []
+    if cutoffs is not None and configs is not None:
+        raise DlxError("give either `cutoffs` or `configs`, not both (put CFGCutoff controls into `configs`)")
+    if cutoffs is not None:
+        rs = _number_list("cutoffs", cutoffs, lo=0, hi=1)
+        if not rs:
+            raise DlxError(f"argument `cutoffs` must hold at least one ratio in [0, 1]; got {cutoffs!r}")
+        if len(set(rs)) != len(rs):
+            raise DlxError(f"argument `cutoffs` holds duplicates: {rs}")
+        base = [Config(f"cutoff={_fmt(r)}", [{"type": "CFGCutoff", "ratio": r}], cutoff=r) for r in rs]
+    elif configs is not None:
+        if isinstance(configs, dict):
+            items = list(configs.items())
+        elif isinstance(configs, (list, tuple)):
+            items = [(repr(c), c) for c in configs]
+        else:
+            raise DlxError(f"argument `configs` must be a dict name -> controls (or a list of controls); got {configs!r}")
+        if not items:
+            raise DlxError(f"argument `configs` is empty; got {configs!r}")
+        for name, value in items:
+            if not isinstance(name, str) or not name:
+                raise DlxError(f"argument `configs`: names must be non-empty strings; got {name!r}")
+            ctrls = _as_controls(name, value)
+            cut = next((c["ratio"] for c in ctrls if c["type"] == "CFGCutoff" and "ratio" in c and len(ctrls) == 1), None)
+            base.append(Config(name, ctrls, cutoff=cut))
+    else:
+        raise DlxError("give `cutoffs=[...]` (CFG cutoff ratios) or `configs={name: controls}`: the grid is empty")
+
+    grid: list[Config] = []
+    for c in base:
+        for s in (scales or [None]):
+            for n in (step_list or [None]):
+                name = c.name
+                if len(scales) > 1:
+                    name += f" scale={_fmt(s)}"
+                if len(step_list) > 1:
+                    name += f" steps={n}"
+                grid.append(Config(name, c.controls, s, n, c.cutoff))
+    names = [c.name for c in grid]
+    if len(set(names)) != len(names):
+        raise DlxError(f"argument `configs`: config names must be unique; got {names}")
+    spec = SweepSpec(configs=grid, prompts=prompts, seeds=seeds, call=_canon(call), metrics=list(metrics),
+                     model=dict(model or {}))
+    # The fidelity reference: a full-guidance config per (scale, steps); added when missing.
+    seen = set()
+    for c in list(grid):
+        key = (spec.scale_of(c), spec.steps_of(c))
+        if key in seen:
+            continue
+        seen.add(key)
+        if not any(is_full_guidance(o.controls) and (spec.scale_of(o), spec.steps_of(o)) == key for o in grid):
+            name = "full CFG" + (f" scale={_fmt(key[0])}" if len(scales) > 1 else "") + (
+                f" steps={key[1]}" if len(step_list) > 1 else "")
+            grid.append(Config(name, [], c.guidance_scale, c.num_inference_steps, 1.0 if cutoffs is not None else None))
+    for c in grid:  # every control rebuilds (checks its arguments)
+        c.parts()
+        steps_c = spec.steps_of(c)
+        for ctl in c.controls:
+            if ctl["type"] == "CFGCutoff" and ctl.get("step") is not None and ctl["step"] >= steps_c:
+                raise DlxError(f"config {c.name!r}: CFGCutoff step={ctl['step']} must be less than its "
+                               f"{steps_c} steps")
+    return spec

@@ -1,0 +1,108 @@
+"""A sweep described in YAML, for ``python -m dlx sweep spec.yaml`` (read with ``yaml.safe_load``).
+
+    model: shapes                  # 'shapes', a folder saved by save_pretrained, or a hub id
+    dtype: float32                 # optional
+    out: runs/cutoffs
+    prompts: ["a red circle on the left and a blue square on the right"]
+    seeds: 8                       # an int n means seeds 0 .. n-1; or a list
+    cutoffs: [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    # or named configs; a control is {type: CFGCutoff, ratio: 0.4} or {CFGCutoff: {ratio: 0.4}}
+    # configs: {full: [], late: {GuidanceInterval: {start: 0.2, stop: 0.8}}}
+    guidance_scales: [3, 6]        # optional axes crossed into the grid
+    steps: [10, 25]
+    metrics: [psnr, ssim, adherence]
+    call: {num_inference_steps: 25, guidance_scale: 6.0}   # pipeline keyword arguments
+    max_batch: 64                  # optional; also timing: [eager, compiled], timing_batch, keep_previews
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DlxError
+
+__all__ = ["read_yaml", "run_yaml"]
+
+KEYS = {"model", "dtype", "device", "out", "prompts", "seeds", "cutoffs", "configs", "guidance_scales", "steps",
+        "metrics", "call", "max_batch", "timing", "timing_batch", "timing_repeats", "keep_previews", "share"}
+
+
+def _control(name, c):
+    if isinstance(c, dict) and "type" in c:
+        return dict(c)
+    if isinstance(c, dict) and len(c) == 1:
+        (t, kw), = c.items()
+        if kw is None:
+            kw = {}
+        if not isinstance(kw, dict):
+            raise DlxError(f"spec `configs.{name}`: arguments of {t} must be a mapping; got {kw!r}")
+        return {"type": t, **kw}
+    raise DlxError(f"spec `configs.{name}`: a control is {{type: CFGCutoff, ratio: 0.4}} or "
+                   f"{{CFGCutoff: {{ratio: 0.4}}}}; got {c!r}")
+
+
+def read_yaml(path) -> dict:
+    """The spec file as ``dlx.sweep`` keyword arguments (checked: unknown keys are refused)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise DlxError(f"argument `spec`: no such file {str(p)!r}")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise DlxError(f"argument `spec`: {str(p)!r} is not valid YAML ({e})") from None
+    if not isinstance(d, dict):
+        raise DlxError(f"argument `spec`: {str(p)!r} must hold a mapping of sweep settings; got {type(d).__name__}")
+    unknown = sorted(set(d) - KEYS)
+    if unknown:
+        raise DlxError(f"spec {str(p)!r}: unknown key(s) {unknown}; known: {sorted(KEYS)}")
+    if "model" not in d:
+        raise DlxError(f"spec {str(p)!r}: `model` is required ('shapes', a pipeline folder or a hub id)")
+    kw = dict(d)
+    call = kw.pop("call", None) or {}
+    if not isinstance(call, dict):
+        raise DlxError(f"spec `call` must be a mapping of pipeline arguments; got {call!r}")
+    seeds = kw.get("seeds", 8)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        kw["seeds"] = list(range(seeds))
+    if "configs" in kw:
+        cfgs = kw["configs"]
+        if not isinstance(cfgs, dict):
+            raise DlxError(f"spec `configs` must map names to controls; got {cfgs!r}")
+        out = {}
+        for name, v in cfgs.items():
+            if v is None or v == []:
+                out[str(name)] = None
+            elif isinstance(v, list):
+                out[str(name)] = [_control(name, c) for c in v]
+            else:
+                out[str(name)] = _control(name, v)
+        kw["configs"] = out
+    model = kw.pop("model")
+    if isinstance(model, str) and model != "shapes" and not model.count("/") == 1:
+        rel = (p.parent / model)
+        if rel.is_dir():
+            model = str(rel)
+    elif isinstance(model, str) and (p.parent / model).is_dir():
+        model = str(p.parent / model)
+    from .api import _check_model
+
+    _check_model(model, "model")
+    kw["pipe"] = model
+    kw.update(call)
+    return kw
+
+
+def run_yaml(path, out=None, device=None, progress: bool = True):
+    from .api import sweep
+
+    kw = read_yaml(path)
+    if out is not None:
+        kw["out"] = out
+    if kw.get("out") is None:
+        raise DlxError(f"spec {str(path)!r} has no `out`; give one in the file or --out")
+    if device is not None:
+        kw["device"] = device
+    pipe = kw.pop("pipe")
+    return sweep(pipe, progress=progress, **kw)

@@ -1,0 +1,121 @@
+"""The command line: argument errors are one line before any model work; the study resumes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dlx.__main__ import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model loading fails the test: errors must come before model work."""
+    def refuse(*a, **k):
+        raise AssertionError("model work started before the arguments were checked")
+
+    monkeypatch.setattr("dlx.zoo.load", refuse)
+    monkeypatch.setattr("dlx.testing.tiny_pipeline", refuse)
+    monkeypatch.setattr("dlx.sweep.api.load_pipeline", refuse)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--guidance-scale", "nan"], "--guidance-scale"),
+    (["--guidance-scale", "1"], "--guidance-scale"),
+    (["--prompt", ""], "--prompt"),
+    (["--prompt", "a cat"], "--prompt"),
+    (["--steps", "0"], "--steps must be at least 1; got 0"),
+    (["--steps", "-3"], "--steps must be at least 1; got -3"),
+    (["--cutoffs", "0,2"], "--cutoffs"),
+    (["--seeds", "0"], "--seeds"),
+    (["--cutoff", "0.5"], "--cutoff belongs to --record"),
+    (["--record", "--cutoff", "2"], "--cutoff must be a ratio in [0, 1]; got 2.0"),
+    (["--record", "--guidance-scale", "nan"], "--guidance-scale"),
+    (["--record", "--prompt", ""], "--prompt must not be empty"),
+    (["--record", "--steps", "0"], "--steps must be at least 1"),
+    (["--record", "--steps", "-3"], "--steps must be at least 1"),
+])
+def test_demo_argument_errors_are_one_line(args, words, no_model, capsys, tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_bad_out_is_refused_before_the_run(record, no_model, capsys, tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    assert main(["demo", "--out", str(f / "sub"), *(["--record"] if record else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--out" in err
+
+
+def test_record_mode_saves_the_trace_into_out(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dlx", "demo", "--record", "--model", "tiny", "--steps", "4",
+                          "--cutoff", "0.5", "--out", str(tmp_path)], capture_output=True, text=True, check=True,
+                         env=ENV).stdout
+    assert "cond_uncond_cos" in out and "nfe/sample=[6.0]" in out
+    import dlx
+
+    assert len(dlx.Trace.load(tmp_path / "trace.safetensors")) == 4
+
+
+def test_study_writes_its_files_and_resumes(tmp_path):
+    # A small study (the full one is 6 cutoffs x 16 pairs x 20 steps; see README for its time).
+    cmd = [sys.executable, "-m", "dlx", "demo", "--out", str(tmp_path), "--steps", "4", "--seeds", "1",
+           "--prompt", "a red circle on the left and a blue square on the right", "--cutoffs", "0,0.5,1", "--quiet"]
+    first = subprocess.run(cmd, capture_output=True, text=True, check=True, env=ENV).stdout
+    for name in ("sweep.sqlite", "results.csv", "summary.csv", "speed_quality.png"):
+        assert (tmp_path / name).is_file(), name
+    assert "cutoff=0.5" in first and "-bound" in first and "adherence" in first
+    import dlx
+
+    res = dlx.sweep.SweepResult(tmp_path)
+    assert len(res.frame) == 3 and (res.frame.status == "ok").all()
+    batches = [e for e in res.events if e["kind"] == "batch"]
+    second = subprocess.run(cmd, capture_output=True, text=True, check=True, env=ENV).stdout
+    assert [e for e in dlx.sweep.SweepResult(tmp_path).events if e["kind"] == "batch"] == batches
+    assert second.splitlines()[2:-2] == first.splitlines()[2:-2]  # same table; nothing recomputed
+
+
+def test_sweep_from_yaml_sharded_over_two_processes_equals_one_process(tmp_path):
+    import dlx
+    from dlx.testing import tiny_pipeline
+
+    tiny_pipeline("sd").save_pretrained(tmp_path / "pipe")
+    (tmp_path / "spec.yaml").write_text(textwrap.dedent("""
+        model: pipe
+        prompts: ["a red circle", "a blue square"]
+        seeds: 2
+        cutoffs: [0, 0.5, 1.0]
+        max_batch: 3
+        timing: []
+        call: {num_inference_steps: 3, guidance_scale: 5.0, height: 32, width: 32}
+    """))
+    one = subprocess.run([sys.executable, "-m", "dlx", "sweep", str(tmp_path / "spec.yaml"), "--out",
+                          str(tmp_path / "one"), "--quiet"], capture_output=True, text=True, env=ENV)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "dlx", "sweep", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "two"), "--quiet"],
+                         capture_output=True, text=True, env=ENV)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = dlx.sweep.SweepResult(tmp_path / "one").frame
+    b = dlx.sweep.SweepResult(tmp_path / "two").frame
+    import sqlite3
+
+    shards = sqlite3.connect(tmp_path / "two" / "sweep.sqlite").execute(
+        "SELECT shard, COUNT(*) FROM rows GROUP BY shard").fetchall()
+    assert shards == [(0, 6), (1, 6)]
+    assert not list((tmp_path / "two" / "shards").glob("*.sqlite"))
+    cols = ["row_id", "config", "prompt", "seed", "status", "nfe", "psnr", "ssim"]
+    assert a[cols].equals(b[cols])
+    for x, y in zip(a.image, b.image):
+        assert Path(x).read_bytes() == Path(y).read_bytes()

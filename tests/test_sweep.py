@@ -1,0 +1,211 @@
+"""dlx.sweep: rows equal standalone runs, results survive, bad input is refused before model work."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dlx
+from dlx import DlxError
+from dlx.sweep import engine
+from dlx.sweep.spec import build_spec
+
+from .helpers import pipe_for
+
+CALL = dict(num_inference_steps=4, guidance_scale=5.0, height=32, width=32)
+PROMPTS = ["a red circle", "a blue square"]
+
+
+def standalone(pipe, cfg, prompt, seed, call=CALL):
+    """The same config run alone, as a user would: its controls attached, the seed's generator."""
+    with dlx.attach(pipe, *cfg.parts()):
+        return pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="pt", **call).images[0]
+
+
+def png(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def as_png_array(img: torch.Tensor) -> np.ndarray:
+    return (img.permute(1, 2, 0).float().numpy() * 255).round().clip(0, 255).astype("uint8")
+
+
+def mixed_spec(**kw):
+    configs = {"cut .5": dlx.CFGCutoff(0.5), "interval": dlx.GuidanceInterval(0.25, 0.75),
+               "linear": dlx.GuidanceSchedule("linear", low=1.0, high=8.0), "adaptive": dlx.AdaptiveCutoff(0.5),
+               "sigma": dlx.CFGCutoff(sigma=1.0), "full": None}
+    return build_spec(prompts=PROMPTS, seeds=[0, 1], configs=configs, call=CALL, **kw)
+
+
+def test_unbatched_rows_equal_standalone_runs_bitwise(tmp_path):
+    pipe = pipe_for("sd")
+    res = dlx.sweep(pipe, prompts=PROMPTS, seeds=[0, 3], cutoffs=[0, 0.5, 1.0], out=tmp_path, max_batch=1,
+                    timing=(), progress=False, **CALL)
+    f = res.frame
+    assert len(f) == 12 and (f.status == "ok").all() and (f.batch == 1).all()
+    cfgs = {c.name: c for c in res.spec.configs}
+    for r in f.itertuples():
+        ref = as_png_array(standalone(pipe, cfgs[r.config], r.prompt, r.seed))
+        assert np.array_equal(png(r.image), ref), r.config
+    # NFE per sample: 4 conditional evaluations plus one unconditional per guided step
+    assert f.groupby("config").nfe.first().to_dict() == {"cutoff=0": 4.0, "cutoff=0.5": 6.0, "cutoff=1": 8.0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_batched_rows_equal_standalone_within_tolerance(dtype):
+    # Stated tolerance: fp32 max |difference| <= 1e-5 on the decoded image (batched matmuls
+    # round differently; measured ~1.4e-6); fp16 PSNR >= 40 dB (measured ~75 dB).
+    from dlx.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd", dtype=dtype) if dtype != torch.float32 else pipe_for("sd")
+    spec = mixed_spec()
+    rows = spec.rows()
+    out = engine.run_batch(pipe, spec, rows)
+    cfgs = {c.name: c for c in spec.configs}
+    for j, r in enumerate(rows):
+        ref = standalone(pipe, cfgs[r["config"]], r["prompt"], r["seed"]).float()
+        got = out["images"][j]
+        if dtype == torch.float32:
+            assert (got - ref).abs().max().item() <= 1e-5, r["config"]
+        else:
+            mse = ((got - ref) ** 2).mean().item()
+            assert mse == 0 or 10 * math.log10(1 / mse) >= 40, r["config"]
+    # each sample followed its own plan: guided steps per config (4 steps)
+    guided = {r["config"]: g for r, g in zip(rows, out["guided"])}
+    assert guided["cut .5"] == 2 and guided["interval"] == 2 and guided["full"] == 4
+    assert guided["linear"] == 3  # the scale is exactly 1 at p = 0: that step skips the uncond pass
+
+
+def test_resume_computes_nothing_when_done_and_refuses_another_spec(tmp_path):
+    pipe = pipe_for("sd")
+    kw = dict(prompts=PROMPTS, seeds=[0], cutoffs=[0, 1.0], out=tmp_path, timing=(), progress=False, **CALL)
+    first = dlx.sweep(pipe, **kw).frame
+    batches = [e for e in dlx.sweep.SweepResult(tmp_path).events if e["kind"] == "batch"]
+    second = dlx.sweep(pipe, **kw)
+    assert [e for e in second.events if e["kind"] == "batch"] == batches
+    assert second.frame.equals(first)
+    with pytest.raises(DlxError, match=r"different sweep.*seeds: stored \[0\], given \[0, 1\]"):
+        dlx.sweep(pipe, **{**kw, "seeds": [0, 1]})
+
+
+def test_finished_sweep_loads_no_weights(tmp_path, monkeypatch):
+    folder = tmp_path / "pipe"
+    pipe_for("sd").save_pretrained(folder)
+    kw = dict(prompts=PROMPTS[:1], seeds=[0], cutoffs=[0, 1.0], out=tmp_path / "out", timing=(), progress=False,
+              **CALL)
+    res = dlx.sweep(str(folder), **kw)
+    assert (res.frame.status == "ok").all()
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished sweep must not load the model")
+
+    monkeypatch.setattr("dlx.sweep.api.load_pipeline", refuse)
+    assert dlx.sweep(str(folder), **kw).frame.equals(res.frame)
+
+
+def test_failed_rows_are_stored_and_oom_halves_the_batch(tmp_path, monkeypatch):
+    real = engine.run_batch
+
+    def flaky(pipe, spec, rows, **kw):
+        if len(rows) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        if any(r["seed"] == 1 and r["config"] == "cutoff=0" for r in rows):
+            raise RuntimeError("boom")
+        return real(pipe, spec, rows, **kw)
+
+    monkeypatch.setattr(engine, "run_batch", flaky)
+    res = dlx.sweep(pipe_for("sd"), prompts=PROMPTS[:1], seeds=[0, 1], cutoffs=[0, 1.0], out=tmp_path, timing=(),
+                    progress=False, share=False, **CALL)
+    f = res.frame.set_index(["config", "seed"])
+    assert f.loc[("cutoff=0", 1), "status"] == "failed" and "RuntimeError: boom" in f.loc[("cutoff=0", 1), "error"]
+    assert (res.frame.status == "ok").sum() >= 2
+    ooms = [e for e in res.events if e["kind"] == "oom"]
+    assert ooms and ooms[0]["batch"] == 4 and ooms[0]["retry_with"] == 2
+    assert (res.frame[res.frame.status == "ok"].batch <= 2).all()
+
+
+def test_store_is_wal_with_one_row_per_key(tmp_path):
+    dlx.sweep(pipe_for("sd"), prompts=PROMPTS[:1], seeds=[0], cutoffs=[0.5, 1.0], out=tmp_path, timing=(),
+              progress=False, **CALL)
+    con = sqlite3.connect(tmp_path / "sweep.sqlite")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    spec = json.loads(con.execute("SELECT value FROM meta WHERE key='spec'").fetchone()[0])
+    assert spec["call"] == CALL and [c["name"] for c in spec["configs"]] == ["cutoff=0.5", "cutoff=1"]
+    assert con.execute("SELECT COUNT(*), COUNT(DISTINCT row_id) FROM rows").fetchone() == (2, 2)
+
+
+def test_summary_has_means_and_intervals_and_plot_returns_fig_ax(tmp_path):
+    import matplotlib
+
+    res = dlx.sweep(pipe_for("sd"), prompts=PROMPTS, seeds=[0, 1], cutoffs=[0, 0.5, 1.0], out=tmp_path,
+                    timing=("eager",), timing_repeats=1, progress=False, **CALL)
+    s = res.summary().set_index("config")
+    f = res.frame
+    for c in s.index:
+        vals = f[f.config == c].psnr
+        assert s.loc[c, "psnr"] == pytest.approx(vals.mean())
+        assert s.loc[c, "psnr_lo"] <= s.loc[c, "psnr"] <= s.loc[c, "psnr_hi"]
+    assert s.loc["cutoff=1", "psnr"] == 100.0 and s.loc["cutoff=1", "ssim"] == pytest.approx(1.0)
+    # predicted standalone time grows with the guided steps; the regime is named
+    t = s.time_eager_s
+    assert t["cutoff=0"] < t["cutoff=0.5"] < t["cutoff=1"]
+    assert s.regime_eager.iloc[0] in ("host-bound", "denoiser-bound")
+    fig, ax = res.plot()
+    assert isinstance(fig, matplotlib.figure.Figure) and ax.get_xlabel().startswith("predicted wall time")
+    assert len(res.images(config="cutoff=0")) == 4
+
+
+def test_reference_config_is_added_when_missing():
+    spec = build_spec(prompts=PROMPTS, seeds=[0], cutoffs=[0, 0.5], call=CALL)
+    assert [c.name for c in spec.configs] == ["cutoff=0", "cutoff=0.5", "full CFG"]
+    spec = build_spec(prompts=PROMPTS, seeds=[0], configs={"a": dlx.GuidanceInterval(0.2, 0.8)},
+                      guidance_scales=[3, 6], call=CALL)
+    assert [c.name for c in spec.configs] == ["a scale=3", "a scale=6", "full CFG scale=3", "full CFG scale=6"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cutoffs=[]), "`cutoffs`"),
+    (dict(cutoffs=[0, 1.5]), r"`cutoffs`.*1\.5"),
+    (dict(cutoffs=[float("nan")]), "`cutoffs`"),
+    (dict(prompts=[]), "`prompts`"),
+    (dict(prompts=[""]), "`prompts`"),
+    (dict(seeds=[]), "`seeds`"),
+    (dict(seeds=[-1]), "`seeds`"),
+    (dict(metrics=["fid"]), "`metrics`.*'fid'"),
+    (dict(metrics=["lpips"]), "`metrics`.*'lpips' needs its network"),
+    (dict(metrics=["adherence"], prompts=["a cat on a mat"]), "`prompts`.*'a cat on a mat'"),
+    (dict(configs={}), "`configs`"),
+    (dict(configs={"x": "not a control"}), "`configs`"),
+    (dict(max_batch=0), "`max_batch`"),
+    (dict(generator=1), "`generator`"),
+    (dict(timing=("fast",)), "`timing`"),
+    (dict(num_inference_steps=0), "`num_inference_steps`"),
+])
+def test_bad_input_is_refused_before_model_work(tmp_path, kwargs, match):
+    class NoModel:  # a pipeline that fails if anything calls it
+        def __call__(self, *a, **k):
+            raise AssertionError("model work started")
+
+    kw = dict(prompts=PROMPTS, seeds=[0], cutoffs=[0, 1.0], out=tmp_path, **CALL)
+    kw.update(kwargs)
+    if "cutoffs" in kwargs or "configs" in kwargs:
+        kw = {k: v for k, v in kw.items() if k not in ("cutoffs", "configs")} | {
+            k: v for k, v in kwargs.items() if k in ("cutoffs", "configs")}
+    with pytest.raises(DlxError, match=match):
+        dlx.sweep("shapes", **kw)
+
+
+def test_out_that_cannot_be_written_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(DlxError, match="`out`.*is a file"):
+        dlx.sweep("shapes", prompts=["a red circle"], seeds=[0], cutoffs=[0], out=f)
+    with pytest.raises(DlxError, match="`out`: cannot write"):
+        dlx.sweep("shapes", prompts=["a red circle"], seeds=[0], cutoffs=[0], out=f / "sub")
