@@ -170,7 +170,7 @@ table.dlx th{background:#f4f4f4} .scroll{max-height:360px;overflow:auto;display:
 .dlx-gal{margin:8px 0 18px} .dlx-grid{display:grid;gap:6px}
 .dlx-tile figcaption{font:12px ui-monospace,monospace;line-height:1.2;margin-bottom:2px}
 .dlx-tile img{image-rendering:pixelated;image-rendering:crisp-edges;display:block;background:#eee}
-.dlx-label{font:13px ui-monospace,monospace;margin:4px 0} .meta td{text-align:left}
+.dlx-label{font:13px ui-monospace,monospace;margin:4px 0} table.dlx.meta td{text-align:left}
 img.plot{max-width:100%;border:1px solid #eee}
 """
 

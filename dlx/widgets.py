@@ -458,7 +458,7 @@ def _compare_sweep(res, *, kind, size, metric, prompt, seed, fps):
         out = []
         for r in rows:
             bits = [str(r.config)]
-            if r.cutoff == r.cutoff:
+            if r.cutoff == r.cutoff and "cutoff" not in str(r.config):
                 bits.append(f"cutoff {_fmt(r.cutoff, '.2g')}")
             bits.append(f"NFE {_fmt(r.nfe, '.3g')}")
             if tcols:
@@ -469,10 +469,11 @@ def _compare_sweep(res, *, kind, size, metric, prompt, seed, fps):
         return out
 
     def step_label(i):
-        return f"step {i + 1}/{n_steps} (x0 previews kept by the sweep)" if per_step else "final images"
+        return f"step {i + 1}/{n_steps}" if per_step else "final images"
 
+    what = "x0 previews kept by the sweep" if per_step else "final images (run with keep_previews=True for steps)"
     return Compare(_Frames(render, n_steps, size), ("x0",), "x0", captions, step_label,
-                   f"sweep · prompt {prompt!r} · seed {seed}", fps)
+                   f"sweep · prompt {prompt!r} · seed {seed} · {what}", fps)
 
 
 # --- live ------------------------------------------------------------------------------------------
