@@ -6,7 +6,8 @@ hands it to ``callback_on_step_end``: ``latents`` are x_{t-1}. The predictions (
 ``timestep``/``sigma``. Tensors are kept with a leading batch dimension.
 
 Files are a single ``.safetensors``: tensors under ``steps.<i>.<field>`` and ``cond.<j>.<name>``,
-metadata as JSON in the header (``dlx.trace``), written atomically.
+metadata as JSON in the header (``dlx.trace``: format version, meta, step scalars, conditioning
+names and the list of the file's tensors), written atomically. Loading validates all of it.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ class Step:
     index: int
     timestep: float
     sigma: float
-    guidance_scale: float  # the pipeline's scale (mean over samples when per-sample)
-    cfg_active: bool  # the unconditional pass ran for at least one sample
-    nfe: float  # denoiser evaluations per sample spent on this step
+    guidance_scale: float  # mean over the samples; per sample: ``scale`` (and to_frame(per_sample=True))
+    cfg_active: bool  # the unconditional pass ran for at least one sample; per sample: ``cfg_mask``
+    nfe: float  # nominal denoiser evaluations per sample on this step, mean over the samples
     step_ms: float = math.nan
+    evaluations: int = 0  # sample-rows the denoiser really evaluated (dlx.Share: fewer than nominal)
     ip_adapter_scale: float | None = None
     conditioning: int = 0  # index into Trace.conditioning in force for this step
     latents: torch.Tensor | None = None
@@ -113,6 +115,8 @@ class Trace:
     def to_frame(self, per_sample: bool = False):
         """One row per step (or per step and sample): scalars and summary statistics.
 
+        With ``per_sample=True`` ``guidance_scale``, ``cfg_active`` and ``nfe`` are the sample's own;
+        per step they summarise the batch (mean scale, any sample guided, mean NFE).
         ``cond_uncond_l2`` is ‖cond − uncond‖₂ per sample and ``cond_uncond_cos`` their cosine,
         both NaN where the unconditional pass did not run; with ``per_sample=False`` they are
         averaged over the samples that have them.
@@ -135,9 +139,13 @@ class Trace:
                     r = dict(base, sample=j)
                     for k, v in stats.items():
                         r[k] = v[j]
-                    if s.cfg_mask is not None:
+                    if s.cfg_mask is not None and j < len(s.cfg_mask):
                         r["cfg_active"] = bool(s.cfg_mask[j])
-                    if s.scale is not None:
+                        # a sample's unconditional row is the only evaluation that differs
+                        # between samples: its NFE is the step's mean, moved by its own mask
+                        m = s.cfg_mask.tolist()
+                        r["nfe"] = s.nfe - sum(m) / len(m) + m[j]
+                    if s.scale is not None and j < len(s.scale):
                         r["guidance_scale"] = float(s.scale[j])
                     rows.append(r)
             else:
@@ -205,6 +213,7 @@ class Trace:
             "meta": self.meta,
             "steps": [s.scalars() for s in self.steps],
             "conditioning": [sorted(c) for c in self.conditioning],
+            "tensors": sorted(tensors),  # the file's manifest: a tensor removed or added is seen on load
         }
         try:
             text = json.dumps(header, default=_json_default, allow_nan=True)
@@ -255,7 +264,7 @@ def _tensors_to_save(trace: "Trace") -> dict[str, torch.Tensor]:
 
     A copy per tensor: safetensors refuses non-contiguous tensors (channels-last img2img latents,
     strided views) and tensors sharing storage (steps may be views of one stacked tensor);
-    ``clone(contiguous_format)`` gives an independent row-major copy with the same values bits.
+    ``clone(contiguous_format)`` gives an independent row-major copy with the same bits.
     """
     tensors: dict[str, torch.Tensor] = {}
     seen: set = set()
@@ -358,7 +367,7 @@ def _fsync_dir(folder: Path) -> None:
 
 #: deepest nesting of lists and dicts accepted in a file's header (dlx writes fewer than 10 levels)
 _MAX_DEPTH = 64
-_HEADER_KEYS = ("format_version", "meta", "steps", "conditioning")
+_HEADER_KEYS = ("format_version", "meta", "steps", "conditioning", "tensors")  # "tensors": optional
 
 
 def _parse_header(text: str, where: str) -> dict:
@@ -462,6 +471,16 @@ def _check_header(header: dict, tensors: dict, where: str):
             raise DlxError(f"{where}: steps[{n}].conditioning is {c}, but the file holds "
                            f"{len(conditioning)} conditioning entries")
         by_index[i] = {}
+    # the manifest, where the file has one: every tensor it names is present
+    manifest = header.get("tensors")  # absent in files written before it was added
+    if manifest is not None:
+        if not isinstance(manifest, list) or not all(isinstance(k, str) for k in manifest):
+            raise DlxError(f"{where}: 'tensors' must be a list of tensor names; got {_jtype(manifest)}")
+        absent = sorted(set(manifest) - set(tensors))
+        if absent:
+            shown = absent[:8] + (["..."] if len(absent) > 8 else [])
+            raise DlxError(f"{where}: {len(absent)} tensor(s) the metadata names are not in the file: {shown} "
+                           "(damaged or edited file)")
     # every tensor in the file belongs somewhere
     stray = []
     for name, v in tensors.items():
