@@ -10,8 +10,8 @@ images float tensors (B, 3, H, W) in [0, 1]:
 * ``lpips``: torchmetrics' LPIPS computation with the network the user passes
   (``networks={"lpips": net}``: torchmetrics' ``LearnedPerceptualImagePatchSimilarity`` or its
   ``.net``, called as ``net(a, b, normalize=True)``); no weights are downloaded here.
-* ``clip``: torchmetrics' CLIP score with the model and processor the user passes
-  (``networks={"clip": (model, processor)}``).
+* ``clip``: CLIP score (torchmetrics' definition, 100 · max(cos, 0)) with the model and
+  processor the user passes (``networks={"clip": (model, processor)}``).
 * ``adherence``: the embedded shapes model's check (``dlx.zoo.adherence``), 1.0 or 0.0 per image.
 * any user callable with that signature (its ``higher_is_better`` attribute, default True).
 """
@@ -83,17 +83,35 @@ def _lpips(net):
     return fn
 
 
+def _features(out):
+    """Embeddings from ``get_*_features``: a tensor, or (newer transformers) an output object."""
+    if hasattr(out, "norm"):
+        return out
+    for k in ("image_embeds", "text_embeds", "pooler_output"):
+        v = getattr(out, k, None)
+        if v is not None:
+            return v
+    raise DlxError(f"the CLIP model returned {type(out).__name__}, not embeddings")
+
+
 def _clip(pair):
+    """CLIP score as torchmetrics defines it: 100 · max(cos(image, text), 0), per image. Computed
+    here with the user's model and processor (torchmetrics' ``clip_score`` reads
+    ``get_image_features`` as a tensor, which newer transformers return wrapped)."""
     model, processor = pair
 
     def fn(images, prompts, reference_images):
-        from torchmetrics.functional.multimodal import clip_score
+        import torch
 
-        out = []
-        for img, p in zip(images, prompts):  # per image: clip_score averages over its batch
-            x = (img.float().clamp(0, 1) * 255).round().to(dtype=__import__("torch").uint8)
-            out.append(float(clip_score(x, p, model_name_or_path=lambda: (model, processor))))
-        return out
+        x = [(img.float().clamp(0, 1) * 255).round().to(torch.uint8) for img in images]
+        batch = processor(text=list(prompts), images=x, return_tensors="pt", padding=True)
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            img = _features(model.get_image_features(pixel_values=batch["pixel_values"].to(dev)))
+            txt = _features(model.get_text_features(input_ids=batch["input_ids"].to(dev),
+                                                    attention_mask=batch["attention_mask"].to(dev)))
+        cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
+        return (100 * cos.clamp_min(0)).tolist()
 
     return fn
 

@@ -360,9 +360,9 @@ BAD = [
     bad("sweep", "timing_batch", 0, "range"),
     bad("sweep", "out", "", "empty"),
     bad("sweep", "device", "gpu9", "unknown"),
-    bad("sweep", "dtype", "int8", "int8", xfail=SWEEP),
-    bad("sweep", "dtype", torch.int8, "int8-dtype", xfail=SWEEP),
-    bad("sweep", "dtype", "float99", "name", xfail=SWEEP),
+    bad("sweep", "dtype", "int8", "int8"),
+    bad("sweep", "dtype", torch.int8, "int8-dtype"),
+    bad("sweep", "dtype", "float99", "name"),
     # sweep.load_pipeline(model, device, dtype)
     bad("sweep.load_pipeline", "model", None, "none"),
     bad("sweep.load_pipeline", "model", "", "empty"),
@@ -372,9 +372,9 @@ BAD = [
     bad("sweep.load_pipeline", "device", "", "empty"),
     bad("sweep.load_pipeline", "dtype", "float99", "name"),
     bad("sweep.load_pipeline", "dtype", "", "empty"),
-    bad("sweep.load_pipeline", "dtype", "int8", "int8", xfail=SWEEP),
-    bad("sweep.load_pipeline", "dtype", torch.int8, "int8-dtype", xfail=SWEEP),
-    bad("sweep.load_pipeline", "dtype", 16, "type", xfail=SWEEP),
+    bad("sweep.load_pipeline", "dtype", "int8", "int8"),
+    bad("sweep.load_pipeline", "dtype", torch.int8, "int8-dtype"),
+    bad("sweep.load_pipeline", "dtype", 16, "type"),
 ]
 
 

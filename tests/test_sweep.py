@@ -209,3 +209,21 @@ def test_out_that_cannot_be_written_is_refused(tmp_path):
         dlx.sweep("shapes", prompts=["a red circle"], seeds=[0], cutoffs=[0], out=f)
     with pytest.raises(DlxError, match="`out`: cannot write"):
         dlx.sweep("shapes", prompts=["a red circle"], seeds=[0], cutoffs=[0], out=f / "sub")
+
+
+def test_keep_previews_stores_per_step_x0_previews(tmp_path):
+    from dlx.render import render_steps, to_pil
+
+    pipe = pipe_for("sd")
+    res = dlx.sweep(pipe, prompts=PROMPTS[:1], seeds=[0], cutoffs=[0.5, 1.0], out=tmp_path, max_batch=1,
+                    keep_previews=True, timing=(), progress=False, **CALL)
+    f = res.frame
+    for r in f.itertuples():
+        p = res.previews(r.row_id)
+        assert p.dtype == torch.uint8 and tuple(p.shape) == (4, 128, 128, 3)
+        with dlx.record(pipe, *{c.name: c for c in res.spec.configs}[r.config].parts(), keep=("x0",)) as tr:
+            pipe(r.prompt, generator=torch.Generator().manual_seed(r.seed), output_type="pt", **CALL)
+        want = render_steps(tr, "x0")
+        assert all(np.array_equal(p[i].numpy(), np.asarray(to_pil(want[i, 0], 128))) for i in range(4))
+    with pytest.raises(DlxError, match="keep_previews=True"):
+        dlx.sweep.SweepResult(tmp_path).previews("nope")

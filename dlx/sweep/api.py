@@ -46,6 +46,19 @@ def _check_model(model: str, arg: str = "model") -> dict:
     raise DlxError(f"argument `{arg}`: {model!r} is neither 'shapes', a pipeline folder nor a hub id (org/name)")
 
 
+def _check_dtype(dtype):
+    """None, a floating torch dtype or its name ('float16', 'bfloat16', ...)."""
+    if dtype is None:
+        return None
+    d = dtype
+    if isinstance(dtype, str):
+        d = getattr(torch, dtype, None) if dtype and not dtype.startswith("_") else None
+    if not isinstance(d, torch.dtype) or not d.is_floating_point:
+        raise DlxError(f"argument `dtype` must be a floating torch dtype or its name ('float32', 'float16', "
+                       f"'bfloat16'); got {dtype!r}")
+    return d
+
+
 def load_pipeline(model: str, device=None, dtype=None):
     """The pipeline a spec names: 'shapes' (dlx.zoo), a folder saved by ``save_pretrained`` (offline),
     or a hub id (only when the hub is reachable; otherwise the local cache)."""
@@ -53,10 +66,7 @@ def load_pipeline(model: str, device=None, dtype=None):
 
     ident = _check_model(model)
     dev = _check_device(device) or torch.device("cpu")
-    if isinstance(dtype, str):
-        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-            raise DlxError(f"argument `dtype` must be a torch dtype name ('float32', 'float16'); got {dtype!r}")
-        dtype = getattr(torch, dtype)
+    dtype = _check_dtype(dtype)
     if "name" in ident:
         from .. import zoo
 
@@ -148,6 +158,12 @@ def sweep(pipe, prompts=None, seeds=range(8), *, cutoffs=None, configs=None, gui
     else:
         ident = model_identity(pipe)
     dev = _check_device(device)
+    dtype = _check_dtype(dtype)
+    if dtype is not None and not isinstance(pipe, str):
+        raise DlxError(f"argument `dtype` applies when the sweep loads the model (pipe given by name); got {dtype!r} "
+                       f"with a pipeline object: convert it with pipe.to(dtype) instead")
+    if isinstance(pipe, str):
+        ident["dtype"] = str(dtype or torch.float32)
     if metrics is None:
         metrics = ["psnr", "ssim"] + (["adherence"] if _is_shapes(ident) else [])
     mets = resolve(metrics, networks)
@@ -419,16 +435,16 @@ def _metrics(mets, q, batch, ref_img, finite, store) -> dict:
 
 
 def _previews(rec, batch: int):
-    """Per sample, uint8 (steps, 128, 128, 3) previews of x0 from the recorder's trace."""
+    """Per sample, uint8 (steps, 128, 128, 3) x0 previews from the recorder's trace: one batched
+    render (``dlx.render.render_steps``: the model's own small VAE for the zoo models, else the
+    family's latent-RGB map), each image enlarged to 128 px with sharp blocks (``to_pil``)."""
     import numpy as np
 
-    from ..preview import trace_previews
+    from ..render import render_steps, to_pil
 
-    out = []
-    for j in range(batch):
-        imgs = trace_previews(rec.trace, kind="x0", size=128, sample=j)
-        out.append(torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in imgs])))
-    return out
+    rgb = render_steps(rec.trace, "x0")  # (steps, samples, H, W, 3)
+    return [torch.from_numpy(np.stack([np.asarray(to_pil(rgb[i, j], 128)) for i in range(rgb.shape[0])]))
+            for j in range(batch)]
 
 
 def _save_previews(store, row_id, t):

@@ -38,16 +38,9 @@ _JSON_SCALARS = (str, int, float, bool, type(None))
 
 
 def control_config(part) -> dict:
-    """JSON description of a guidance control (its constructor arguments)."""
+    """JSON description of a guidance control: ``{"type": "CFGCutoff", "ratio": 0.4}`` (its
+    constructor arguments, flat: the sweep's own stable format, stored in the spec)."""
     name = type(part).__name__
-    cfg_fn = getattr(part, "config", None)
-    if callable(cfg_fn):  # the core's Part.config(), when it exists
-        try:
-            cfg = cfg_fn()
-            if isinstance(cfg, dict) and "type" in cfg:
-                return _canon(cfg)
-        except Exception:  # noqa: BLE001 - fall back to reading the attributes
-            pass
     if name not in CONTROLS:
         raise DlxError(f"sweep configs take the controls {', '.join(CONTROLS)}; got {part!r}")
     d = {"type": name}
@@ -67,14 +60,6 @@ def control_from_config(cfg: dict):
 
     if not isinstance(cfg, dict) or cfg.get("type") not in CONTROLS:
         raise DlxError(f"a control config must be a dict with `type` one of {list(CONTROLS)}; got {cfg!r}")
-    from_cfg = getattr(dlx, "part_from_config", None) if "part_from_config" in getattr(dlx, "_LAZY", {}) else None
-    if from_cfg is not None:
-        try:
-            return from_cfg(cfg)
-        except DlxError:
-            raise
-        except Exception:  # noqa: BLE001 - our own rebuild below
-            pass
     kw = {k: v for k, v in cfg.items() if k != "type"}
     unknown = [k for k in kw if k not in CONTROLS[cfg["type"]]]
     if unknown:
