@@ -23,7 +23,8 @@ def _machine(device: str) -> str:
 
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"{platform.machine()} CPU, {n} thread{'' if n == 1 else 's'}"
 
 
 def speed_quality(res, path: Path, device: str, steps: int) -> None:
