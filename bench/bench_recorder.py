@@ -11,12 +11,20 @@ Variants run interleaved (one call of each per round), medians of ``--reps`` rou
   attach                dlx.attach with no parts: the session and denoiser tap alone
   record                dlx.record: latents, embeddings, cond + uncond predictions, x0, timing
   record-latents        dlx.record(keep=("latents",))
-  cutoff-0.5            dlx.CFGCutoff(ratio=0.5) attached (unguided steps skip the uncond pass)
+  record-scalars        dlx.record(keep=()): per-step scalars and call timing only (the sweep's cost model)
+  cutoff-0.5            dlx.CFGCutoff(ratio=0.5) attached (unguided steps skip the uncond pass; after
+                        step 12 the run leaves CFG as diffusers' callbacks do)
   official-cutoff-0.5   diffusers' SDCFGCutoffCallback(cutoff_step_ratio=0.5) (guides 13 of 25)
   no-cfg                guidance_scale=1 (the floor a cutoff approaches)
 
 Usage: python bench/bench_recorder.py --out results.json  (GPU)
-       python bench/bench_recorder.py --device cpu --size 64 --steps 4 --reps 2 --modes eager  (smoke)
+       python bench/bench_recorder.py --quick  (CPU smoke test: 64², 4 steps, 2 rounds, eager)
+
+Issue 10 item 10 (a cutoff never slower than full CFG; recording overhead), on the GPU box:
+  python bench/bench_recorder.py --modes eager --reps 30 \
+      --variants cutoff-0.5,official-cutoff-0.5,record,record-scalars --out $OUT/item10_eager.json
+  python bench/bench_recorder.py --modes compiled --reps 30 \
+      --variants cutoff-0.5,official-cutoff-0.5,record,record-scalars --out $OUT/item10_compiled.json
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ def variants(pipe):
         "attach": lambda: _attach_only(pipe),
         "record": attached(),
         "record-latents": attached(keep=("latents",)),
+        "record-scalars": attached(keep=()),
         # the issue's target: latents, embeddings and both predictions (no x0)
         "record-target": attached(keep=("latents", "embeds", "cond", "uncond")),
         "cutoff-0.5": lambda: _attach_only(pipe, dlx.CFGCutoff(ratio=0.5)),
@@ -119,7 +128,11 @@ def main():
                     help="also time dlx from inside (bench/_hookclock.py) over N more rounds per mode: its host "
                          "time, which is the overhead itself when the host bounds the run (eager)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="CPU smoke test: --device cpu --size 64 --steps 4 --reps 2 "
+                                                          "--modes eager")
     args = ap.parse_args()
+    if args.quick:
+        args.device, args.size, args.steps, args.reps, args.modes = "cpu", 64, 4, 2, "eager"
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = build(device, dtype, args.size)

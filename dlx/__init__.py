@@ -30,11 +30,13 @@ _LAZY = {
     "AdaptiveCutoff": "guidance",
     "IPAdapterCutoff": "guidance",
     "Interrupt": "interrupt",
+    "Share": "parts",
+    "part_from_config": "parts",
     "Preview": "preview",
     "fit_latent_rgb": "preview",
     "latents_to_rgb": "preview",
 }
-_SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "trace", "recorder", "session",
+_SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "trace", "recorder", "session", "parts",
                "sweep", "metrics", "plots"}
 
 # ``dlx.sweep`` is a callable module: ``dlx.sweep(pipe, ...)`` runs a sweep (dlx/sweep/__init__.py)

@@ -19,10 +19,11 @@ recording never changes a result.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
-_MISSING = object()
+from . import _diffusers as D
 
 
 class DenoiserCall:
@@ -37,11 +38,12 @@ class DenoiserCall:
     """
 
     __slots__ = ("step", "timestep", "x_in", "cond", "uncond", "_guided", "mask", "scale", "lerp_guided",
-                 "pair")
+                 "pair", "rescale", "revises")
 
     def __init__(self, step: int, timestep, x_in: torch.Tensor, cond: torch.Tensor,
                  uncond: torch.Tensor | None, guided: torch.Tensor | None, mask: tuple[bool, ...],
-                 scale: torch.Tensor | float, pair: torch.Tensor | None = None):
+                 scale: torch.Tensor | float, pair: torch.Tensor | None = None, rescale: float = 0.0,
+                 revises: bool = False):
         self.step = step
         self.timestep = timestep
         self.x_in = x_in  # denoiser input of the conditional rows (after scale_model_input)
@@ -50,9 +52,15 @@ class DenoiserCall:
         self._guided = guided
         self.mask = mask
         self.scale = scale
-        #: ``guided`` is ``lerp(uncond, cond, scale)`` (the pipeline's own CFG): an observer may
-        #: compute it, or what follows from it, later from copies of ``uncond`` and ``cond``
-        self.lerp_guided = guided is None
+        #: the pipeline's ``guidance_rescale`` (arXiv 2305.08891) applied to ``guided`` when it is
+        #: the pipeline's own CFG (``guided`` passed as None)
+        self.rescale = rescale
+        #: ``guided`` is ``lerp(uncond, cond, scale)`` (the pipeline's own CFG, no rescale): an
+        #: observer may compute it, or what follows from it, later from copies of ``uncond`` and ``cond``
+        self.lerp_guided = guided is None and not rescale
+        #: a second event for the same step whose ``guided`` replaces the first one's: SD3's
+        #: skip-layer guidance adds (cond − skip-layer prediction)·scale after CFG
+        self.revises = revises
         #: the denoiser's whole output when ``uncond`` and ``cond`` are its two halves, in that
         #: order (the pipeline's own CFG batch): one copy of it keeps both
         self.pair = pair
@@ -61,7 +69,10 @@ class DenoiserCall:
     def guided(self) -> torch.Tensor:
         g = self._guided
         if g is None:
-            g = self._guided = torch.lerp(self.uncond, self.cond, self.scale)
+            g = torch.lerp(self.uncond, self.cond, self.scale)
+            if self.rescale:
+                g = D.rescale_noise_cfg(g, self.cond, self.rescale)
+            self._guided = g
         return g
 
     @guided.setter
@@ -104,6 +115,17 @@ def _take_rows(obj, n: int, idx):
     return obj
 
 
+def _batch_tensors(obj, n: int) -> list:
+    """Every tensor in ``obj`` (nested) whose leading dim is ``n``."""
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.ndim > 0 and obj.shape[0] == n else []
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _batch_tensors(o, n)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _batch_tensors(o, n)]
+    return []
+
+
 def _first_tensor(args, kwargs, names=("sample", "hidden_states")):
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
@@ -120,28 +142,37 @@ def _timestep_of(args, kwargs):
 
 
 class Tap:
-    """Wraps the forward of the run's denoiser (and doubled-batch side modules) for one call."""
+    """Wraps the forward of the run's denoiser (and doubled-batch side modules) for one call.
+
+    It emits events to the run (loop start, evaluations counted, denoiser calls observed) and
+    reads the run's plan; it keeps its own per-step state (rows taken, Flux's pending call).
+    Calls from another thread than the run's (a plain call of a pipeline sharing the denoiser)
+    go straight to the original forward.
+    """
 
     def __init__(self, run):
         self.run = run
         self.family = run.family
-        self._saved: list[tuple[torch.nn.Module, str, object]] = []
+        self._saved: list = []
         self._call_name: str | None = None  # Flux: "cond" / "uncond" from cache_context
-        self._rows = None  # rows computed at this step (shared by denoiser and side modules)
+        self._rows: tuple | None = None  # (step, rows taken, ...): shared by denoiser and side modules
+        self._single_rows: tuple | None = None  # the same for steps without the CFG batch (Share)
         self._cond_out = None  # Flux: this step's cond output, reused when uncond is skipped
+        self._pending_cond = None  # Flux without true CFG: the cond call to observe at step end
+        self._true_cfg = False
+        self._checked = False  # dlx.Share's promise, checked on the first call
+        self._indices: dict = {}
+        self._last = None  # (step, DenoiserCall, the "text" half the pipeline got): for SD3 skip-layer guidance
+        run._flush = self._flush
 
     # -- install / remove -------------------------------------------------------------------
-    def _patch(self, module, name, value):
-        self._saved.append((module, name, module.__dict__.get(name, _MISSING)))
-        object.__setattr__(module, name, value)
-
     def install(self):
         pipe = self.run.pipe
         den = getattr(pipe, self.family.denoiser)
         orig = den.forward
         if self.family.cfg == "calls":
-            self._patch(den, "forward", self._wrap_calls(orig))
-            orig_ctx = den.cache_context
+            D.replace_forward(den, "forward", self._wrap_calls(orig), self._saved)
+            orig_ctx = getattr(den, D.CACHE_CONTEXT)
 
             @contextlib.contextmanager
             def cache_context(name, *a, **k):
@@ -152,126 +183,212 @@ class Tap:
                 finally:
                     self._call_name = prev
 
-            self._patch(den, "cache_context", cache_context)
+            D.replace_forward(den, D.CACHE_CONTEXT, cache_context, self._saved)
         else:
-            self._patch(den, "forward", self._wrap_batch(orig, denoiser=True))
+            D.replace_forward(den, "forward", self._wrap_batch(orig, denoiser=True), self._saved)
             for side in self.family.extra_doubled_modules:
                 mod = getattr(pipe, side, None)
                 if mod is not None:
-                    self._patch(mod, "forward", self._wrap_batch(mod.forward, denoiser=False))
+                    D.replace_forward(mod, "forward", self._wrap_batch(mod.forward, denoiser=False), self._saved)
 
     def remove(self):
         while self._saved:
-            module, name, prev = self._saved.pop()
-            if prev is _MISSING:
-                module.__dict__.pop(name, None)
-            else:
-                object.__setattr__(module, name, prev)
+            D.restore_attribute(*self._saved.pop())
+
+    def _flush(self):
+        pending = self._pending_cond
+        if pending is not None:  # Flux without true CFG: the cond call was all there was
+            self._pending_cond = None
+            run = self.run
+            x, pred, t = pending
+            run.unguided_plan()
+            run.observe(DenoiserCall(run.step, t, x, pred, None, pred, (False,) * pred.shape[0], 1.0))
+
+    def _index(self, values: tuple, device) -> torch.Tensor:
+        """An index tensor on the device, made once per distinct value (Share's layouts change
+        only where a sample's plan does)."""
+        key = (values, device)
+        t = self._indices.get(key)
+        if t is None:
+            t = self._indices[key] = torch.tensor(values, device=device)
+        return t
 
     # -- batch-doubled CFG (SD, SDXL, SD3, ControlNet) ------------------------------------------
-    def _wrap_batch(self, orig, denoiser: bool):
+    def _take(self, plan, lay, b: int, n: int):
+        """Rows of the doubled batch to evaluate this step (cached for side modules), as
+        (rows, guided samples evaluated, their positions among the evaluated samples, layout)."""
         run = self.run
-        pipe = run.pipe
-
-        def forward(*args, **kwargs):
-            x = _first_tensor(args, kwargs)
-            n = x.shape[0]
-            if not run.loop_started:
-                run.before_denoiser(x)  # a ControlNet runs before the UNet: the loop starts there
-            # read every call: a callback may end CFG mid-run (diffusers' cutoff callbacks do)
-            cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
-            if not cfg or n % 2 or n // 2 != run.batch_hint(n // 2):
-                # No CFG batch (or an extra cond-only call such as SD3 skip-layer guidance).
-                out = orig(*args, **kwargs)
-                if denoiser:
-                    run.count_nfe(n, cond=True)
-                    if not cfg:
-                        pred = _pred_of(out)
-                        run.observe(
-                            DenoiserCall(run.step, _timestep_of(args, kwargs), x, pred, None, pred,
-                                         (False,) * n, 1.0)
-                        )
-                return out
-            b = n // 2
-            plan = run.plan(b)
-            if plan.passthrough:
-                out = orig(*args, **kwargs)
-                if denoiser:
-                    run.count_nfe(b, True, plan.mask)
-                    if run.wants_calls:
-                        pred = _pred_of(out)
-                        u, c = pred.chunk(2)
-                        # guided=None: lerp(u, c, scale) when an observer reads it (the pipeline
-                        # combines its own prediction)
-                        run.observe(
-                            DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, None,
-                                         plan.mask, plan.default, pair=pred)
-                        )
-                return out
-            guided = [i for i, m in enumerate(plan.mask) if m]
+        cached = self._rows
+        if cached is not None and cached[0] == run.step:
+            return cached[1]
+        reps = range(b) if lay is None else lay.reps
+        guided = [r for r in reps if plan.mask[r]]
+        if lay is None:
             if not guided:
                 rows = slice(b, n)  # a view: bitwise the same rows diffusers' own cutoff keeps
             elif len(guided) == b:
                 rows = slice(0, n)  # all rows (a scale schedule): no index tensor to copy to the device
             else:
                 rows = torch.tensor(guided + list(range(b, n)), dtype=torch.long)
+            gpos = guided
+        else:
+            rows = torch.tensor(guided + [b + r for r in reps], dtype=torch.long)
+            pos = {r: i for i, r in enumerate(reps)}
+            gpos = [pos[r] for r in guided]
+        res = (rows, guided, gpos, lay)
+        self._rows = (run.step, res)
+        return res
+
+    def _wrap_batch(self, orig, denoiser: bool):
+        run = self.run
+        pipe = run.pipe
+        thread = run.thread
+
+        def forward(*args, **kwargs):
+            if threading.get_ident() != thread:
+                return orig(*args, **kwargs)
+            x = _first_tensor(args, kwargs)
+            n = x.shape[0]
+            # read every call: a callback may end CFG mid-run (diffusers' cutoff callbacks do)
+            cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
+            if not run.loop_started:  # a ControlNet runs before the UNet: the loop starts there
+                run.loop_start(x, n // 2 if cfg and n % 2 == 0 else n, _timestep_of(args, kwargs))
+            b = run.batch
+            if not self._checked:
+                self._checked = True
+                if run.share is not None:
+                    run.share.check_rows(run, _batch_tensors((args, kwargs), n), n)
+            if not cfg or n != 2 * b:
+                return self._single(orig, args, kwargs, x, n, cfg, denoiser)
+            plan = run.plan()
+            lay = run.layout(plan)
+            if lay is None and plan.passthrough:
+                out = orig(*args, **kwargs)
+                if denoiser:
+                    run.count(n, True, plan.mask)
+                    if run.wants_calls:
+                        pred = _pred_of(out)
+                        u, c = pred.chunk(2)
+                        # guided=None: lerp(u, c, scale) (and the pipeline's rescale) when an
+                        # observer reads it: the pipeline combines its own prediction
+                        rescale = float(getattr(pipe, "guidance_rescale", 0.0) or 0.0)
+                        call = DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, None,
+                                            plan.mask, plan.default, pair=pred, rescale=rescale)
+                        self._last = (run.step, call, c)
+                        run.observe(call)
+                return out
+            rows, guided, gpos, lay = self._take(plan, lay, b, n)
             out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
             if not denoiser:
                 return out  # side module outputs already have the sub-batch's rows
             pred = _pred_of(out)
             k = len(guided)
+            m = b if lay is None else len(lay.reps)
+            run.count(k + m, cond=True, uncond=plan.mask)
             c = pred[k:]
-            run.count_nfe(b, cond=True, uncond=plan.mask)
             if k == 0:
-                u = None
                 g = c
             else:
                 u_sub = pred[:k]
-                # every sample guided: a slice, else an index (a host-to-device copy, which syncs)
-                gidx = slice(0, b) if k == b else torch.tensor(guided, device=pred.device)
+                # every sample guided: a slice, else an index (a host-to-device copy)
+                gidx = slice(0, m) if k == m else torch.tensor(gpos, device=pred.device)
                 s = plan.scale_rows(guided, pred)
                 g = c.clone()
                 g[gidx] = u_sub + s * (c[gidx] - u_sub)
-                rescale = float(getattr(run.pipe, "guidance_rescale", 0.0) or 0.0)
+                rescale = float(getattr(pipe, "guidance_rescale", 0.0) or 0.0)
                 if rescale > 0:
-                    # the pipeline would rescale against the conditional prediction (arXiv
-                    # 2305.08891, per sample); on [g, g] its own rescale is then the identity
-                    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-                    g[gidx] = rescale_noise_cfg(g[gidx], c[gidx], guidance_rescale=rescale)
-                u = None
-                if run.wants_calls:
-                    u = torch.full_like(c, float("nan"))
-                    u[gidx] = u_sub
+                    # the pipeline would rescale against the conditional prediction (per
+                    # sample); on [g, g] its own rescale is then the identity
+                    g[gidx] = D.rescale_noise_cfg(g[gidx], c[gidx], rescale)
+            u = None
+            if lay is not None:  # every sample gets its group's result
+                ex = self._index(lay.expand, pred.device)
+                c = c.index_select(0, ex)
+                g = g.index_select(0, ex) if k else c
+                if run.wants_calls and k:
+                    ux = torch.tensor([gpos.index(lay.expand[j]) if plan.mask[j] else 0 for j in range(b)],
+                                      device=pred.device)
+                    u = pred[:k].index_select(0, ux)
+                    u[torch.tensor([not v for v in plan.mask], device=pred.device)] = float("nan")
+            elif run.wants_calls and k:
+                u = torch.full_like(c, float("nan"))
+                u[gidx] = u_sub
             if run.wants_calls:
-                run.observe(
-                    DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, g, plan.mask,
-                                 plan.scale_value())
-                )
+                call = DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, g, plan.mask,
+                                    plan.scale_value())
+                self._last = (run.step, call, g)  # the pipeline's "text" half is g: it got [g, g]
+                run.observe(call)
             return _with_pred(out, torch.cat([g, g]))
 
         return forward
 
+    def _single(self, orig, args, kwargs, x, n, cfg, denoiser):
+        """A call without the CFG batch: CFG off (or left for the tail), or an extra call inside
+        a CFG step such as SD3's skip-layer guidance."""
+        run = self.run
+        if cfg:  # an extra conditional call within a CFG step
+            out = orig(*args, **kwargs)
+            if denoiser:
+                run.count(n, cond=True)
+                last = self._last
+                if kwargs.get("skip_layers") is not None and last is not None and last[0] == run.step:
+                    # SD3 skip-layer guidance: the pipeline adds (text − skip)·scale to its CFG
+                    # prediction, "text" being the second half of what the denoiser returned
+                    _, first, text = last
+                    guided = first.guided + (text - _pred_of(out)) * D.skip_layer_scale(run.pipe)
+                    run.observe(DenoiserCall(first.step, first.timestep, first.x_in, first.cond, first.uncond,
+                                             guided, first.mask, first.scale, revises=True))
+            return out
+        plan = run.unguided_plan()
+        lay = run.layout(plan)
+        if lay is None:
+            out = orig(*args, **kwargs)
+            if denoiser:
+                run.count(n, cond=True)
+                if run.wants_calls:
+                    pred = _pred_of(out)
+                    run.observe(DenoiserCall(run.step, _timestep_of(args, kwargs), x, pred, None, pred,
+                                             plan.mask, plan.default))
+            return out
+        cached = self._single_rows
+        if cached is not None and cached[0] == run.step:
+            rows = cached[1]
+        else:
+            rows = torch.tensor(lay.reps, dtype=torch.long)
+            self._single_rows = (run.step, rows)
+        out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
+        if not denoiser:
+            return out
+        pred = _pred_of(out)
+        run.count(len(lay.reps), cond=True)
+        full = pred.index_select(0, self._index(lay.expand, pred.device))
+        if run.wants_calls:
+            run.observe(DenoiserCall(run.step, _timestep_of(args, kwargs), x, full, None, full,
+                                     plan.mask, plan.default))
+        return _with_pred(out, full)
+
     # -- two-call CFG (Flux true CFG) -----------------------------------------------------------
     def _wrap_calls(self, orig):
         run = self.run
+        thread = run.thread
+        _, uncond_name = D.cache_context_names()
 
         def forward(*args, **kwargs):
+            if threading.get_ident() != thread:
+                return orig(*args, **kwargs)
             x = _first_tensor(args, kwargs)
             b = x.shape[0]
-            name = self._call_name
-            if name != "uncond":
+            if self._call_name != uncond_name:
                 if not run.loop_started:
-                    run.before_denoiser(x)
+                    run.loop_start(x, b, _timestep_of(args, kwargs))
                 out = orig(*args, **kwargs)
-                run.count_nfe(b, cond=True)
+                run.count(b, cond=True)
                 self._cond_out = (run.step, out)
                 if run.wants_calls:
-                    pred = _pred_of(out)
-                    run.pending_cond = (x, pred, _timestep_of(args, kwargs))
+                    self._pending_cond = (x, _pred_of(out), _timestep_of(args, kwargs))
                 return out
-            run.flux_true_cfg = True
-            plan = run.plan(b)
+            self._true_cfg = True
+            plan = run.plan()
             step, cond_out = self._cond_out
             c = _pred_of(cond_out)
             guided = [i for i, m in enumerate(plan.mask) if m]
@@ -291,9 +408,9 @@ class Tap:
                 out = _with_pred(cond_out, u_full)
                 u = torch.full_like(c, float("nan"))
                 u[rows.to(c.device)] = u_sub
-            run.count_nfe(b, cond=False, uncond=plan.mask)
+            run.count(len(guided) if not plan.passthrough else b, cond=False, uncond=plan.mask)
             if run.wants_calls:
-                s = run.flux_scale
+                s = plan.default
                 if u is None:
                     g = c
                 elif plan.passthrough:
@@ -301,7 +418,7 @@ class Tap:
                 else:  # unguided rows of u are NaN: they keep the conditional prediction
                     g = torch.where(torch.isnan(u), c, u + s * (c - u))
                 run.observe(DenoiserCall(step, _timestep_of(args, kwargs), x, c, u, g, plan.mask, s))
-                run.pending_cond = None
+                self._pending_cond = None
             return out
 
         return forward

@@ -9,7 +9,7 @@ branching on pipeline classes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -20,13 +20,22 @@ __all__ = ["Family", "FAMILIES", "family_of"]
 
 @dataclass(frozen=True)
 class Family:
-    """Facts about one family of pipelines.
+    """Facts about one family of pipelines, and what dlx can do with it.
 
-    CFG layouts:
+    CFG layouts (``cfg``):
       * ``"batch"``: the pipeline doubles the batch, negative (unconditional) rows first, then
         positive: split with ``chunk(2)``, never ``[-1:]`` (which keeps one row and breaks batch > 1).
       * ``"calls"``: the pipeline calls the denoiser twice per step, ``cache_context("cond")`` then
         ``cache_context("uncond")`` (Flux true CFG, driven by locals, so no callback can cut it).
+
+    Capabilities, checked when a block is attached or a call starts (never mid-run):
+      * ``scale_schedules``: a part may set per-step or per-sample guidance scales.
+      * ``share``: ``dlx.Share`` may evaluate equal samples once.
+      * ``cfg_switch``: callback tensors (CFG-doubled) that must be halved with ``chunk(2)[1]``,
+        together with guidance scale 0, to take the pipeline out of CFG for an unguided tail
+        (diffusers' cutoff callbacks do the same); every one must be exposed to callbacks.
+        ``cfg_switch_also``: more doubled tensors halved when the pipeline exposes them
+        (inpainting masks, a ControlNet image). Empty ``cfg_switch``: never switched.
     """
 
     name: str
@@ -34,17 +43,15 @@ class Family:
     denoiser: str  # attribute of the pipeline: "unet" or "transformer"
     cfg: str  # "batch" or "calls"
     conditioning: tuple[str, ...]  # callback tensors that condition the denoiser (recorded)
-    doubled: tuple[str, ...]  # callback tensors that are CFG-doubled (negative rows first)
     latent_format: str  # key of the preview factors in dlx.preview
     prediction: str = "scheduler"  # "flow" for flow matching, else read from the scheduler config
     packed: bool = False  # latents handed to callbacks as (B, seq, C·4) patches (Flux)
     extra_doubled_modules: tuple[str, ...] = ()  # other modules fed the doubled batch (ControlNet)
     timestep_scale: float = 1.0  # denoiser timestep argument × this = scheduler timestep
-    notes: str = field(default="", compare=False)
-
-    @property
-    def cfg_doubled(self) -> bool:
-        return self.cfg == "batch"
+    scale_schedules: bool = True
+    share: bool = True
+    cfg_switch: tuple[str, ...] = ()
+    cfg_switch_also: tuple[str, ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
@@ -60,8 +67,9 @@ FAMILIES: dict[str, Family] = {
             denoiser="unet",
             cfg="batch",
             conditioning=("prompt_embeds",),
-            doubled=("prompt_embeds",),
             latent_format="sd15",
+            cfg_switch=("prompt_embeds",),
+            cfg_switch_also=("mask", "masked_image_latents"),
         ),
         Family(
             name="sd-controlnet",
@@ -73,9 +81,10 @@ FAMILIES: dict[str, Family] = {
             denoiser="unet",
             cfg="batch",
             conditioning=("prompt_embeds",),
-            doubled=("prompt_embeds", "image"),
             latent_format="sd15",
             extra_doubled_modules=("controlnet",),
+            cfg_switch=("prompt_embeds", "image"),
+            cfg_switch_also=("mask", "masked_image_latents"),
         ),
         Family(
             name="sdxl",
@@ -87,8 +96,9 @@ FAMILIES: dict[str, Family] = {
             denoiser="unet",
             cfg="batch",
             conditioning=("prompt_embeds", "add_text_embeds", "add_time_ids"),
-            doubled=("prompt_embeds", "add_text_embeds", "add_time_ids"),
             latent_format="sdxl",
+            cfg_switch=("prompt_embeds", "add_text_embeds", "add_time_ids"),
+            cfg_switch_also=("mask", "masked_image_latents"),
         ),
         Family(
             name="sd3",
@@ -96,9 +106,9 @@ FAMILIES: dict[str, Family] = {
             denoiser="transformer",
             cfg="batch",
             conditioning=("prompt_embeds", "pooled_prompt_embeds"),
-            doubled=("prompt_embeds", "pooled_prompt_embeds"),
             latent_format="sd3",
             prediction="flow",
+            cfg_switch=("prompt_embeds", "pooled_prompt_embeds"),  # SD3 img2img exposes no pooled: tap only
         ),
         Family(
             name="flux",
@@ -106,11 +116,12 @@ FAMILIES: dict[str, Family] = {
             denoiser="transformer",
             cfg="calls",
             conditioning=("prompt_embeds",),
-            doubled=(),
             latent_format="flux",
             prediction="flow",
             packed=True,
             timestep_scale=1000.0,  # Flux passes timestep / 1000 to its transformer
+            scale_schedules=False,  # the pipeline applies true_cfg_scale itself, from a local
+            share=False,  # two calls per step: not supported
         ),
     ]
 }
@@ -143,7 +154,9 @@ def family_of(pipe) -> Family:
 
 def check_tensor_inputs(pipe, names) -> list[str]:
     """Validate callback tensor names against what the pipeline exposes; return them as a list."""
-    exposed = list(getattr(pipe, "_callback_tensor_inputs", []))
+    from ._diffusers import callback_tensor_inputs
+
+    exposed = callback_tensor_inputs(pipe)
     missing = [n for n in names if n not in exposed]
     if missing:
         raise DlxError(

@@ -3,31 +3,61 @@
 All of them act at the denoiser through the tap (attach them with ``dlx.attach`` or
 ``dlx.record``): an unguided step computes only the conditional rows, so the compute a cutoff
 promises is really saved, guidance can start late, and each sample of a batch can have its own
-plan. They never slice with ``[-1:]``.
+plan. They never slice with ``[-1:]``. When no sample is guided for the rest of a run, the run
+leaves CFG the way diffusers' cutoff callbacks do, so the tail costs what the pipeline's own
+unguided loop costs.
+
+Per sample: every argument of ``CFGCutoff``, ``GuidanceInterval``, ``GuidanceSchedule`` and
+``AdaptiveCutoff`` takes one value for the whole batch or a list with one value per sample
+(``CFGCutoff(ratio=[0, .2, .4])`` on a batch of three). A list whose length is not the run's
+batch is a ``DlxError`` naming the argument, raised before any denoiser evaluation.
+
+Composition: a sample is guided on a step where every attached control guides it; at most one
+attached control sets scales (``GuidanceSchedule``), checked when the block is attached.
 
 Step semantics (dlx): with N denoising steps, a fraction r of the run is the first
 ``b(r) = ⌊r·N + ½⌋`` steps (round half up). ``GuidanceInterval(start, stop)`` guides steps i with
 ``b(start) ≤ i < b(stop)``, and ``CFGCutoff(ratio=r)`` is exactly ``GuidanceInterval(0, r)``: it
 guides steps 0 … b(r)−1. ``compat="diffusers"`` reproduces diffusers' official cutoff callbacks,
 whose callback runs *after* step k = ⌊N·ratio⌋ (or ``cutoff_step_index``), so they guide steps 0 … k.
+
+After a run each control's ``report`` describes what ran (read from the run's per-step plans,
+so a user callback that cut CFG too, or a call without CFG, shows), with the run's per-sample NFE;
+a control that could not act (the call had no CFG to cut) warns once.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 
 from ._tap import DenoiserCall
 from .errors import DlxError
-from .session import Part, Run
+from .session import Guide, Part, Run
 
 __all__ = ["CFGCutoff", "GuidanceInterval", "GuidanceSchedule", "AdaptiveCutoff", "IPAdapterCutoff", "boundary"]
 
 
+def _is_real(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, numbers.Real)
+
+
+def _per_sample(name: str, value, check):
+    """``value`` checked by ``check(name, v)``: one value, or a non-empty list/tuple of them."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise DlxError(f"argument `{name}` must be a value or a non-empty list of values (one per sample); got {value!r}")
+        return [check(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    if isinstance(value, torch.Tensor):
+        raise DlxError(f"argument `{name}` must be a number or a list of numbers (one per sample); got a tensor")
+    return check(name, value)
+
+
 def _fraction(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 <= float(value) <= 1.0):
+    if not _is_real(value) or not (0.0 <= float(value) <= 1.0):
         raise DlxError(f"argument `{name}` must be a number in [0, 1]; got {value!r}")
     return float(value)
 
@@ -38,61 +68,130 @@ def _step_arg(name: str, value) -> int:
     return int(value)
 
 
+def _sigma_arg(name: str, value) -> float:
+    if not _is_real(value) or not (value >= 0) or math.isinf(value):
+        raise DlxError(f"argument `{name}` must be a finite non-negative number; got {value!r}")
+    return float(value)
+
+
+def _scale_arg(name: str, value) -> float:
+    if not _is_real(value) or not (value >= 0) or math.isinf(value):
+        raise DlxError(f"argument `{name}` must be a finite non-negative number; got {value!r}")
+    return float(value)
+
+
+def _threshold_arg(name: str, value) -> float:
+    if not _is_real(value) or not (0.0 < float(value) <= 1.0):
+        raise DlxError(f"argument `{name}` must be in (0, 1]; got {value!r}")
+    return float(value)
+
+
+def _expand(name: str, value, batch: int) -> list:
+    """One value per sample of a run of ``batch`` samples."""
+    if isinstance(value, list):
+        if len(value) != batch:
+            raise DlxError(
+                f"argument `{name}` has {len(value)} values (one per sample) but the run has {batch} "
+                f"sample{'s' if batch != 1 else ''}; got {name}={value!r}"
+            )
+        return value
+    return [value] * batch
+
+
 def boundary(fraction: float, num_steps: int) -> int:
     """Number of steps in the first ``fraction`` of a run of ``num_steps``: ⌊f·N + ½⌋."""
     return int(math.floor(fraction * num_steps + 0.5 + 1e-9))
 
 
 class _Control(Part):
-    """A guidance control; after a run ``report`` holds what it did (and the run's NFE)."""
+    """A guidance control; after a run ``report`` holds what ran (and the run's NFE).
+
+    Per-run state lives in ``self._run_state`` between ``on_run_start`` and ``on_run_end``; a
+    control instance serves one run at a time (``attach`` refuses a second concurrent use)."""
+
+    _ARGS: tuple[str, ...] = ()
 
     def __init__(self):
         self.report: dict = {}
+        self._masks: list[tuple[bool, ...]] | None = None  # planned mask per step (static controls)
+
+    def _config_args(self) -> dict:
+        return {k: getattr(self, k) for k in self._ARGS}
 
     def on_run_start(self, run: Run):
         self.report = {}
+        self._masks = None
+
+    def guidance(self, run: Run, step: int):
+        masks = self._masks
+        return Guide(mask=masks[step]) if masks is not None and step < len(masks) else None
+
+    def unguided_after(self, run: Run, step: int) -> bool:
+        masks = self._masks
+        return masks is not None and not any(any(m) for m in masks[step + 1:])
+
+    def _planned(self) -> bool:
+        """Whether this control planned to guide some sample on some step of the run."""
+        return self._masks is None or any(any(m) for m in self._masks)
 
     def on_run_end(self, run: Run, error):
+        plans = run.plans
+        ran = [i for i, p in enumerate(plans) if p is not None and p.any_guided]
         if run.nfe is not None:
             self.report["nfe"] = list(run.nfe)
             if run.num_steps:
                 self.report["nfe_full_cfg"] = 2.0 * run.num_steps
-        self.report["guided_steps_run"] = [i for i, p in enumerate(run.step_plans) if p is not None and any(p.mask)]
+        self.report["guided_steps_run"] = ran
+        self.report["last_guided_step"] = ran[-1] if ran else None
+        if run.batch:
+            per = [[i for i, p in enumerate(plans) if p is not None and p.mask[j]] for j in range(run.batch)]
+            self.report["last_guided_step_per_sample"] = [g[-1] if g else None for g in per]
+        if error is None and run.loop_started and not run.cfg_seen and self._planned():
+            self.report["acted"] = False
+            warnings.warn(
+                f"{type(self).__name__}: no step of this call was guided, so it could not act (the call "
+                f"had no classifier-free guidance: guidance_scale <= 1, or Flux without a negative prompt "
+                f"and true_cfg_scale > 1)", stacklevel=2)
 
 
 class GuidanceInterval(_Control):
     """Guide only inside ``[start, stop)`` of the run (Kynkäänniemi et al. 2024, arXiv 2404.07724).
 
     Steps ``b(start) ≤ i < b(stop)`` are guided, where ``b(f) = ⌊f·N + ½⌋``; other steps skip the
-    unconditional pass. A late start (``start > 0``) works: the tap decides per call.
+    unconditional pass. A late start (``start > 0``) works: the tap decides per call. ``start``
+    and ``stop`` each take one value or one per sample.
     """
 
-    def __init__(self, start: float = 0.0, stop: float = 1.0):
+    _ARGS = ("start", "stop")
+
+    def __init__(self, start=0.0, stop=1.0):
         super().__init__()
-        self.start = _fraction("start", start)
-        self.stop = _fraction("stop", stop)
-        if self.start > self.stop:
-            raise DlxError(f"argument `start` ({start!r}) must not exceed `stop` ({stop!r})")
+        self.start = _per_sample("start", start, _fraction)
+        self.stop = _per_sample("stop", stop, _fraction)
+        if isinstance(self.start, list) and isinstance(self.stop, list) and len(self.start) != len(self.stop):
+            raise DlxError(f"arguments `start` and `stop` must have the same length; got {start!r} and {stop!r}")
+        n = max(len(v) for v in (self.start, self.stop) if isinstance(v, list)) if any(
+            isinstance(v, list) for v in (self.start, self.stop)) else 1
+        lo = self.start if isinstance(self.start, list) else [self.start] * n
+        hi = self.stop if isinstance(self.stop, list) else [self.stop] * n
+        for j, (a, z) in enumerate(zip(lo, hi)):
+            if a > z:
+                where = "" if n == 1 and not isinstance(self.start, list) and not isinstance(self.stop, list) else f" for sample {j}"
+                raise DlxError(f"argument `start` ({a!r}) must not exceed `stop` ({z!r}){where}")
 
     def __repr__(self):
         return f"GuidanceInterval(start={self.start}, stop={self.stop})"
 
-    def _range(self, n: int) -> tuple[int, int]:
-        return boundary(self.start, n), boundary(self.stop, n)
-
     def on_loop_start(self, run: Run):
-        lo, hi = self._range(run.num_steps)
-        self.report.update(first_guided_step=lo if hi > lo else None,
-                           last_guided_step=hi - 1 if hi > lo else None, guided_steps=max(hi - lo, 0))
-
-    def guidance(self, run: Run, step: int, batch: int):
-        lo, hi = self._range(run.num_steps)
-        return lo <= step < hi, None
+        n, b = run.num_steps, run.batch
+        lo = [boundary(f, n) for f in _expand("start", self.start, b)]
+        hi = [boundary(f, n) for f in _expand("stop", self.stop, b)]
+        self._masks = [tuple(a <= i < z for a, z in zip(lo, hi)) for i in range(n)]
 
 
 class CFGCutoff(_Control):
     """Stop classifier-free guidance after part of the run; give exactly one of ``ratio``,
-    ``step`` or ``sigma``.
+    ``step`` or ``sigma`` (each one value, or one per sample).
 
     * ``ratio=r`` (int or float in [0, 1]): guide the first ⌊r·N + ½⌋ steps, same as
       ``GuidanceInterval(0, r)``.
@@ -102,8 +201,8 @@ class CFGCutoff(_Control):
       guided (their callback fires after step k). Bitwise equal to ``SDCFGCutoffCallback``,
       ``SDXLCFGCutoffCallback`` and ``SD3CFGCutoffCallback`` at batch 1, and correct at any batch.
 
-    After a run ``report["last_guided_step"]`` states the last guided step (the trace has it too).
-    Cutting CFG on Flux cuts its true CFG (``true_cfg_scale``), which no callback can reach.
+    After a run ``report["last_guided_step"]`` states the last step that was guided (the trace
+    has it too). Cutting CFG on Flux cuts its true CFG (``true_cfg_scale``), which no callback can reach.
     """
 
     def __init__(self, ratio=None, *, step=None, sigma=None, compat: str = "dlx"):
@@ -116,45 +215,54 @@ class CFGCutoff(_Control):
             )
         if compat not in ("dlx", "diffusers"):
             raise DlxError(f"argument `compat` must be 'dlx' or 'diffusers'; got {compat!r}")
-        self.ratio = _fraction("ratio", ratio) if ratio is not None else None
-        self.step = _step_arg("step", step) if step is not None else None
-        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or sigma < 0 or sigma != sigma):
-            raise DlxError(f"argument `sigma` must be a non-negative number; got {sigma!r}")
+        self.ratio = _per_sample("ratio", ratio, _fraction) if ratio is not None else None
+        self.step = _per_sample("step", step, _step_arg) if step is not None else None
         if sigma is not None and compat == "diffusers":
             raise DlxError("argument `sigma` has no diffusers equivalent; use compat='dlx'")
-        self.sigma = float(sigma) if sigma is not None else None
+        self.sigma = _per_sample("sigma", sigma, _sigma_arg) if sigma is not None else None
         self.compat = compat
-        self._guided: int | None = None
+
+    def _config_args(self) -> dict:
+        args = {k: v for k in ("ratio", "step", "sigma") if (v := getattr(self, k)) is not None}
+        args["compat"] = self.compat
+        return args
 
     def __repr__(self):
         arg = next(f"{n}={v!r}" for n, v in (("ratio", self.ratio), ("step", self.step), ("sigma", self.sigma)) if v is not None)
         return f"CFGCutoff({arg}, compat={self.compat!r})"
 
-    def guided_steps(self, run: Run) -> int:
-        """How many leading steps are guided in this run."""
-        n = run.num_steps
-        if self.step is not None and self.step >= n:
-            raise DlxError(f"argument `step` ({self.step}) must be less than the run's number of steps ({n})")
-        if self.compat == "diffusers":
-            k = self.step if self.step is not None else int(n * self.ratio)
-            return min(k + 1, n)
-        if self.ratio is not None:
-            return boundary(self.ratio, n)
+    def guided_steps(self, run: Run) -> list[int]:
+        """How many leading steps each sample is guided in this run."""
+        n, b = run.num_steps, run.batch
         if self.step is not None:
-            return self.step
+            steps = _expand("step", self.step, b)
+            for j, k in enumerate(steps):
+                if k >= n:
+                    name = "step" if not isinstance(self.step, list) else f"step[{j}]"
+                    raise DlxError(f"argument `{name}` ({k}) must be less than the run's number of steps ({n})")
+        if self.compat == "diffusers":
+            ks = steps if self.step is not None else [int(n * r) for r in _expand("ratio", self.ratio, b)]
+            return [min(k + 1, n) for k in ks]
+        if self.ratio is not None:
+            return [boundary(r, n) for r in _expand("ratio", self.ratio, b)]
+        if self.step is not None:
+            return steps
         sig = [run.sigma(i) for i in range(n)]
-        return next((i for i, s in enumerate(sig) if not s > self.sigma), n)
+        return [next((i for i, s in enumerate(sig) if not s > lim), n) for lim in _expand("sigma", self.sigma, b)]
 
     def on_loop_start(self, run: Run):
-        self._guided = self.guided_steps(run)
-        self.report.update(guided_steps=self._guided,
-                           last_guided_step=self._guided - 1 if self._guided > 0 else None)
-
-    def guidance(self, run: Run, step: int, batch: int):
-        return step < self._guided, None
+        ks = self.guided_steps(run)
+        self._masks = [tuple(i < k for k in ks) for i in range(run.num_steps)]
 
 
 _NAMED = ("constant", "linear", "cosine")
+
+
+def _shape(schedule: str, p: float) -> float:
+    """The named schedule's progress from ``low`` (0) to ``high`` (1) at p."""
+    if schedule == "linear":
+        return p
+    return (1 - math.cos(math.pi * p)) / 2
 
 
 class GuidanceSchedule(_Control):
@@ -162,35 +270,44 @@ class GuidanceSchedule(_Control):
     who find increasing schedules beat constant guidance).
 
     ``schedule`` is ``"constant"``, ``"linear"`` (``low`` → ``high``), ``"cosine"`` (``low`` → ``high``
-    along a half cosine) or any callable ``f(p) -> scale`` (a float, or one per sample). ``high``
-    defaults to ``2·s − low`` where s is the call's ``guidance_scale``, so a linear schedule keeps
-    the constant one's mean. A scale of exactly 1 skips the unconditional pass (u + 1·(c − u) = c).
-    The call's ``guidance_scale`` must be > 1 so the pipeline builds the unconditional batch.
+    along a half cosine) or any callable ``f(p) -> scale`` (a float, or one per sample). ``low``
+    and ``high`` take one value or one per sample. ``high`` defaults to the value that keeps the
+    constant schedule's mean over the steps that run: with s the call's ``guidance_scale`` and
+    w_i the schedule's shape (0 … 1) at the N steps, ``high = low + (s − low) / mean(w)``
+    (``2·s − low`` as N → ∞; at N = 1 the only step uses ``low``). A scale of exactly 1 skips the
+    unconditional pass (u + 1·(c − u) = c). Every step's scale is computed and checked when the
+    loop starts, before any denoiser evaluation. The call's ``guidance_scale`` must be > 1 so the
+    pipeline builds the unconditional batch.
     """
 
-    def __init__(self, schedule="linear", *, low: float = 1.0, high: float | None = None):
+    sets_scale = True
+    _ARGS = ("schedule", "low", "high")
+
+    def __init__(self, schedule="linear", *, low=1.0, high=None):
         super().__init__()
         if not (callable(schedule) or schedule in _NAMED):
             raise DlxError(f"argument `schedule` must be one of {list(_NAMED)} or a callable; got {schedule!r}")
-        for name, v in (("low", low), ("high", high)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or v < 0):
-                raise DlxError(f"argument `{name}` must be a non-negative number; got {v!r}")
         self.schedule = schedule
-        self.low = float(low)
-        self.high = None if high is None else float(high)
+        self.low = _per_sample("low", low, _scale_arg)
+        self.high = None if high is None else _per_sample("high", high, _scale_arg)
+        self._scales: list[tuple[float, ...]] | None = None
 
     def __repr__(self):
         return f"GuidanceSchedule({self.schedule!r}, low={self.low}, high={self.high})"
 
-    def scale_at(self, p: float, default: float):
+    def scale_at(self, p: float, default: float, low: float | None = None, high: float | None = None):
+        """The scale at progress ``p`` (one sample's ``low``/``high``; a callable decides alone)."""
         if callable(self.schedule):
             return self.schedule(p)
-        hi = self.high if self.high is not None else 2 * default - self.low
         if self.schedule == "constant":
             return default
-        if self.schedule == "linear":
-            return self.low + (hi - self.low) * p
-        return self.low + (hi - self.low) * (1 - math.cos(math.pi * p)) / 2
+        low = self.low if low is None else low
+        hi = (2 * default - low) if high is None else high
+        return low + (hi - low) * _shape(self.schedule, p)
+
+    def _default_high(self, low: float, default: float, n: int) -> float:
+        w = sum(_shape(self.schedule, i / n) for i in range(n)) / n
+        return 2 * default - low if w == 0 else low + (default - low) / w
 
     def on_loop_start(self, run: Run):
         if run.family.cfg == "batch" and not getattr(run.pipe, "do_classifier_free_guidance", False):
@@ -198,39 +315,57 @@ class GuidanceSchedule(_Control):
                 f"GuidanceSchedule needs the call's guidance_scale > 1 (got {run.pipe.guidance_scale!r}) so "
                 "that the pipeline builds the unconditional batch"
             )
-        self.report["scales"] = []
+        n, b = run.num_steps, run.batch
+        default = run.default_scale()
+        scales = []
+        if callable(self.schedule):
+            for i in range(n):
+                s = self.schedule(i / n)
+                vals = s.tolist() if isinstance(s, torch.Tensor) else (list(s) if isinstance(s, (list, tuple)) else [s] * b)
+                if len(vals) != b:
+                    raise DlxError(f"schedule returned {len(vals)} scales at step {i}; the batch has {b} samples")
+                scales.append(vals)
+        else:
+            lows = _expand("low", self.low, b)
+            highs = _expand("high", self.high, b) if self.high is not None else [None] * b
+            if self.schedule != "constant":
+                highs = [h if h is not None else self._default_high(lo, default, n) for lo, h in zip(lows, highs)]
+            for j, h in enumerate(highs):
+                if h is not None and not h >= 0:
+                    raise DlxError(
+                        f"argument `low` ({lows[j]!r}) gives a negative default `high` ({h:.4g}) at guidance_scale "
+                        f"{default} over {n} steps; pass `high`")
+            scales = [[float(self.scale_at(i / n, default, lo, h)) for lo, h in zip(lows, highs)] for i in range(n)]
+        for i, vals in enumerate(scales):
+            for v in vals:
+                if not _is_real(v) or not v >= 0 or math.isinf(v):
+                    raise DlxError(f"schedule returned guidance scale {v!r} at step {i}; scales must be finite and >= 0")
+        self._scales = [tuple(float(v) for v in vals) for vals in scales]
+        self._masks = [tuple(v != 1.0 for v in vals) for vals in self._scales]
+        self.report["scales"] = [list(v) for v in self._scales]
 
-    def guidance(self, run: Run, step: int, batch: int):
-        default = float(run.pipe.guidance_scale) if run.family.cfg == "batch" else run.flux_scale
-        s = self.scale_at(step / run.num_steps, default)
-        vals = s.tolist() if isinstance(s, torch.Tensor) else (list(s) if isinstance(s, (list, tuple)) else [s] * batch)
-        if len(vals) != batch:
-            raise DlxError(f"schedule returned {len(vals)} scales at step {step}; the batch has {batch} samples")
-        for v in vals:
-            if not isinstance(v, numbers.Real) or not v >= 0 or math.isinf(v):
-                raise DlxError(f"schedule returned guidance scale {v!r} at step {step}; scales must be finite and >= 0")
-        if len(self.report["scales"]) <= step:
-            self.report["scales"].append(vals)
-        return [v != 1.0 for v in vals], vals
+    def guidance(self, run: Run, step: int):
+        return Guide(mask=self._masks[step], scale=self._scales[step])
 
 
 class AdaptiveCutoff(_Control):
     """Adaptive Guidance (Castillo et al. 2023, arXiv 2312.12487): stop guiding a sample once the
     cosine similarity of its conditional and unconditional predictions exceeds ``threshold``
-    (0.99 by default, as in the public reference node). Per sample and for the rest of the run;
-    ``report["stopped_at"]`` gives each sample's first unguided step (None: guided to the end).
+    (0.99 by default, as in the public reference node; one value or one per sample). Per sample
+    and for the rest of the run; ``report["stopped_at"]`` gives each sample's first unguided step
+    (None: guided to the end).
 
     Deciding needs the similarity on the host: one small device sync per guided step.
     """
 
     wants_calls = True
+    _ARGS = ("threshold",)
 
-    def __init__(self, threshold: float = 0.99):
+    def __init__(self, threshold=0.99):
         super().__init__()
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (0.0 < threshold <= 1.0):
-            raise DlxError(f"argument `threshold` must be in (0, 1]; got {threshold!r}")
-        self.threshold = float(threshold)
+        self.threshold = _per_sample("threshold", threshold, _threshold_arg)
         self._stopped: list[int | None] = []
+        self._thresholds: list[float] = []
 
     def __repr__(self):
         return f"AdaptiveCutoff(threshold={self.threshold})"
@@ -240,20 +375,25 @@ class AdaptiveCutoff(_Control):
         self._stopped = []
         self.report["cos"] = []
 
-    def guidance(self, run: Run, step: int, batch: int):
-        if not self._stopped:
-            self._stopped = [None] * batch
-        return [s is None for s in self._stopped], None
+    def on_loop_start(self, run: Run):
+        self._thresholds = _expand("threshold", self.threshold, run.batch)
+        self._stopped = [None] * run.batch
+
+    def guidance(self, run: Run, step: int):
+        return Guide(mask=tuple(s is None for s in self._stopped))
+
+    def unguided_after(self, run: Run, step: int) -> bool:
+        return all(s is not None and s <= step + 1 for s in self._stopped)
 
     def on_denoiser(self, run: Run, call: DenoiserCall):
-        if call.uncond is None:
+        if call.uncond is None or call.revises:
             return
         c = call.cond.float().flatten(1)
         u = call.uncond.float().flatten(1)
         cos = torch.nn.functional.cosine_similarity(c, u, dim=1).tolist()
         self.report["cos"].append(cos)
         for j, v in enumerate(cos):
-            if self._stopped[j] is None and v == v and v > self.threshold:
+            if self._stopped[j] is None and v == v and v > self._thresholds[j]:
                 self._stopped[j] = call.step + 1
 
     def on_run_end(self, run: Run, error):
@@ -267,7 +407,10 @@ class IPAdapterCutoff(_Control):
     ``CFGCutoff``: the first ⌊r·N + ½⌋ steps, or steps 0 … k−1, use it). Unlike diffusers'
     ``IPAdapterScaleCutoffCallback`` the previous scales are restored after the run, also on error.
     Composes with ``CFGCutoff``: after a CFG cut the tap also drops the negative image embeddings.
+    One value for the whole batch: the adapter's scale is the pipeline's, not a sample's.
     """
+
+    _ARGS = ("ratio", "step")
 
     def __init__(self, ratio=None, *, step=None):
         super().__init__()
@@ -277,11 +420,24 @@ class IPAdapterCutoff(_Control):
         self.step = _step_arg("step", step) if step is not None else None
         self._saved = None
 
+    def _config_args(self) -> dict:
+        return {"ratio": self.ratio} if self.ratio is not None else {"step": self.step}
+
     def __repr__(self):
         return f"IPAdapterCutoff(ratio={self.ratio}, step={self.step})"
 
+    def guidance(self, run: Run, step: int):
+        return None
+
+    def unguided_after(self, run: Run, step: int) -> bool:
+        return False
+
+    def _planned(self) -> bool:
+        return False  # it acts on the adapter's scale, not on CFG
+
     def on_run_start(self, run: Run):
         super().on_run_start(run)
+        self._saved = None
         self._procs = run.ip_processors
         if not self._procs:
             raise DlxError(f"IPAdapterCutoff: {type(run.pipe).__name__} has no IP-Adapter loaded (pipe.load_ip_adapter)")

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import numbers
 import time
+import weakref
 
 import torch
 
+from . import _diffusers as D
 from .errors import DlxError
 from .session import Part, Run
 
 __all__ = ["Interrupt"]
+
+# Why a plain-callback Interrupt stopped a pipeline's call, for a plain Recorder after it in the
+# same MultiPipelineCallbacks (the pipeline has no place for it).
+_BARE_REASONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def bare_stop_reason(pipe) -> str:
+    """Why the pipeline's interrupt flag is set, as far as dlx knows."""
+    try:
+        reason = _BARE_REASONS.get(pipe)
+    except TypeError:  # an unhashable pipeline object
+        reason = None
+    return reason or "interrupted (the pipeline's interrupt flag was set by a callback)"
 
 
 class Interrupt(Part):
@@ -46,8 +61,13 @@ class Interrupt(Part):
         self._t0 = None
 
     def __repr__(self):
+        ev = None if self.event is None else ("set" if self.event.is_set() else "clear")
         return (f"Interrupt(after_step={self.after_step}, seconds={self.seconds}, "
-                f"on_nonfinite={self.on_nonfinite}, event={'set' if self.event else None})")
+                f"on_nonfinite={self.on_nonfinite}, event={ev})")
+
+    def _config_args(self) -> dict:
+        return {"after_step": self.after_step, "seconds": self.seconds, "on_nonfinite": self.on_nonfinite,
+                "event": self.event}
 
     def on_run_start(self, run: Run):
         self.report = {}
@@ -76,14 +96,20 @@ class Interrupt(Part):
             self.report.update(stop_reason=reason, stopped_after_step=int(step))
         return callback_kwargs
 
-    def __call__(self, pipe, step, timestep, callback_kwargs):
-        run = Run.current(pipe)
-        if run is not None and self in run.parts:
-            return self.on_step_end(run, step, timestep, callback_kwargs)
+    def on_plain_step_end(self, pipe, step, timestep, callback_kwargs):
         if step == 0:
             self._t0 = time.perf_counter()  # bare: the clock starts at the first step's end
+            self.report = {}
+            try:
+                _BARE_REASONS.pop(pipe, None)
+            except TypeError:
+                pass
         reason = self._reason(step, callback_kwargs)
         if reason is not None:
-            pipe._interrupt = True
+            D.set_interrupt(pipe, True)
             self.report.update(stop_reason=reason, stopped_after_step=int(step))
+            try:
+                _BARE_REASONS[pipe] = reason
+            except TypeError:
+                pass
         return callback_kwargs

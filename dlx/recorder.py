@@ -167,7 +167,12 @@ class Recorder(Part):
     def on_denoiser(self, run: Run, call: DenoiserCall):
         step = call.step
         calls = self._calls
-        if step in calls:  # extra evaluations (Heun's 2nd order, SD3 skip-layer): keep the first
+        if step in calls:
+            if call.revises and self._keep_x0:  # SD3 skip-layer guidance changed what the scheduler steps with
+                kept = calls[step]
+                kept.pop("_x0_in", None)
+                kept["x0"] = self._store(denoised_as(self._x0_kind, call.x_in, call.guided, run.sigma(step)),
+                                         fresh=True)
             return
         if self._ip_procs:
             self._ip_scale[step] = float(self._ip_procs[0].scale[0])
@@ -179,8 +184,11 @@ class Recorder(Part):
         else:
             if self._keep_cond:
                 keep["cond"] = self._store(call.cond)
-            if self._keep_uncond and call.uncond is not None:
-                keep["uncond"] = self._store(call.uncond)
+            if self._keep_uncond:
+                if call.uncond is not None:
+                    keep["uncond"] = self._store(call.uncond)
+                else:  # no sample guided: NaN rows, as for each unguided sample of a guided step
+                    keep["uncond"] = self._store(torch.full_like(call.cond, float("nan")), fresh=True)
         if self._keep_x0:
             lerp = call.lerp_guided
             if self._defer_x0 and (lerp or call.guided is call.cond):
@@ -199,7 +207,7 @@ class Recorder(Part):
         calls[step] = keep
 
     def on_step_end(self, run: Run, step, timestep, callback_kwargs):
-        plans = run.step_plans
+        plans = run.plans
         plan = plans[step] if step < len(plans) else None
         kept = self._calls.get(step, _NOTHING)
         lat = callback_kwargs.get("latents")
@@ -207,21 +215,17 @@ class Recorder(Part):
             mask, scale = plan.mask, plan.scale  # tuples; tensors are made once, at the end
             cfg_active = plan.any_guided
             gscale = plan.mean_scale
-        else:
-            pipe = run.pipe
-            b = lat.shape[0] if lat is not None else None
-            if self.family.cfg == "calls":
-                cfg_active = bool(run.flux_true_cfg) and "uncond" in kept
-                gscale = run.flux_scale
-            else:
-                cfg_active = bool(getattr(pipe, "do_classifier_free_guidance", False))
-                gscale = float(pipe.guidance_scale)
-            n = b or 1
-            mask, scale = (cfg_active,) * n, (gscale,) * n
-        nfe = run.step_nfe[step] if step < len(run.step_nfe) else math.nan
+        else:  # no denoiser call in this step (cannot happen in diffusers' loops)
+            n = lat.shape[0] if lat is not None else (run.batch or 1)
+            cfg_active, gscale = False, math.nan
+            mask, scale = (False,) * n, (math.nan,) * n
+        sn = run.step_nfe
+        nfe = sum(sn[step]) / len(sn[step]) if step < len(sn) and sn[step] else math.nan
+        se = run.step_evaluations
         s = Step(
             index=int(step), timestep=run.t_of(step), sigma=run.sigma(step),
             guidance_scale=gscale, cfg_active=cfg_active, nfe=float(nfe),
+            evaluations=int(se[step]) if step < len(se) else 0,
             ip_adapter_scale=self._ip_scale.get(step),
             conditioning=self._conditioning(callback_kwargs),
             latents=self._store(lat) if (self._keep_latents and lat is not None) else None,
@@ -236,9 +240,10 @@ class Recorder(Part):
         # compiled SD1.5 run): queue every kernel and copy first, wait once, then read the clocks.
         self._deferred_x0(run)
         self._calls = {}
-        self._finish(run.pipe, run.call_kwargs, run, error)
+        self._finish(run.pipe, run.call, run, error)
         for s, v in zip(self.trace.steps, run.step_ms()):
             s.step_ms = float(v)
+        self.trace.meta["call_timing"] = run.call_timing()  # after the one wait: no extra sync
 
     def _deferred_x0(self, run: Run):
         """x0 of the steps whose inputs ``on_denoiser`` kept: one batched computation per group of
@@ -261,11 +266,8 @@ class Recorder(Part):
                 s.x0 = v
 
     # -- bare callback ---------------------------------------------------------------------------
-    def __call__(self, pipe, step, timestep, callback_kwargs):
-        run = Run.current(pipe)
-        if run is not None and self in run.parts:
-            return self.on_step_end(run, step, timestep, callback_kwargs)
-        # Not attached: record what a callback can see.
+    def on_plain_step_end(self, pipe, step, timestep, callback_kwargs):
+        """Not attached: record what a callback can see."""
         now = time.perf_counter()
         if step == 0 or not self._bare_steps:
             if self.trace.steps:
@@ -291,8 +293,18 @@ class Recorder(Part):
         )
         self.trace.steps.append(s)
         self._last_mark = now
-        if step == int(getattr(pipe, "num_timesteps", -1)) - 1:
+        n = int(getattr(pipe, "num_timesteps", -1))
+        from .interrupt import bare_stop_reason
+
+        reason = bare_stop_reason(pipe) if getattr(pipe, "interrupt", False) else None
+        if step == n - 1 or reason is not None:
             self._finish(pipe, {}, None, None)
+            self.trace.meta["stop_reason"] = reason or "completed"
+        elif step == 0 or "stop_reason" not in self.trace.meta:
+            self._describe_run(pipe, {}, None, None)  # the metadata is there whatever comes next
+            self.trace.meta["stop_reason"] = (
+                "incomplete: the recorder saw no last step (interrupted by a callback that ran after it, "
+                "or the call raised); put the recorder last")
         return callback_kwargs
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -321,19 +333,22 @@ class Recorder(Part):
             if done is not None:
                 done()
 
-    def _describe_run(self, pipe, call_kwargs, run, error):
+    def _describe_run(self, pipe, call, run, error):
         t = self.trace
         _plans_to_tensors(t.steps)
-        t.meta.update(_meta(pipe, self.family, call_kwargs))
+        t.meta.update(_meta(pipe, self.family, call))
         if run is not None:
             t.meta["batch"] = run.batch
             t.meta["num_steps"] = run.num_steps
             t.meta["nfe"] = list(run.nfe) if run.nfe is not None else None
+            t.meta["evaluations"] = int(run.evaluations)
             t.meta["stop_reason"] = run.stop_reason or (
                 f"error: {type(error).__name__}: {error}" if error is not None else "completed"
             )
             t.meta["parts"] = [_describe(p) for p in run.parts if p is not self]
             t.meta["timing"] = "cuda-events" if run.cuda else "perf_counter"
+            if run.switched_at is not None:
+                t.meta["cfg_left_after_step"] = run.switched_at
         else:
             t.meta.setdefault("stop_reason", "completed")
             t.meta["timing"] = "perf_counter (between callbacks; step 0 not timed)"
@@ -416,10 +431,11 @@ def _to_host(steps, conditioning: list[dict]):
 
 
 def _describe(part) -> dict:
-    d = {"type": type(part).__name__}
+    """A part's configuration (``part.config()``) and, under ``"report"``, what it did."""
+    d = part.config()
     report = getattr(part, "report", None)
     if isinstance(report, dict):
-        d.update(report)
+        d["report"] = dict(report)
     return d
 
 
@@ -431,7 +447,42 @@ def _seed_of(gen):
     return None
 
 
-def _meta(pipe, family, call_kwargs) -> dict:
+#: call arguments that do not change the result
+_NOT_RESULT = {"callback_on_step_end", "callback_on_step_end_tensor_inputs", "callback", "callback_steps",
+               "return_dict"}
+
+
+def _describe_value(v, depth: int = 0):
+    """A call argument as JSON: plain values as they are, tensors and images by shape."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v
+    if isinstance(v, torch.Generator):
+        return {"generator_seed": int(v.initial_seed())}
+    if isinstance(v, torch.Tensor):
+        return {"tensor": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+    if isinstance(v, (list, tuple)) and depth < 3:
+        if v and all(isinstance(g, torch.Generator) for g in v):
+            return {"generator_seeds": [int(g.initial_seed()) for g in v]}
+        return [_describe_value(x, depth + 1) for x in v]
+    if isinstance(v, dict) and depth < 3:
+        return {str(k): _describe_value(x, depth + 1) for k, x in v.items()}
+    size = getattr(v, "size", None)
+    if hasattr(v, "mode") and isinstance(size, tuple):  # a PIL image
+        return {"image": list(size), "mode": v.mode}
+    shape = getattr(v, "shape", None)
+    if isinstance(shape, tuple):  # a numpy array
+        return {"array": list(shape), "dtype": str(getattr(v, "dtype", "?"))}
+    if hasattr(v, "item") and callable(v.item):
+        try:
+            return v.item()
+        except (TypeError, ValueError):
+            pass
+    return {"repr": repr(v)[:200]}
+
+
+def _meta(pipe, family, call) -> dict:
     import diffusers
 
     from . import __version__
@@ -444,16 +495,18 @@ def _meta(pipe, family, call_kwargs) -> dict:
         dev, dtype = torch.device("cpu"), "?"
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
     sched = pipe.scheduler
-    keys = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "true_cfg_scale",
-            "height", "width", "num_images_per_prompt", "strength", "eta", "guidance_rescale")
+    sched_config = {k: v for k, v in dict(sched.config).items() if not k.startswith("_")}
+    described = {k: _describe_value(v) for k, v in call.items() if k not in _NOT_RESULT}
+    if call:
+        described["scheduler"] = {"class": type(sched).__name__, "config": sched_config}
     return {
         "pipeline": type(pipe).__name__,
         "model": getattr(pipe, "name_or_path", None),  # which weights: previews pick a decoder by it
         "family": family.name,
         "scheduler": type(sched).__name__,
-        "scheduler_config": {k: v for k, v in dict(sched.config).items() if not k.startswith("_")},
-        "call": {k: call_kwargs[k] for k in keys if k in call_kwargs and isinstance(call_kwargs[k], (str, int, float, list, type(None)))},
-        "seed": _seed_of(call_kwargs.get("generator")),
+        "scheduler_config": sched_config,
+        "call": described,
+        "seed": _seed_of(call.get("generator")),
         "dtype": dtype,
         "device": str(dev),
         "device_name": device_name,

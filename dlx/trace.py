@@ -39,10 +39,11 @@ class Step:
     index: int
     timestep: float
     sigma: float
-    guidance_scale: float  # the pipeline's scale (mean over samples when per-sample)
-    cfg_active: bool  # the unconditional pass ran for at least one sample
-    nfe: float  # denoiser evaluations per sample spent on this step
+    guidance_scale: float  # mean over the samples; per sample: ``scale`` (and to_frame(per_sample=True))
+    cfg_active: bool  # the unconditional pass ran for at least one sample; per sample: ``cfg_mask``
+    nfe: float  # nominal denoiser evaluations per sample on this step, mean over the samples
     step_ms: float = math.nan
+    evaluations: int = 0  # sample-rows the denoiser really evaluated (dlx.Share: fewer than nominal)
     ip_adapter_scale: float | None = None
     conditioning: int = 0  # index into Trace.conditioning in force for this step
     latents: torch.Tensor | None = None
@@ -114,6 +115,8 @@ class Trace:
     def to_frame(self, per_sample: bool = False):
         """One row per step (or per step and sample): scalars and summary statistics.
 
+        With ``per_sample=True`` ``guidance_scale``, ``cfg_active`` and ``nfe`` are the sample's own;
+        per step they summarise the batch (mean scale, any sample guided, mean NFE).
         ``cond_uncond_l2`` is ‖cond − uncond‖₂ per sample and ``cond_uncond_cos`` their cosine,
         both NaN where the unconditional pass did not run; with ``per_sample=False`` they are
         averaged over the samples that have them.
@@ -136,9 +139,13 @@ class Trace:
                     r = dict(base, sample=j)
                     for k, v in stats.items():
                         r[k] = v[j]
-                    if s.cfg_mask is not None:
+                    if s.cfg_mask is not None and j < len(s.cfg_mask):
                         r["cfg_active"] = bool(s.cfg_mask[j])
-                    if s.scale is not None:
+                        # a sample's unconditional row is the only evaluation that differs
+                        # between samples: its NFE is the step's mean, moved by its own mask
+                        m = s.cfg_mask.tolist()
+                        r["nfe"] = s.nfe - sum(m) / len(m) + m[j]
+                    if s.scale is not None and j < len(s.scale):
                         r["guidance_scale"] = float(s.scale[j])
                     rows.append(r)
             else:

@@ -65,6 +65,8 @@ ENTRY = {
     "AdaptiveCutoff": (dlx.AdaptiveCutoff, lambda: dict(threshold=0.99)),
     "IPAdapterCutoff": (dlx.IPAdapterCutoff, lambda: dict(ratio=0.5)),
     "Interrupt": (dlx.Interrupt, lambda: dict(after_step=1)),
+    "Share": (dlx.Share, lambda: dict(keys=["a"])),
+    "part_from_config": (dlx.part_from_config, lambda: dict(cfg={"type": "CFGCutoff", "args": {"ratio": 0.5}})),
     "Trace.load": (Trace.load, lambda: dict()),
     "Trace.save": (_save, lambda: dict()),
     "timing.regime": (dlx.timing.regime, lambda: dict()),
@@ -151,8 +153,8 @@ BAD = [
     bad("record", "downsample", 0, "zero"),
     bad("record", "storage", "x", "unknown"),
     # attach(pipe, *parts)
-    bad("attach", "pipe", None, "none", xfail=CORE),
-    bad("attach", "pipe", "sd", "type", xfail=CORE),
+    bad("attach", "pipe", None, "none"),
+    bad("attach", "pipe", "sd", "type"),
     bad("attach", "parts", ["not a part"], "type"),
     # CFGCutoff(ratio, *, step, sigma, compat)
     bad("CFGCutoff", "ratio", -0.1, "below"),
@@ -185,12 +187,12 @@ BAD = [
     bad("GuidanceSchedule", "schedule", "", "empty"),
     bad("GuidanceSchedule", "schedule", 5, "type"),
     bad("GuidanceSchedule", "low", -1.0, "negative"),
-    bad("GuidanceSchedule", "low", NAN, "nan", xfail=GUIDANCE),
-    bad("GuidanceSchedule", "low", INF, "inf", xfail=GUIDANCE),
+    bad("GuidanceSchedule", "low", NAN, "nan"),
+    bad("GuidanceSchedule", "low", INF, "inf"),
     bad("GuidanceSchedule", "low", "1", "type"),
     bad("GuidanceSchedule", "high", -1.0, "negative"),
-    bad("GuidanceSchedule", "high", NAN, "nan", xfail=GUIDANCE),
-    bad("GuidanceSchedule", "high", INF, "inf", xfail=GUIDANCE),
+    bad("GuidanceSchedule", "high", NAN, "nan"),
+    bad("GuidanceSchedule", "high", INF, "inf"),
     bad("GuidanceSchedule", "high", "1", "type"),
     # AdaptiveCutoff(threshold)
     bad("AdaptiveCutoff", "threshold", 0.0, "zero"),
@@ -205,6 +207,15 @@ BAD = [
     bad("IPAdapterCutoff", "ratio", "0.5", "type"),
     bad("IPAdapterCutoff", "step", -1, "negative"),
     bad("IPAdapterCutoff", "step", NAN, "nan"),
+    # Share(keys)
+    bad("Share", "keys", None, "none"),
+    bad("Share", "keys", "abc", "str"),
+    bad("Share", "keys", [], "empty"),
+    bad("Share", "keys", 3, "type"),
+    # part_from_config(cfg, pipe)
+    bad("part_from_config", "cfg", None, "none"),
+    bad("part_from_config", "cfg", "CFGCutoff", "type"),
+    bad("part_from_config", "cfg", {"type": "Nope", "args": {}}, "unknown"),
     # Interrupt(after_step, *, seconds, on_nonfinite, event)
     bad("Interrupt", "after_step", -1, "negative"),
     bad("Interrupt", "after_step", 1.5, "float"),

@@ -277,7 +277,7 @@ def test_preview_part_hands_every_step_to_fn(sd):
     recorded = trace.previews("x0")
     for (_, live_img), rec_img in zip(got, recorded):
         assert np.array_equal(np.asarray(live_img), np.asarray(rec_img))
-    assert trace.meta["parts"] == [{"type": "Preview", "kind": "x0", "previews": 4}]
+    assert [(p["type"], p["report"]) for p in trace.meta["parts"]] == [("Preview", {"kind": "x0", "previews": 4})]
 
 
 def _graph_like(pipe):

@@ -1,5 +1,6 @@
 """Recorder and record(): every step seen, output untouched, pipeline left as found."""
 
+import json
 import math
 
 import pytest
@@ -156,18 +157,24 @@ def test_attached_recorder_sees_the_official_cutoff_take_effect():
     # diffusers' callback fires after step int(4·0.5) = 2, so steps 0..2 are guided
     assert [s.cfg_active for s in trace] == [True, True, True, False]
     assert [s.nfe for s in trace] == [2, 2, 2, 1]
-    assert trace[3].uncond is None and trace.last_guided_step == 2
+    assert trace[3].uncond.isnan().all() and trace.last_guided_step == 2  # NaN rows: not guided
+    assert trace.stack("uncond").shape[0] == 4
 
 
 def test_storage_options():
     pipe = pipe_for("sd")
+    with dlx.record(pipe, keep=("latents", "cond")) as full:
+        run(pipe, "sd")
     with dlx.record(pipe, keep=("latents", "cond"), dtype=torch.float16, downsample=2) as trace:
         out = run(pipe, "sd")
     s = trace[0]
     assert s.latents.dtype == torch.float16 and s.cond.dtype == torch.float16
     assert s.latents.shape[-1] == out.shape[-1] // 2
     assert s.uncond is None and s.x0 is None and trace.conditioning == []
-    assert torch.allclose(s.latents.float(), torch.nn.functional.avg_pool2d(trace[0].latents.float(), 1), atol=0)
+    for a, b in zip(trace, full):  # each kept tensor is the full one, 2×2-averaged in float32, then fp16
+        pool = lambda t: torch.nn.functional.avg_pool2d(t.float(), 2).to(t.dtype).to(torch.float16)  # noqa: E731
+        assert bitwise(a.latents, pool(b.latents)) and bitwise(a.cond, pool(b.cond))
+        assert not bitwise(a.latents.float(), b.latents[..., ::2, ::2].half().float())
 
 
 def test_one_run_per_recorder():
@@ -280,3 +287,141 @@ def test_x0_of_flow_matching_is_x_minus_sigma_v():
         expected = x_i - sig[i] * v
         assert trace[i].sigma == pytest.approx(float(sig[i]), rel=1e-5)
         assert torch.allclose(trace[i].x0.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+# --- what ran: partial schedules, the prediction the scheduler used (issue 11 items 1, 5) --------
+
+
+class _SchedulerSpy:
+    """Captures, per scheduler step, the timestep, the model output it stepped with, the sample,
+    and its own x0 (``pred_original_sample``) where it computes one."""
+
+    def __init__(self, pipe):
+        self.sched, self.steps = pipe.scheduler, []
+        orig = self.sched.step
+
+        def step(model_output, timestep, sample, *a, **k):
+            k["return_dict"] = True
+            res = orig(model_output, timestep, sample, *a, **k)
+            x0 = getattr(res, "pred_original_sample", None)
+            self.steps.append(dict(t=float(timestep), v=model_output.clone(), x=sample.clone(),
+                                   x0=None if x0 is None else x0.clone()))
+            return (res.prev_sample,)
+
+        self.sched.step = step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        del self.sched.step
+
+
+def _close(a, b):
+    # float32 along two routes: agree to 1e-4 relative (the existing x0 tolerance)
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("family, kw", [
+    ("sdxl", dict(denoising_end=0.5, steps=8)),
+    ("sdxl-img2img", dict(denoising_start=0.5, steps=8)),
+    ("sd-img2img", dict(strength=0.5, steps=8)),
+])
+def test_the_trace_records_the_steps_that_ran(family, kw):
+    pipe = pipe_for(family)
+    with _SchedulerSpy(pipe) as spy:
+        with dlx.record(pipe, dlx.CFGCutoff(sigma=1e-3)) as trace:
+            run(pipe, family, **kw)
+    assert [s.timestep for s in trace] == [s["t"] for s in spy.steps]
+    assert len(trace) == len(spy.steps) < 8
+    # every real sigma is above 1e-3: every step that ran is guided
+    assert all(s.cfg_active for s in trace)
+    for s, ref in zip(trace, spy.steps):
+        if ref["x0"] is not None:
+            assert _close(s.x0, ref["x0"]), s.index
+
+
+def test_x0_includes_guidance_rescale():
+    pipe = pipe_for("sd")
+    with _SchedulerSpy(pipe) as spy:
+        with dlx.record(pipe) as trace:
+            run(pipe, "sd", guidance_rescale=0.7)
+    for s, ref in zip(trace, spy.steps):
+        assert _close(s.x0, ref["x0"]), s.index
+
+
+def test_x0_includes_sd3_skip_layer_guidance():
+    pipe = pipe_for("sd3")
+    kw = dict(steps=5, skip_guidance_layers=[0], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    plain = run(pipe, "sd3", **kw)
+    with _SchedulerSpy(pipe) as spy:
+        with dlx.record(pipe) as trace:
+            out = run(pipe, "sd3", **kw)
+    assert bitwise(out, plain)
+    sig = pipe.scheduler.sigmas
+    revised = 0
+    for i, (s, ref) in enumerate(zip(trace, spy.steps)):
+        x0 = ref["x"].float() - sig[i].item() * ref["v"].float()  # flow matching: x0 = x − σ·v
+        assert _close(s.x0, x0), i
+        plain_cfg = torch.lerp(s.uncond, s.cond, 5.0)
+        revised += not torch.allclose(ref["v"], plain_cfg, rtol=1e-4, atol=1e-5)
+    assert revised >= 3, "skip-layer guidance must really change the prediction on the steps it runs"
+
+
+# --- callbacks that return less, reuse, errors at the end (issue 11 items 8, 13, 14) -------------
+
+
+def test_a_user_callback_returning_an_empty_dict_keeps_the_latents_recorded():
+    pipe = pipe_for("sd")
+    ref = run(pipe, "sd")
+    with dlx.record(pipe) as trace:
+        out = run(pipe, "sd", callback_on_step_end=lambda p, i, t, kw: {})
+    assert bitwise(out, ref)
+    assert all(s.latents is not None for s in trace) and bitwise(trace[-1].latents, out)
+
+
+def test_a_second_call_in_one_block_keeps_the_first_traces_metadata():
+    pipe = pipe_for("sd")
+    with pytest.raises(dlx.DlxError, match="already holds a run"):
+        with dlx.record(pipe) as trace:
+            run(pipe, "sd", steps=4, prompt="a red circle")
+            first = json.loads(json.dumps(trace.meta, default=str))
+            run(pipe, "sd", steps=3, prompt="a dog")
+    assert len(trace) == 4 and trace.meta["call"]["prompt"] == "a red circle"
+    assert trace.meta["stop_reason"] == "completed" and trace.meta["nfe"] == [8.0]
+    assert {k: v for k, v in json.loads(json.dumps(trace.meta, default=str)).items() if k != "recorded_at"} == \
+        {k: v for k, v in first.items() if k != "recorded_at"}
+    # the same with one Recorder reused in two blocks
+    rec = dlx.Recorder(pipe)
+    with dlx.attach(pipe, rec):
+        run(pipe, "sd")
+    with pytest.raises(dlx.DlxError, match="already holds a run"):
+        with dlx.attach(pipe, rec):
+            run(pipe, "sd", steps=2)
+    assert len(rec.trace) == 4 and rec.trace.meta["stop_reason"] == "completed"
+    assert pipeline_state(pipe)["class"].__name__ == "StableDiffusionPipeline"
+
+
+class _BadEnd(Part):
+    def on_run_end(self, run, error):
+        raise ValueError("part end failed")
+
+
+def test_a_part_whose_end_raises_does_not_skip_the_recorders_end():
+    pipe = pipe_for("sd")
+    with pytest.raises(ValueError, match="part end failed"):
+        with dlx.record(pipe, _BadEnd()) as trace:
+            run(pipe, "sd")
+    assert trace.meta["stop_reason"] == "completed" and all(s.x0 is not None for s in trace)
+    assert all(s.step_ms > 0 for s in trace)
+
+    def boom(p, i, t, kw):
+        if i == 1:
+            raise KeyError("the user's own error")
+        return kw
+
+    with pytest.raises(KeyError, match="the user's own error") as info:
+        with dlx.record(pipe, _BadEnd()) as trace:
+            run(pipe, "sd", callback_on_step_end=boom)
+    assert any("part end failed" in n for n in getattr(info.value, "__notes__", []))
+    assert "KeyError" in trace.meta["stop_reason"] and trace.meta["pipeline"] == "StableDiffusionPipeline"

@@ -63,7 +63,10 @@ class RowPlans(Part):
         for p in self._all():
             p.on_loop_start(run)
 
-    def guidance(self, run: Run, step: int, batch: int):
+    def guidance(self, run: Run, step: int):
+        from ..session import Guide
+
+        batch = run.batch
         if batch != len(self.rows):
             raise DlxError(f"RowPlans holds {len(self.rows)} rows but the call has batch {batch}")
         default = float(run.pipe.guidance_scale)
@@ -71,7 +74,10 @@ class RowPlans(Part):
         for ps in self.rows:
             m_j, s_j = True, default
             for p in ps:
-                m, s = p.guidance(run, step, 1)
+                g = p.guidance(run, step)  # a row's own controls: one value for the whole batch
+                if g is None:
+                    continue
+                m, s = g
                 if m is not None:
                     m_j = m_j and bool(m if isinstance(m, bool) else m[0])
                 if s is not None:
@@ -81,7 +87,7 @@ class RowPlans(Part):
         for j, m in enumerate(mask):
             if m:
                 self.guided[j] += 1
-        return mask, (scale if self._sets_scale else None)
+        return Guide(mask, scale if self._sets_scale else None)
 
     def on_denoiser(self, run: Run, call):
         from .._tap import DenoiserCall

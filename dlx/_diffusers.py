@@ -1,0 +1,144 @@
+"""Every place dlx touches diffusers' internals, gathered in one module.
+
+dlx reads and sets a few attributes diffusers does not document as public. Each one is named
+here once, and ``tests/test_diffusers_internals.py`` checks each against the installed
+diffusers, failing with the attribute's name when a release moves it. Nothing else in dlx
+spells these names.
+
+Why the denoiser's ``forward`` is replaced by an instance attribute rather than through
+diffusers' own model-hook registry (``diffusers.hooks.HookRegistry``): the registry also wraps
+``forward`` by setting an instance attribute, so it is no sturdier; its ``remove_hook`` leaves
+that attribute (and the ``_diffusers_hook`` registry) on the module, so the pipeline would not be
+left exactly as found; and Flux's two calls per step are told apart by ``cache_context`` names,
+which no registry hook sees. dlx saves what the module's ``__dict__`` held and puts it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = [
+    "GUIDANCE_SCALE", "INTERRUPT", "SKIP_LAYER_SCALE", "callback_tensor_inputs", "swap_class",
+    "set_guidance_scale", "set_interrupt", "saved_flags", "restore_flags", "cache_context_names",
+    "rescale_noise_cfg", "ip_adapter_processors", "is_stochastic", "scheduler_order",
+    "replace_forward", "restore_attribute", "MISSING",
+]
+
+#: the pipeline's guidance scale behind ``pipe.guidance_scale`` (diffusers' cutoff callbacks set it)
+GUIDANCE_SCALE = "_guidance_scale"
+#: the flag behind ``pipe.interrupt``: every later step is skipped, the partial latents decoded
+INTERRUPT = "_interrupt"
+#: SD3's skip-layer guidance scale behind the call's ``skip_layer_guidance_scale``
+SKIP_LAYER_SCALE = "_skip_layer_guidance_scale"
+#: the callback tensor names a pipeline class exposes to ``callback_on_step_end``
+CALLBACK_TENSOR_INPUTS = "_callback_tensor_inputs"
+#: Flux true CFG: the denoiser's two calls per step run inside ``cache_context(name)``
+CACHE_CONTEXT = "cache_context"
+COND_CONTEXT, UNCOND_CONTEXT = "cond", "uncond"
+
+MISSING = object()
+
+
+def callback_tensor_inputs(pipe) -> list[str]:
+    return list(getattr(pipe, CALLBACK_TENSOR_INPUTS, []))
+
+
+def swap_class(pipe, cls) -> None:
+    """Give the pipeline instance another class (``attach``'s wrapper of ``__call__``)."""
+    object.__setattr__(pipe, "__class__", cls)
+
+
+def saved_flags(pipe) -> dict:
+    """The pipeline's own values of the attributes a run may set (absent ones as ``MISSING``)."""
+    return {k: pipe.__dict__.get(k, MISSING) for k in (GUIDANCE_SCALE, INTERRUPT)}
+
+
+def restore_flags(pipe, saved: dict) -> None:
+    """Put back exactly what ``saved_flags`` saw (removing what was absent)."""
+    for k, v in saved.items():
+        if v is MISSING:
+            pipe.__dict__.pop(k, None)
+        else:
+            pipe.__dict__[k] = v
+
+
+def set_guidance_scale(pipe, value: float) -> None:
+    setattr(pipe, GUIDANCE_SCALE, value)
+
+
+def set_interrupt(pipe, value: bool = True) -> None:
+    setattr(pipe, INTERRUPT, value)
+
+
+def skip_layer_scale(pipe) -> float:
+    return float(getattr(pipe, SKIP_LAYER_SCALE))
+
+
+def replace_forward(module, name: str, value, saved: list) -> None:
+    """Set ``module.<name>`` as an instance attribute, remembering what ``__dict__`` held."""
+    saved.append((module, name, module.__dict__.get(name, MISSING)))
+    object.__setattr__(module, name, value)
+
+
+def restore_attribute(module, name: str, prev) -> None:
+    if prev is MISSING:
+        module.__dict__.pop(name, None)
+    else:
+        object.__setattr__(module, name, prev)
+
+
+def cache_context_names():
+    """(cond, uncond) names of Flux's ``cache_context`` blocks."""
+    return COND_CONTEXT, UNCOND_CONTEXT
+
+
+def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
+    """diffusers' ``rescale_noise_cfg`` (arXiv 2305.08891), the function the pipelines call."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg as f
+
+    return f(noise_cfg, noise_pred_text, guidance_rescale=guidance_rescale)
+
+
+def ip_adapter_processors(den) -> list:
+    """Attention processors carrying an IP-Adapter ``scale`` list (empty without an adapter).
+
+    Walking ``attn_processors`` visits every module (milliseconds on an SD1.5 UNet), so it is
+    skipped when the denoiser has no image projection (``encoder_hid_proj``), i.e. no adapter.
+    """
+    if den is None or getattr(den, "encoder_hid_proj", True) is None or not hasattr(den, "attn_processors"):
+        return []
+    return [p for p in den.attn_processors.values() if isinstance(getattr(p, "scale", None), list)]
+
+
+def scheduler_order(scheduler) -> int:
+    """Denoiser evaluations per step (2 for Heun and KDPM2: their loop runs 2N − 1 iterations)."""
+    return int(getattr(scheduler, "order", 1) or 1)
+
+
+_STOCHASTIC_WORDS = ("Ancestral", "SDE", "DDPM", "LCM", "TCD", "Consistency")
+
+
+def is_stochastic(scheduler, call: dict) -> bool:
+    """Whether ``scheduler.step`` draws fresh noise (then equal inputs do not stay equal)."""
+    name = type(scheduler).__name__
+    if any(w in name for w in _STOCHASTIC_WORDS):
+        return True
+    algo = str(getattr(scheduler.config, "algorithm_type", "") or "")
+    if algo.startswith("sde"):
+        return True
+    eta = call.get("eta")
+    return "DDIM" in name and isinstance(eta, (int, float)) and eta > 0
+
+
+@contextlib.contextmanager
+def no_op():
+    yield
+
+
+def device_of(module) -> torch.device:
+    try:
+        return next(module.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
