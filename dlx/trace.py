@@ -264,7 +264,7 @@ def _tensors_to_save(trace: "Trace") -> dict[str, torch.Tensor]:
 
     A copy per tensor: safetensors refuses non-contiguous tensors (channels-last img2img latents,
     strided views) and tensors sharing storage (steps may be views of one stacked tensor);
-    ``clone(contiguous_format)`` gives an independent row-major copy with the same values bits.
+    ``clone(contiguous_format)`` gives an independent row-major copy with the same bits.
     """
     tensors: dict[str, torch.Tensor] = {}
     seen: set = set()

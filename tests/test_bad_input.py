@@ -96,10 +96,7 @@ EXPENSIVE = {
     "sweep.load_pipeline": [("dlx.zoo", "load"), ("diffusers", "DiffusionPipeline")],
 }
 
-CORE = "fixed by core in dlx/session.py"
-GUIDANCE = "fixed by core in dlx/guidance.py"
-GALLERY = "fixed by gallery in dlx/preview.py"
-SWEEP = "fixed by sweep in dlx/sweep/api.py"
+GALLERY = "fixed by gallery in dlx/render.py"
 
 
 class _Dir:
