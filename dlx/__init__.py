@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import importlib
 
+from . import _quiet
 from .errors import DlxError
+
+_quiet.install()  # drops transformers' "requires torchvision ... falling back" line, nothing else
 
 __version__ = "0.1.0"
 
