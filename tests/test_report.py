@@ -136,4 +136,8 @@ def test_sweep_report(tmp_path):
     kept = res.previews(res.frame.row_id.iloc[1])[2].numpy()
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(g["frames"]["x0"][2][1])))), kept)
     assert "cutoff=0" in doc and "alt='speed against quality'" in doc
+    from dlx.demo import write_outputs  # python -m dlx demo writes report.html beside its other files
+
+    files = write_outputs(res, tmp_path / "s")
+    assert files["report"] == tmp_path / "s" / "report.html" and "<script>" in files["report"].read_text()
     assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:)?//""", doc)
