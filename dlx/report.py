@@ -165,12 +165,12 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
 table.dlx{border-collapse:collapse;font-size:12px;font-family:ui-monospace,monospace}
-table.dlx td,table.dlx th{border:1px solid #ddd;padding:2px 6px;text-align:right}
+table.dlx td,table.dlx th{border:1px solid #ddd;padding:2px 6px;text-align:right;white-space:nowrap}
 table.dlx th{background:#f4f4f4} .scroll{max-height:360px;overflow:auto;display:inline-block}
 .dlx-gal{margin:8px 0 18px} .dlx-grid{display:grid;gap:6px}
 .dlx-tile figcaption{font:12px ui-monospace,monospace;line-height:1.2;margin-bottom:2px}
 .dlx-tile img{image-rendering:pixelated;image-rendering:crisp-edges;display:block;background:#eee}
-.dlx-label{font:13px ui-monospace,monospace;margin:4px 0} table.dlx.meta td{text-align:left}
+.dlx-label{font:13px ui-monospace,monospace;margin:4px 0} table.dlx.meta td{text-align:left;white-space:normal}
 img.plot{max-width:100%;border:1px solid #eee}
 """
 
@@ -388,7 +388,8 @@ def _sweep_sections(res, metric=None) -> list[str]:
                 frames, labels = {"x0": [tiles]}, ["final images"]
             caps = []
             for r in rows:
-                bits = [str(r.config)] + ([f"cutoff {r.cutoff:.2g}"] if r.cutoff == r.cutoff else [])
+                named = r.cutoff != r.cutoff or "cutoff" in str(r.config)
+                bits = [str(r.config)] + ([] if named else [f"cutoff {r.cutoff:.2g}"])
                 bits.append(f"NFE {r.nfe:.3g}" if r.nfe == r.nfe else "NFE –")
                 bits += [f"{m} {getattr(r, m):.3g}" for m in metrics[:1] if getattr(r, m) == getattr(r, m)]
                 caps.append(" · ".join(bits))
