@@ -43,7 +43,6 @@ import functools
 import inspect
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -748,7 +747,3 @@ def attach(pipe, *parts: Part):
             for m in mods:
                 _TAPPED.pop(id(m), None)
 
-
-def warn_once(part: Part, message: str) -> None:
-    """A part's warning, once per run (used when an attached control could not act)."""
-    warnings.warn(f"{type(part).__name__}: {message}", stacklevel=3)
