@@ -37,7 +37,7 @@ _LAZY = {
     "latents_to_rgb": "preview",
 }
 _SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "trace", "recorder", "session", "parts",
-               "sweep", "metrics", "plots"}
+               "sweep", "metrics", "plots", "render", "widgets", "report"}
 
 # ``dlx.sweep`` is a callable module: ``dlx.sweep(pipe, ...)`` runs a sweep (dlx/sweep/__init__.py)
 __all__ = ["DlxError", "__version__", "sweep", *_LAZY]
