@@ -9,6 +9,7 @@ variant / bare of the same round − 1), which cancels slow drifts of the card's
 
     python bench/bench_preview.py --out preview.json                     # GPU: fp16, 512², 25 steps
     python bench/bench_preview.py --device cpu --size 64 --steps 4      # CPU smoke test (small UNet)
+    python bench/bench_preview.py --model shapes --device cpu --steps 25 # the zoo model: VAE vs map previews
 
 Variants:
   bare            the pipeline alone
@@ -17,6 +18,12 @@ Variants:
   preview-latent  ``dlx.Preview(fn, kind="latent")`` as a plain ``callback_on_step_end``; fn keeps it
   preview-x0-pil  as preview-x0, but fn turns every preview into a PIL image (a host copy per step)
   guide           the guide's ``latents_to_rgb`` (einsum, ``.cpu()``, PIL) per step, no file written
+  preview-x0-map      as preview-x0 with ``decoder="map"`` (the family's linear map, never a VAE)
+  preview-x0-map-pil  as preview-x0-pil with ``decoder="map"``
+
+With ``--model shapes`` (the embedded ``dlx.zoo`` model, 64² images from 16×16 latents) the default
+``decoder="auto"`` decodes previews with the model's own VAE: preview-x0-pil then pays one VAE
+decode per step, which is the per-step cost of legible previews; preview-x0-map-pil is the map's.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # another directory can resolve `dlx` to a namespace package).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("bare", "attach", "preview-x0", "preview-latent", "preview-x0-pil", "guide")
+VARIANTS = ("bare", "attach", "preview-x0", "preview-latent", "preview-x0-pil", "guide", "preview-x0-map",
+            "preview-x0-map-pil")
 
 
 def guide_latents_to_rgb(latents):
@@ -116,7 +124,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default=None, help="float16 (default on cuda) or float32 (default on cpu)")
-    ap.add_argument("--size", type=int, default=512, help="image side in pixels")
+    ap.add_argument("--model", choices=("random", "shapes"), default="random",
+                    help="random: an SD1.5-architecture pipeline with random weights (default); "
+                         "shapes: the embedded dlx.zoo model (previews decode with its VAE)")
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 512; 64 for shapes)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 10 on cuda, 3 on cpu)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -151,7 +162,18 @@ def main(argv=None) -> dict:
     reps = args.reps or (10 if cuda else 3)
     t_build = time.perf_counter()
     unet_kind = args.unet or ("sd15" if cuda else "small")
-    pipe, pos, neg = build_pipeline(args.device, dtype, unet_kind)
+    if args.model == "shapes":
+        import dlx.zoo
+
+        unet_kind = "zoo:shapes"
+        args.size = args.size or 64
+        pipe = dlx.zoo.load("shapes", device=args.device, dtype=dtype)
+        with torch.no_grad():
+            pos, neg = pipe.encode_prompt("a red circle on the left and a blue star on the right", args.device, 1, True,
+                                          negative_prompt="")
+    else:
+        args.size = args.size or 512
+        pipe, pos, neg = build_pipeline(args.device, dtype, unet_kind)
     if args.compile:
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
     t_build = time.perf_counter() - t_build
@@ -192,6 +214,12 @@ def main(argv=None) -> dict:
                 call()
         elif variant == "guide":
             call(guide_callback)
+        elif variant == "preview-x0-map":
+            with dlx.attach(pipe, dlx.Preview(keep, kind="x0", decoder="map")):
+                call()
+        elif variant == "preview-x0-map-pil":
+            with dlx.attach(pipe, dlx.Preview(show, kind="x0", decoder="map")):
+                call()
         else:  # pragma: no cover
             raise ValueError(variant)
 
@@ -299,8 +327,9 @@ def main(argv=None) -> dict:
         "config": {
             "device": args.device, "device_name": dev_name, "dtype": str(dtype).replace("torch.", ""),
             "size": args.size, "steps": args.steps, "reps": reps, "warmup": args.warmup,
-            "guidance_scale": args.guidance, "scheduler": "DPMSolverMultistepScheduler (dpmsolver++)",
-            "unet": unet_kind, "unet_config": UNETS[unet_kind], "weights": "random",
+            "guidance_scale": args.guidance, "scheduler": type(pipe.scheduler).__name__,
+            "unet": unet_kind, "unet_config": UNETS.get(unet_kind), "weights": "zoo" if args.model == "shapes" else "random",
+            "preview_decoder": "VAE (zoo model)" if args.model == "shapes" else "family map",
             "mode": "compiled (reduce-overhead, CUDA graphs)" if args.compile else "eager", "output_type": "latent", "build_s": round(t_build, 2),
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

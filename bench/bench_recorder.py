@@ -39,14 +39,20 @@ import torch
 from _stats import bootstrap_ci
 
 
-def build(device, dtype, size):
+def build(device, dtype, size, tiny=False):
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from dlx.testing import _clip_tokenizer  # the offline tokenizer of dlx's tiny pipelines
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=size // 8)  # SD1.5 architecture
+    if tiny:  # --quick: a small UNet of the same kind, so a CPU smoke test takes seconds
+        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=size // 8, block_out_channels=(32, 64),
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                    attention_head_dim=8, norm_num_groups=32)
+    else:
+        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=size // 8)  # SD1.5 architecture
     vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32)
     tok = _clip_tokenizer()
@@ -128,14 +134,14 @@ def main():
                     help="also time dlx from inside (bench/_hookclock.py) over N more rounds per mode: its host "
                          "time, which is the overhead itself when the host bounds the run (eager)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--quick", action="store_true", help="CPU smoke test: --device cpu --size 64 --steps 4 --reps 2 "
-                                                          "--modes eager")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke test: a small UNet, --device cpu --size 64 "
+                                                          "--steps 4 --reps 2 --modes eager")
     args = ap.parse_args()
     if args.quick:
         args.device, args.size, args.steps, args.reps, args.modes = "cpu", 64, 4, 2, "eager"
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = build(device, dtype, args.size)
+    pipe = build(device, dtype, args.size, tiny=args.quick)
     BASE.update(prompt="a photo of a red circle", num_inference_steps=args.steps, guidance_scale=7.5,
                 height=args.size, width=args.size, output_type="latent")
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import importlib
 
+from . import _quiet
 from .errors import DlxError
+
+_quiet.install()  # drops transformers' "requires torchvision ... falling back" line, nothing else
 
 __version__ = "0.1.0"
 
@@ -34,7 +37,7 @@ _LAZY = {
     "latents_to_rgb": "preview",
 }
 _SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "trace", "recorder", "session", "parts",
-               "sweep", "metrics", "plots"}
+               "sweep", "metrics", "plots", "render", "widgets", "report"}
 
 # ``dlx.sweep`` is a callable module: ``dlx.sweep(pipe, ...)`` runs a sweep (dlx/sweep/__init__.py)
 __all__ = ["DlxError", "__version__", "sweep", *_LAZY]

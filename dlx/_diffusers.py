@@ -15,15 +15,11 @@ which no registry hook sees. dlx saves what the module's ``__dict__`` held and p
 
 from __future__ import annotations
 
-import contextlib
-
-import torch
-
 __all__ = [
     "GUIDANCE_SCALE", "INTERRUPT", "SKIP_LAYER_SCALE", "callback_tensor_inputs", "swap_class",
     "set_guidance_scale", "set_interrupt", "saved_flags", "restore_flags", "cache_context_names",
     "rescale_noise_cfg", "ip_adapter_processors", "is_stochastic", "scheduler_order",
-    "replace_forward", "restore_attribute", "MISSING",
+    "replace_forward", "restore_attribute", "skip_layer_scale", "MISSING",
 ]
 
 #: the pipeline's guidance scale behind ``pipe.guidance_scale`` (diffusers' cutoff callbacks set it)
@@ -131,14 +127,3 @@ def is_stochastic(scheduler, call: dict) -> bool:
     eta = call.get("eta")
     return "DDIM" in name and isinstance(eta, (int, float)) and eta > 0
 
-
-@contextlib.contextmanager
-def no_op():
-    yield
-
-
-def device_of(module) -> torch.device:
-    try:
-        return next(module.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")

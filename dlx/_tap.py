@@ -146,8 +146,8 @@ class Tap:
 
     It emits events to the run (loop start, evaluations counted, denoiser calls observed) and
     reads the run's plan; it keeps its own per-step state (rows taken, Flux's pending call).
-    Calls from another thread than the run's (a plain call of a pipeline sharing the denoiser)
-    go straight to the original forward.
+    Calls from another thread than the run's, or made from inside the run's step-end callback
+    (a plain call of a pipeline sharing the denoiser), go straight to the original forward.
     """
 
     def __init__(self, run):
@@ -245,7 +245,7 @@ class Tap:
         thread = run.thread
 
         def forward(*args, **kwargs):
-            if threading.get_ident() != thread:
+            if threading.get_ident() != thread or run.in_callback:  # not this run's call
                 return orig(*args, **kwargs)
             x = _first_tensor(args, kwargs)
             n = x.shape[0]
@@ -374,7 +374,7 @@ class Tap:
         _, uncond_name = D.cache_context_names()
 
         def forward(*args, **kwargs):
-            if threading.get_ident() != thread:
+            if threading.get_ident() != thread or run.in_callback:  # not this run's call
                 return orig(*args, **kwargs)
             x = _first_tensor(args, kwargs)
             b = x.shape[0]

@@ -3,7 +3,8 @@
 The study sweeps CFG cutoff ratios over (prompt, seed) pairs of the embedded shapes model and
 writes what a researcher needs to decide how much guidance to keep: the summary (adherence,
 fidelity to full guidance, NFE, predicted standalone wall time and its timing regime),
-``results.csv`` (one row per run), ``speed_quality.png`` and the SQLite store. Rerunning with the
+``results.csv`` (one row per run), ``speed_quality.png``, ``report.html`` (``dlx.report``: one
+self-contained page to open or send) and the SQLite store. Rerunning with the
 same folder resumes (nothing is recomputed once finished).
 """
 
@@ -101,8 +102,7 @@ def study(out, *, prompts=None, seeds: int = 4, seed: int = 0, steps: int = 25, 
 
 
 def write_outputs(res, out) -> dict:
-    """The study's files beside the store: results.csv, summary.csv, speed_quality.png.
-    (The gallery's ``dlx.report`` adds report.html here, when it exists: see ``_report``.)"""
+    """The study's files beside the store: results.csv, summary.csv, speed_quality.png, report.html."""
     out = Path(out)
     files = {}
     res.frame.to_csv(out / "results.csv", index=False)
@@ -113,22 +113,15 @@ def write_outputs(res, out) -> dict:
     fig, _ = res.plot(metric="adherence" if "adherence" in res.metrics else None)
     fig.savefig(out / "speed_quality.png", dpi=120)
     files["plot"] = out / "speed_quality.png"
-    report = _report(res, out)
-    if report is not None:
-        files["report"] = report
+    files["report"] = _report(res, out)
     return files
 
 
 def _report(res, out: Path):
-    """report.html from dlx/report.py (the gallery), when this dlx has it; None otherwise."""
-    import importlib.util
-
-    if importlib.util.find_spec("dlx.report") is None:
-        return None
+    """report.html: the study in one self-contained page (``dlx.report``: tables, plots, images)."""
     from . import report
 
-    fn = getattr(report, "write_report", None)
-    return fn(res, out / "report.html") if fn is not None else None
+    return report.report(res, out / "report.html", title="CFG cutoff study on the embedded shapes model")
 
 
 def format_summary(res) -> str:

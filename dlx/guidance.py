@@ -114,6 +114,7 @@ class _Control(Part):
     def __init__(self):
         self.report: dict = {}
         self._masks: list[tuple[bool, ...]] | None = None  # planned mask per step (static controls)
+        self._last_guided: tuple | None = None
 
     def _config_args(self) -> dict:
         return {k: getattr(self, k) for k in self._ARGS}
@@ -128,7 +129,12 @@ class _Control(Part):
 
     def unguided_after(self, run: Run, step: int) -> bool:
         masks = self._masks
-        return masks is not None and not any(any(m) for m in masks[step + 1:])
+        if masks is None:
+            return False
+        last = self._last_guided
+        if last is None or last[0] is not masks:  # once per run: the last step any sample is guided
+            last = self._last_guided = (masks, max((i for i, m in enumerate(masks) if any(m)), default=-1))
+        return step >= last[1]
 
     def _planned(self) -> bool:
         """Whether this control planned to guide some sample on some step of the run."""

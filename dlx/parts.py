@@ -90,7 +90,13 @@ class Share(Part):
         if not pairs:
             return
         halves = n // b
+        rows_r = [h * b + r for h in range(halves) for r, _ in pairs]
+        rows_j = [h * b + j for h in range(halves) for _, j in pairs]
         for t in tensors:
+            idx_r = torch.tensor(rows_r, device=t.device)
+            idx_j = torch.tensor(rows_j, device=t.device)
+            if torch.equal(t.index_select(0, idx_r), t.index_select(0, idx_j)):
+                continue  # one comparison (one device sync) per tensor
             for r, j in pairs:
                 for h in range(halves):
                     if not torch.equal(t[h * b + r], t[h * b + j]):

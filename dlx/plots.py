@@ -7,7 +7,7 @@ import math
 
 from .errors import DlxError
 
-__all__ = ["speed_quality", "quality_vs_cutoff", "pareto_front"]
+__all__ = ["speed_quality", "quality_vs_cutoff", "pareto_front", "step_curves", "STEP_CURVES"]
 
 
 def _axes(ax, figsize=(5.5, 3.6)):
@@ -107,5 +107,105 @@ def quality_vs_cutoff(summary, metric: str | None = None, ax=None):
     ax.set_xlabel("CFG cutoff ratio (share of steps guided)")
     ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig, ax
+
+
+# --- per-step curves of traces (the "gallery" helper's part) ----------------------------------------
+
+#: What :func:`step_curves` can draw: a column of ``Trace.to_frame()``, or ``"divergence"`` from a
+#: reference trace (``Trace.compare``).
+STEP_CURVES = {
+    "cond_uncond_cos": "cos(cond, uncond)",
+    "cond_uncond_l2": "‖cond − uncond‖₂",
+    "latent_std": "std of the latents x_t",
+    "x0_std": "std of the x0 estimate",
+    "divergence": "RMS difference from the reference",
+    "step_ms": "step time, ms",
+}
+
+
+def _named_traces(traces) -> dict:
+    from .trace import Trace
+
+    if isinstance(traces, Trace):
+        return {"trace": traces}
+    if isinstance(traces, dict):
+        items = traces
+    elif isinstance(traces, (list, tuple)):
+        items = {f"trace {i}": t for i, t in enumerate(traces)}
+    else:
+        raise DlxError(f"argument `traces` must be a Trace, a list or a dict of Traces; got {type(traces).__name__}")
+    if not items:
+        raise DlxError("argument `traces` is empty")
+    for k, t in items.items():
+        if not isinstance(t, Trace):
+            raise DlxError(f"argument `traces`: entry {k!r} is a {type(t).__name__}, not a Trace")
+    return {str(k): t for k, t in items.items()}
+
+
+def step_curves(traces, what: str = "cond_uncond_cos", *, reference=None, field: str = "latents",
+                sample: int | None = None, ax=None):
+    """Per-step curves of one or several traces on one axis: ``what`` is a key of
+    :data:`STEP_CURVES` (values from ``Trace.to_frame()``; ``"divergence"``: ``field``'s RMS
+    difference from ``reference``, a label or a Trace, default the first, by ``Trace.compare``).
+
+    ``traces``: a Trace, a list, or a dict label → Trace (the legend's labels). ``sample``: one
+    sample's values (``to_frame(per_sample=True)``) instead of the batch mean. Steps where a value
+    was not recorded (no unconditional pass after a cutoff) leave a gap. Returns ``(fig, ax)``.
+    """
+    if what not in STEP_CURVES:
+        raise DlxError(f"argument `what` must be one of {list(STEP_CURVES)}; got {what!r}")
+    named = _named_traces(traces)
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 0):
+        raise DlxError(f"argument `sample` must be a non-negative int or None; got {sample!r}")
+    series = {}
+    if what == "divergence":
+        if field not in ("latents", "x0", "cond"):
+            raise DlxError(f"argument `field` must be 'latents', 'x0' or 'cond'; got {field!r}")
+        if reference is None:
+            ref_name = next(iter(named))
+        elif isinstance(reference, str):
+            if reference not in named:
+                raise DlxError(f"argument `reference` names no trace: {reference!r}; have {list(named)}")
+            ref_name = reference
+        else:
+            ref_name = None
+        ref = named[ref_name] if ref_name is not None else reference
+        for k, t in named.items():
+            if k == ref_name:
+                continue
+            d = t.compare(ref)
+            col = f"{field}_rmse"
+            if col not in d.columns:
+                raise DlxError(f"argument `field`: {field!r} was not recorded by both traces")
+            series[k] = (d["step"].to_numpy(), d[col].to_numpy(float))
+        if not series:
+            raise DlxError("divergence needs at least one trace besides the reference")
+        ylabel = f"RMS({field} − {field} of {ref_name or 'reference'})"
+    else:
+        for k, t in named.items():
+            f = t.to_frame(per_sample=sample is not None)
+            if sample is not None:
+                f = f[f["sample"] == sample]
+                if f.empty:
+                    raise DlxError(f"argument `sample` {sample} is not in trace {k!r}")
+            if what not in f.columns:
+                continue
+            series[k] = (f["step"].to_numpy(), f[what].to_numpy(float))
+        if not series:
+            raise DlxError(f"{what!r} was not recorded by any of the traces (record cond/uncond, latents or x0)")
+        ylabel = STEP_CURVES[what]
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = _axes(ax)
+    for k, (x, y) in series.items():
+        ax.plot(x + 1, y, "o-", ms=3, lw=1.3, label=k)  # steps counted from 1, as the galleries label them
+    ax.set_xlabel("step (1 = first)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(series) > 1 or what == "divergence":
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig, ax

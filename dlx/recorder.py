@@ -122,7 +122,7 @@ class Recorder(Part):
         self._cond_ids: tuple = ()
         self._last_mark = None
         self._bare_steps = False
-        self._x0_kind: str | None = None  # the scheduler's prediction type, looked up once per run
+        self._prediction: str | None = None  # the scheduler's prediction type, looked up once per run
         self._defer_x0 = False
         # what to keep, decided once per run instead of on every step
         keep = self.keep
@@ -160,9 +160,9 @@ class Recorder(Part):
 
     def on_loop_start(self, run: Run):
         if self._keep_x0:
-            self._x0_kind = prediction_type(self.family, run.pipe.scheduler)
+            self._prediction = prediction_type(self.family, run.pipe.scheduler)
             # x0 of steps the pipeline guides itself is computed after the run, all at once
-            self._defer_x0 = self._plain and self._x0_kind in BATCHED_X0
+            self._defer_x0 = self._plain and self._prediction in BATCHED_X0
 
     def on_denoiser(self, run: Run, call: DenoiserCall):
         step = call.step
@@ -171,7 +171,7 @@ class Recorder(Part):
             if call.revises and self._keep_x0:  # SD3 skip-layer guidance changed what the scheduler steps with
                 kept = calls[step]
                 kept.pop("_x0_in", None)
-                kept["x0"] = self._store(denoised_as(self._x0_kind, call.x_in, call.guided, run.sigma(step)),
+                kept["x0"] = self._store(denoised_as(self._prediction, call.x_in, call.guided, run.sigma(step)),
                                          fresh=True)
             return
         if self._ip_procs:
@@ -202,7 +202,7 @@ class Recorder(Part):
                 keep["_x0_in"] = (x.clone(), u, keep["cond"] if self._keep_cond else c.clone(),
                                   call.scale if lerp else None)
             else:
-                keep["x0"] = self._store(denoised_as(self._x0_kind, call.x_in, call.guided, run.sigma(step)),
+                keep["x0"] = self._store(denoised_as(self._prediction, call.x_in, call.guided, run.sigma(step)),
                                          fresh=True)
         calls[step] = keep
 
@@ -260,7 +260,7 @@ class Recorder(Part):
             g = torch.stack([a[2] for _, a in members])
             if w is not None:  # the pipeline's CFG: lerp(uncond, cond, scale), as in DenoiserCall.guided
                 g = torch.lerp(torch.stack([a[1] for _, a in members]), g, w)
-            x0 = denoised_steps(self._x0_kind, torch.stack([a[0] for _, a in members]), g,
+            x0 = denoised_steps(self._prediction, torch.stack([a[0] for _, a in members]), g,
                                 [run.sigma(s.index) for s, _ in members])
             for (s, _), v in zip(members, x0.unbind(0)):
                 s.x0 = v

@@ -226,7 +226,11 @@ def unpack_latents(latents: torch.Tensor, height=None, width=None, vae_scale_fac
 def _as_images(latents, channels: int, packed, height, width, vae_scale_factor, what: str):
     """(B, C, h, w) latents and whether the input was a single (C, h, w) latent."""
     if not isinstance(latents, torch.Tensor):
-        raise DlxError(f"latents must be a torch.Tensor; got {type(latents).__name__}")
+        raise DlxError(f"argument `latents` must be a torch.Tensor; got {type(latents).__name__} {latents!r:.60}")
+    if latents.numel() == 0:
+        raise DlxError(f"argument `latents` is empty: shape {tuple(latents.shape)}")
+    if packed is not None and not isinstance(packed, bool):
+        raise DlxError(f"argument `packed` must be True, False or None (guess from the shape); got {packed!r}")
     x = latents.detach()
     if packed is None:  # (C, h, w) as the guide passes latents[0], else Flux's (B, seq, 4·C)
         packed = x.ndim == 3 and x.shape[0] != channels and x.shape[-1] == 4 * channels
@@ -611,6 +615,17 @@ def fit_latent_rgb(vae, images, *, scaling_factor: float | None = None, shift_fa
     ``torch.linalg.lstsq`` (float64) over all latent pixels gives factors and bias (ComfyUI's
     convention and orientation). ``source`` reports the fit's RMS error in [−1, 1] units.
     """
+    if not isinstance(vae, torch.nn.Module) or not callable(getattr(vae, "encode", None)):
+        raise DlxError(f"argument `vae` must be a VAE with an encode() method (AutoencoderKL, AutoencoderTiny); "
+                       f"got {type(vae).__name__} {vae!r:.60}")
+    for name, v in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)):
+            raise DlxError(f"argument `{name}` must be a finite number or None; got {v!r}")
+    if scaling_factor is not None and scaling_factor == 0:
+        raise DlxError(f"argument `scaling_factor` must not be zero; got {scaling_factor!r}")
+    tensors = _image_tensors(images)
+    if any(not bool(torch.isfinite(t).all()) for t in tensors):
+        raise DlxError("argument `images` holds NaN or infinite values")
     params = list(vae.parameters()) if hasattr(vae, "parameters") else []
     device = params[0].device if params else torch.device("cpu")
     dtype = params[0].dtype if params else torch.float32
@@ -619,7 +634,7 @@ def fit_latent_rgb(vae, images, *, scaling_factor: float | None = None, shift_fa
     shift = float(shift_factor if shift_factor is not None else getattr(cfg, "shift_factor", None) or 0.0)
     xs, ys = [], []
     with torch.no_grad():
-        for img in _image_tensors(images):
+        for img in tensors:
             pix = img * 2.0 - 1.0
             enc = vae.encode(pix.to(device=device, dtype=dtype))
             z = enc.latent_dist.mean if hasattr(enc, "latent_dist") else getattr(enc, "latents", None)

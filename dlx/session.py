@@ -43,7 +43,6 @@ import functools
 import inspect
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -213,6 +212,7 @@ class Run:
         self.call_marks: dict = {}  # "start" / "return": (perf_counter, CUDA event or None)
         self.switched_at: int | None = None  # the step after which the pipeline left CFG
         self.cfg_seen = False  # the pipeline ran CFG (a doubled batch, Flux's second call) on some step
+        self.in_callback = False
         self.loop_flags: dict | None = None  # _guidance_scale / _interrupt as the call set them
         # dispatch lists, fixed for the run
         self.call_observers = [p for p in self.parts if p.wants_calls]
@@ -393,6 +393,13 @@ class Run:
 
     # -- step end (the callback the pipeline sees) ---------------------------------------------
     def step_end(self, step, timestep, callback_kwargs, user_cb):
+        self.in_callback = True  # a denoiser call from here (another pipeline sharing it) is not ours
+        try:
+            return self._step_end(step, timestep, callback_kwargs, user_cb)
+        finally:
+            self.in_callback = False
+
+    def _step_end(self, step, timestep, callback_kwargs, user_cb):
         if self._flush is not None:
             self._flush()
         self.marks.append(self._mark())
@@ -748,7 +755,3 @@ def attach(pipe, *parts: Part):
             for m in mods:
                 _TAPPED.pop(id(m), None)
 
-
-def warn_once(part: Part, message: str) -> None:
-    """A part's warning, once per run (used when an attached control could not act)."""
-    warnings.warn(f"{type(part).__name__}: {message}", stacklevel=3)

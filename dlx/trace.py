@@ -188,11 +188,11 @@ class Trace:
         return pd.DataFrame(rows)
 
     # -- previews: a view, defined in dlx.preview; imported only when called -----------------
-    def previews(self, kind: str = "x0", size: int = 128, sample: int = 0, factors=None, taesd=None):
-        """PIL previews of every step: ``dlx.preview.trace_previews(trace, ...)`` (see there)."""
-        from .preview import trace_previews
+    def previews(self, kind: str = "x0", size: int = 128, sample: int = 0, factors=None, taesd=None, decoder="auto"):
+        """PIL previews of every step: ``dlx.render.trace_previews(trace, ...)`` (see there)."""
+        from .render import trace_previews
 
-        return trace_previews(self, kind=kind, size=size, sample=sample, factors=factors, taesd=taesd)
+        return trace_previews(self, kind=kind, size=size, sample=sample, factors=factors, taesd=taesd, decoder=decoder)
 
     # -- files --------------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -264,7 +264,7 @@ def _tensors_to_save(trace: "Trace") -> dict[str, torch.Tensor]:
 
     A copy per tensor: safetensors refuses non-contiguous tensors (channels-last img2img latents,
     strided views) and tensors sharing storage (steps may be views of one stacked tensor);
-    ``clone(contiguous_format)`` gives an independent row-major copy with the same values bits.
+    ``clone(contiguous_format)`` gives an independent row-major copy with the same bits.
     """
     tensors: dict[str, torch.Tensor] = {}
     seen: set = set()

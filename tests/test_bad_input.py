@@ -96,10 +96,6 @@ EXPENSIVE = {
     "sweep.load_pipeline": [("dlx.zoo", "load"), ("diffusers", "DiffusionPipeline")],
 }
 
-CORE = "fixed by core in dlx/session.py"
-GUIDANCE = "fixed by core in dlx/guidance.py"
-GALLERY = "fixed by gallery in dlx/preview.py"
-SWEEP = "fixed by sweep in dlx/sweep/api.py"
 
 
 class _Dir:
@@ -318,25 +314,25 @@ BAD = [
     bad("testing.latent_shape", "batch", 0, "zero"),
     bad("testing.latent_shape", "batch", NAN, "nan"),
     # preview: fit_latent_rgb(vae, images, *, scaling_factor, shift_factor, name)
-    bad("fit_latent_rgb", "vae", None, "none", xfail=GALLERY),
-    bad("fit_latent_rgb", "vae", "vae", "type", xfail=GALLERY),
+    bad("fit_latent_rgb", "vae", None, "none"),
+    bad("fit_latent_rgb", "vae", "vae", "type"),
     bad("fit_latent_rgb", "images", [], "empty"),
     bad("fit_latent_rgb", "images", None, "none"),
-    bad("fit_latent_rgb", "images", torch.full((1, 3, 32, 32), NAN), "nan", xfail=GALLERY),
-    bad("fit_latent_rgb", "scaling_factor", NAN, "nan", xfail=GALLERY),
-    bad("fit_latent_rgb", "scaling_factor", 0.0, "zero", xfail=GALLERY),
-    bad("fit_latent_rgb", "scaling_factor", "1", "type", xfail=GALLERY),
-    bad("fit_latent_rgb", "shift_factor", NAN, "nan", xfail=GALLERY),
-    bad("fit_latent_rgb", "shift_factor", "0", "type", xfail=GALLERY),
+    bad("fit_latent_rgb", "images", torch.full((1, 3, 32, 32), NAN), "nan"),
+    bad("fit_latent_rgb", "scaling_factor", NAN, "nan"),
+    bad("fit_latent_rgb", "scaling_factor", 0.0, "zero"),
+    bad("fit_latent_rgb", "scaling_factor", "1", "type"),
+    bad("fit_latent_rgb", "shift_factor", NAN, "nan"),
+    bad("fit_latent_rgb", "shift_factor", "0", "type"),
     # latents_to_rgb(latents, factors, *, packed, height, width, vae_scale_factor, space)
     bad("latents_to_rgb", "latents", None, "none"),
-    bad("latents_to_rgb", "latents", "x", "type", xfail=GALLERY),
-    bad("latents_to_rgb", "latents", torch.zeros(0, 4, 8, 8), "empty", xfail=GALLERY),
+    bad("latents_to_rgb", "latents", "x", "type"),
+    bad("latents_to_rgb", "latents", torch.zeros(0, 4, 8, 8), "empty"),
     bad("latents_to_rgb", "factors", "nope", "unknown"),
     bad("latents_to_rgb", "factors", 5, "type"),
     bad("latents_to_rgb", "factors", "", "empty"),
     bad("latents_to_rgb", "space", "x", "unknown"),
-    bad("latents_to_rgb", "packed", "yes", "type", xfail=GALLERY),
+    bad("latents_to_rgb", "packed", "yes", "type"),
     # Preview(fn, kind, *, size, sample, factors, taesd, every)
     bad("Preview", "fn", None, "none"),
     bad("Preview", "fn", 5, "type"),

@@ -72,7 +72,7 @@ def test_study_writes_its_files_and_resumes(tmp_path):
     cmd = [sys.executable, "-m", "dlx", "demo", "--out", str(tmp_path), "--steps", "4", "--seeds", "1",
            "--prompt", "a red circle on the left and a blue square on the right", "--cutoffs", "0,0.5,1", "--quiet"]
     first = subprocess.run(cmd, capture_output=True, text=True, check=True, env=ENV).stdout
-    for name in ("sweep.sqlite", "results.csv", "summary.csv", "speed_quality.png"):
+    for name in ("sweep.sqlite", "results.csv", "summary.csv", "speed_quality.png", "report.html"):
         assert (tmp_path / name).is_file(), name
     assert "cutoff=0.5" in first and "-bound" in first and "adherence" in first
     import dlx

@@ -107,3 +107,30 @@ def test_the_two_commands_are_there():
     cmds = commands()
     assert "python -m dlx demo" in cmds or any(c.startswith("python -m dlx demo") for c in cmds)
     assert "python -m pytest -q" in cmds
+
+
+@pytest.mark.parametrize("line, body", blocks("yaml", "yml") or [(0, "")], ids=lambda v: str(v)[:20])
+def test_yaml_blocks_are_valid_sweep_specs(line, body, tmp_path):
+    if not body:
+        pytest.skip("no yaml block in README.md")
+    from dlx.sweep.yaml_spec import read_yaml
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(body)
+    kw = read_yaml(spec)  # unknown keys, a bad model name or malformed configs raise DlxError
+    assert kw["pipe"] and kw.get("prompts")
+
+
+def test_images_and_files_the_readme_links_exist():
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README)
+    assert links, "the README shows no picture"
+    for target in links:
+        assert (ROOT / target).is_file(), target
+    for path in re.findall(r"`((?:notebooks|docs|bench)/[\w./-]+\.(?:ipynb|md|py))`", README):
+        assert (ROOT / path).is_file(), path
+
+
+def test_every_notebook_is_listed_and_every_listed_one_exists():
+    listed = set(re.findall(r"`(\d\d_\w+\.ipynb)`", README))
+    present = {p.name for p in (ROOT / "notebooks").glob("*.ipynb")}
+    assert listed == present, f"listed only: {sorted(listed - present)}; not listed: {sorted(present - listed)}"

@@ -425,3 +425,12 @@ def test_a_part_whose_end_raises_does_not_skip_the_recorders_end():
             run(pipe, "sd", callback_on_step_end=boom)
     assert any("part end failed" in n for n in getattr(info.value, "__notes__", []))
     assert "KeyError" in trace.meta["stop_reason"] and trace.meta["pipeline"] == "StableDiffusionPipeline"
+
+
+def test_a_user_callback_returning_nothing_is_named():
+    pipe = pipe_for("sd")
+    before = pipeline_state(pipe)
+    with pytest.raises(dlx.DlxError, match=r"callback_on_step_end must return a dict.*returned NoneType at step 0"):
+        with dlx.record(pipe) as trace:
+            run(pipe, "sd", callback_on_step_end=lambda p, i, t, kw: None)
+    assert "DlxError" in trace.stop_reason and pipeline_state(pipe)["den_dict"] == before["den_dict"]

@@ -393,6 +393,22 @@ def test_a_plain_call_from_another_thread_through_a_tapped_denoiser_is_untouched
     assert "forward" not in pipe.unet.__dict__
 
 
+def test_a_plain_call_from_inside_a_callback_through_a_tapped_denoiser_is_untouched():
+    pipe = pipe_for("sd")
+    sib = _sibling(pipe)
+    ref = run(sib, "sd")
+    got = {}
+
+    def meanwhile(p, i, t, kw):
+        if i == 1:
+            got["out"] = run(sib, "sd")  # same thread, the tap installed on the shared UNet
+        return kw
+
+    with dlx.record(pipe, dlx.CFGCutoff(ratio=[0.25])) as trace:
+        run(pipe, "sd", callback_on_step_end=meanwhile)
+    assert bitwise(got["out"], ref) and trace.meta["evaluations"] == 5
+
+
 def test_one_part_in_two_concurrent_runs_is_refused():
     pipe = pipe_for("sd")
     sib = _sibling(pipe)

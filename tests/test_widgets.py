@@ -1,0 +1,197 @@
+"""dlx.widgets: the widget trees, the slider and toggle picking the right cached bytes, Stop ending a live run."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dlx
+from dlx import DlxError, widgets
+from dlx.render import render_steps, to_pil
+from dlx.testing import example_inputs, tiny_pipeline
+
+ipywidgets = pytest.importorskip("ipywidgets")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("sd")
+
+
+@pytest.fixture(scope="module")
+def trace(pipe):
+    with dlx.record(pipe, dlx.CFGCutoff(ratio=0.5)) as t:
+        pipe(**example_inputs("sd", steps=4, batch=2))
+    return t
+
+
+def _png(b: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+
+
+def test_gallery_tree(trace):
+    g = widgets.gallery(trace)
+    assert isinstance(g.widget, ipywidgets.VBox)
+    controls, header, grid = g.widget.children
+    assert list(controls.children) == [g.play, g.slider, g.toggle]
+    assert isinstance(g.play, ipywidgets.Play) and isinstance(g.slider, ipywidgets.IntSlider)
+    assert (g.slider.min, g.slider.max, g.slider.value) == (0, 3, 3)  # opens on the last step
+    assert g.toggle.options == (("x_t", "latent"), ("x0", "x0")) and g.toggle.value == "x0"
+    assert isinstance(grid, ipywidgets.GridBox) and len(grid.children) == 2  # one tile per sample
+    caption, image = grid.children[1].children
+    assert isinstance(image, ipywidgets.Image) and image.format == "png"
+    assert "sample 1" in caption.value
+    # The label says step, timestep, sigma, scale and whether CFG ran.
+    s = trace.steps[3]
+    assert f"step 4/4 · t={s.timestep:.0f} · σ={s.sigma:.3g} · scale 5 · CFG off" in header.value
+    assert "CFG on 2/2 samples" in g.label(0)
+    # 2 tiles: 192 px each, rendered at that size (no browser rescaling)
+    assert _png(image.value).shape == (192, 192, 3) and image.layout.width == "192px"
+
+
+def test_slider_shows_the_right_steps_bytes(trace):
+    g = widgets.gallery(trace)
+    want = render_steps(trace, "x0")
+    for step in (0, 2, 1):
+        g.slider.value = step  # what dragging does: the observer picks cached bytes
+        for j, im in enumerate(g.images_w):
+            assert np.array_equal(_png(im.value), np.asarray(to_pil(want[step, j], 192)))
+        assert g.label().startswith(f"step {step + 1}/4")
+    assert not np.array_equal(_png(g.images_w[0].value), _png(g.images(3)[0]))  # steps differ
+
+
+def test_toggle_switches_between_x_t_and_x0(trace):
+    g = widgets.gallery(trace)
+    g.slider.value = 1
+    x0 = _png(g.images_w[0].value)
+    g.toggle.value = "latent"
+    lat = _png(g.images_w[0].value)
+    assert np.array_equal(lat, np.asarray(to_pil(render_steps(trace, "latent")[1, 0], 192)))
+    assert not np.array_equal(lat, x0)
+    assert "x_t" in g.header.value
+    g.toggle.value = "x0"
+    assert np.array_equal(_png(g.images_w[0].value), x0)
+
+
+def test_layout_for_1_4_and_16_tiles():
+    assert [(widgets.tile_size(n), widgets.columns(n)) for n in (1, 2, 4, 9, 16, 32)] == [
+        (256, 1), (192, 2), (192, 2), (128, 3), (128, 4), (96, 6)]
+
+
+def test_gallery_without_a_front_end_is_a_png_strip(trace):
+    g = widgets.gallery(trace, samples=[1], size=64)
+    bundle = g._repr_mimebundle_()  # no kernel here: text and a PNG strip, never a failure
+    assert "1 tile(s) × 4 steps" in bundle["text/plain"]
+    strip = Image.open(io.BytesIO(bundle["image/png"]))
+    assert strip.width >= 4 * 64 and strip.height > 64  # 4 steps in a row, labels above
+
+
+def test_gallery_bad_arguments(trace):
+    with pytest.raises(DlxError, match="trace"):
+        widgets.gallery("not a trace")
+    with pytest.raises(DlxError, match="kind"):
+        widgets.gallery(trace, kind="noise")
+    with pytest.raises(DlxError, match="samples"):
+        widgets.gallery(trace, samples=[2])
+    with pytest.raises(DlxError, match="size"):
+        widgets.gallery(trace, size=-1)
+    with pytest.raises(DlxError, match="step"):
+        widgets.gallery(trace).show_step(4)
+
+
+def test_compare_traces_on_one_slider(pipe, trace):
+    with dlx.record(pipe) as full:
+        pipe(**example_inputs("sd", steps=4, batch=2))
+    c = widgets.compare({"full CFG": full, "cutoff 0.5": trace}, sample=1)
+    assert len(c.images_w) == 2 and "full CFG" in c.captions_w[0].value
+    assert "NFE" in c.captions_w[1].value
+    c.slider.value = 0
+    a = render_steps(full, "x0", [1])
+    b = render_steps(trace, "x0", [1])
+    assert np.array_equal(_png(c.images_w[0].value), np.asarray(to_pil(a[0, 0], 192)))
+    assert np.array_equal(_png(c.images_w[1].value), np.asarray(to_pil(b[0, 0], 192)))
+    c.slider.value = 3  # the cutoff changed the late steps: the two tiles differ
+    assert not np.array_equal(_png(c.images_w[0].value), _png(c.images_w[1].value))
+    auto = widgets.compare([full, trace])  # labels from the recorded controls
+    assert auto.captions_w[0].value.count("full CFG") == 1 and "CFGCutoff" in auto.captions_w[1].value
+    with pytest.raises(DlxError, match="labels"):
+        widgets.compare([full, trace], labels=["one"])
+
+
+def test_live_stop_ends_the_run_early(pipe):
+    reached, gate = threading.Event(), threading.Event()
+
+    def hold(p, step, t, kw):  # the run waits at step 1 until the test has pressed Stop
+        if step == 1:
+            reached.set()
+            gate.wait(30)
+        return kw
+
+    run = widgets.live(pipe, kind="latent", size=64, callback_on_step_end=hold,
+                       **example_inputs("sd", steps=8))
+    assert reached.wait(60), "the run never reached step 1"
+    assert run.running and run.thread is not threading.main_thread()
+    assert isinstance(run.widget, ipywidgets.VBox) and run.stop_button.description == "Stop"
+    run.stop_button.click()
+    assert run.event.is_set()
+    gate.set()
+    trace = run.wait(60)
+    assert len(trace) == 2 and "stop requested" in trace.stop_reason
+    assert run.output is not None and run.steps_seen == 2
+    assert _png(run.image_w.value).shape == (64, 64, 3) and run.stop_button.disabled
+    assert "stopped early" in run.label_w.value
+
+
+def test_live_runs_to_the_end_and_reports_errors(pipe):
+    run = widgets.live(pipe, kind="latent", **example_inputs("sd", steps=3))
+    assert len(run.wait(60)) == 3 and run.trace.stop_reason in (None, "completed")
+    bad = widgets.live(pipe, kind="latent", **example_inputs("sd", steps=2, height=33))
+    with pytest.raises(Exception):
+        bad.wait(60)
+    assert bad.error is not None and "failed" in bad.label_w.value
+    with pytest.raises(DlxError, match="kind"):
+        widgets.live(pipe, kind="noise")
+
+
+# --- compare over a sweep -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory, pipe):
+    call = dict(num_inference_steps=3, height=32, width=32)
+    kw = dict(prompts=["a red circle"], seeds=[0], cutoffs=[0, 0.5, 1.0], timing=(), progress=False, **call)
+    kept = dlx.sweep(pipe, out=tmp_path_factory.mktemp("kept"), keep_previews=True, **kw)
+    final = dlx.sweep(pipe, out=tmp_path_factory.mktemp("final"), **kw)
+    return kept, final
+
+
+def test_compare_a_sweep_with_kept_previews(sweeps):
+    kept, _ = sweeps
+    c = widgets.compare(kept)
+    f = kept.frame
+    assert len(c.images_w) == 3 and c.frames.n_steps == 3 and c.slider.max == 2
+    for j, r in enumerate(f.itertuples()):
+        assert r.config in c.captions_w[j].value and "NFE" in c.captions_w[j].value
+        assert "psnr" in c.captions_w[j].value
+        c.slider.value = 1
+        want = kept.previews(r.row_id)[1]  # uint8 (128, 128, 3) kept by the sweep for step 1
+        assert np.array_equal(_png(c.images_w[j].value), np.asarray(to_pil(want, 192)))
+
+
+def test_compare_a_sweep_shows_final_images_without_previews(sweeps):
+    _, final = sweeps
+    c = widgets.compare(final, metric="psnr")
+    assert c.frames.n_steps == 1 and "final images" in c.label()
+    r = final.frame.iloc[2]
+    with Image.open(r.image) as im:
+        want = np.asarray(im.convert("RGB"))
+    assert np.array_equal(_png(c.images_w[2].value), np.asarray(to_pil(torch.from_numpy(want.copy()), 192)))
+    with pytest.raises(DlxError, match="metric"):
+        widgets.compare(final, metric="fid")
+    with pytest.raises(DlxError, match="prompt"):
+        widgets.compare(final, prompt="a blue square")
