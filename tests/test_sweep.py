@@ -273,3 +273,24 @@ def test_rows_of_one_prompt_and_seed_share_their_guided_prefix(tmp_path):
     for r in f.itertuples():
         ref = as_png_array(standalone(pipe, cfgs[r.config], r.prompt, r.seed, call))
         assert np.abs(png(r.image).astype(int) - ref.astype(int)).max() <= 1, r.config
+
+
+def test_a_row_that_decodes_to_nan_is_stored_failed_and_the_rest_go_on(tmp_path, monkeypatch):
+    real = engine.run_batch
+
+    def nan_row(pipe, spec, rows, **kw):
+        out = real(pipe, spec, rows, **kw)
+        for j, r in enumerate(rows):
+            if r["config"] == "cutoff=0" and r["seed"] == 0:
+                out["images"][j, 0, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(engine, "run_batch", nan_row)
+    res = dlx.sweep(pipe_for("sd"), prompts=PROMPTS[:1], seeds=[0, 1], cutoffs=[0, 1.0], out=tmp_path, timing=(),
+                    progress=False, **CALL)
+    f = res.frame.set_index(["config", "seed"])
+    assert f.loc[("cutoff=0", 0), "status"] == "failed" and "NaN" in f.loc[("cutoff=0", 0), "error"]
+    assert not isinstance(f.loc[("cutoff=0", 0), "image"], str)  # no image for a failed row
+    assert (f.drop(index=[("cutoff=0", 0)]).status == "ok").all()
+    s = res.summary().set_index("config")
+    assert s.loc["cutoff=0", "failed"] == 1 and s.loc["cutoff=0", "psnr"] == pytest.approx(f.loc[("cutoff=0", 1), "psnr"])
