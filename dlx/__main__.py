@@ -64,7 +64,7 @@ def _record(args, parser) -> int:
         try:
             out = check_out(args.out, images=False)
         except DlxError as e:
-            return _fail(parser, str(e).replace("argument `out`", "argument --out"))
+            return _fail(parser, _cli_names(str(e)))
     import torch
 
     import dlx
@@ -91,6 +91,13 @@ def _record(args, parser) -> int:
     return 0
 
 
+def _cli_names(msg: str) -> str:
+    """A library error's argument names as the command line spells them."""
+    for name in ("out", "device", "dtype"):
+        msg = msg.replace(f"argument `{name}`", f"argument --{name}")
+    return msg
+
+
 def _demo(args, parser) -> int:
     if args.record:
         return _record(args, parser)
@@ -98,6 +105,12 @@ def _demo(args, parser) -> int:
 
     t0 = time.perf_counter()
     prompts = [args.prompt] if args.prompt is not None else None
+    from dlx.demo import is_user_model
+
+    user = is_user_model(args.model)
+    if (args.device is not None or args.dtype is not None) and not user:
+        return _fail(parser, "arguments --device and --dtype go with --model PATH_OR_ID (your model); "
+                             "the embedded model runs on the CPU")
     if args.model == "tiny":
         return _fail(parser, "argument --model: the study runs on the embedded model ('shapes' or 'auto'); "
                              "use --record for the tiny pipeline")
@@ -108,24 +121,34 @@ def _demo(args, parser) -> int:
 
     try:
         check_study_args(prompts=prompts or STUDY_PROMPTS, seeds=args.seeds, seed=args.seed, steps=args.steps,
-                         guidance_scale=args.guidance_scale, cutoffs=args.cutoffs or STUDY_CUTOFFS)
+                         guidance_scale=args.guidance_scale, cutoffs=args.cutoffs or STUDY_CUTOFFS,
+                         model=args.model)
+        if user:
+            from dlx.sweep.api import _check_device, _check_dtype
+
+            _check_device(args.device)
+            _check_dtype(args.dtype)
         out = check_out(args.out)
     except DlxError as e:
-        return _fail(parser, str(e).replace("argument `out`", "argument --out"))
+        return _fail(parser, _cli_names(str(e)))
     import torch
 
     import dlx
 
-    pairs = len(prompts or STUDY_PROMPTS) * args.seeds
+    from dlx.demo import USER_PROMPTS
+
+    pairs = len(prompts or (USER_PROMPTS if user else STUDY_PROMPTS)) * args.seeds
     ncut = len(args.cutoffs or STUDY_CUTOFFS)
     print(f"dlx {dlx.__version__} · torch {torch.__version__} ({torch.get_num_threads()} threads) · "
-          f"cutoff study on the embedded shapes model: {ncut} cutoffs x {pairs} (prompt, seed) pairs, "
+          f"cutoff study on {args.model if user else 'the embedded shapes model'}: {ncut} cutoffs x {pairs} "
+          f"(prompt, seed) pairs, "
           f"{args.steps} steps -> {out}")
     try:
         res = study(out, prompts=prompts, seeds=args.seeds, seed=args.seed, steps=args.steps,
-                    guidance_scale=args.guidance_scale, cutoffs=args.cutoffs, progress=not args.quiet)
+                    guidance_scale=args.guidance_scale, cutoffs=args.cutoffs, progress=not args.quiet,
+                    **(dict(model=args.model, device=args.device, dtype=args.dtype) if user else {}))
     except DlxError as e:
-        return _fail(parser, str(e).replace("argument `out`", "argument --out"))
+        return _fail(parser, _cli_names(str(e)))
     print(format_summary(res))
     files = write_outputs(res, out)
     print("wrote " + ", ".join(str(p) for p in [out / "sweep.sqlite", *files.values()]))
@@ -159,9 +182,13 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="the CFG cutoff study on the embedded model (--record: one recorded run)")
     demo.add_argument("--out", default=None, help="output folder (default dlx-demo/; with --record: no file)")
-    demo.add_argument("--model", default="auto", choices=["auto", "shapes", "tiny"],
-                      help="'tiny' only with --record")
-    demo.add_argument("--prompt", default=None, help="one caption of the embedded model's language")
+    demo.add_argument("--model", default="auto",
+                      help="'auto' or 'shapes' (the embedded model), 'tiny' (--record only), or a pipeline "
+                           "folder saved with save_pretrained / a hub id (the study on your model)")
+    demo.add_argument("--device", default=None, help="torch device for --model PATH_OR_ID, e.g. cuda")
+    demo.add_argument("--dtype", default=None, help="dtype for --model PATH_OR_ID, e.g. float16")
+    demo.add_argument("--prompt", default=None,
+                      help="one caption (of the embedded model's language, unless --model names your model)")
     demo.add_argument("--steps", type=int, default=None, help="denoising steps (study: 20, --record: 25)")
     demo.add_argument("--seed", type=int, default=0, help="first seed")
     demo.add_argument("--seeds", type=int, default=4, help="seeds per prompt in the study (default 4)")

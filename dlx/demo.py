@@ -24,6 +24,19 @@ STUDY_PROMPTS = [
     "a yellow diamond on the bottom and a red ring on the top",
 ]
 STUDY_CUTOFFS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+#: the study's prompts on a user's model (``--model PATH_OR_ID``), where any caption goes
+USER_PROMPTS = [
+    "a photo of a red apple on a wooden table",
+    "a watercolor painting of a lighthouse at dusk",
+    "a portrait of an astronaut, studio lighting",
+    "an isometric illustration of a small city",
+]
+USER_GUIDANCE_SCALE = 7.5
+
+
+def is_user_model(model: str) -> bool:
+    """Whether ``--model`` names a user's model (a saved pipeline folder or a hub id)."""
+    return model not in ("auto", "shapes", "tiny")
 
 
 def _shapes_available() -> bool:
@@ -58,13 +71,20 @@ def demo_pipeline(model: str = "auto", steps: int = 25, seed: int = 0, prompt=No
     return pipe, kwargs, "tiny random-weight SD pipeline (dlx.testing)"
 
 
-def check_study_args(*, prompts, seeds: int, seed: int, steps: int, guidance_scale, cutoffs) -> None:
+def check_study_args(*, prompts, seeds: int, seed: int, steps: int, guidance_scale, cutoffs,
+                     model: str = "shapes") -> None:
     """Every argument of the study, checked before any model work (DlxError naming it)."""
     from .zoo.shapes_data import parse
 
+    if is_user_model(model):
+        from .sweep.api import _check_model
+
+        _check_model(model, "--model")
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
-            raise DlxError(f"argument --prompt must be a caption of the embedded model's language; got {p!r}")
+            raise DlxError(f"argument --prompt must be a non-empty caption; got {p!r}")
+        if is_user_model(model):
+            continue
         try:
             parse(p)
         except DlxError:
@@ -89,16 +109,28 @@ def check_study_args(*, prompts, seeds: int, seed: int, steps: int, guidance_sca
 
 
 def study(out, *, prompts=None, seeds: int = 4, seed: int = 0, steps: int = 25, guidance_scale=None,
-          cutoffs=None, progress: bool = True, timing_repeats: int = 2):
-    """Run (or resume) the cutoff study into ``out``; returns the SweepResult."""
+          cutoffs=None, progress: bool = True, timing_repeats: int = 2, model: str = "shapes", device=None,
+          dtype=None):
+    """Run (or resume) the cutoff study into ``out``; returns the SweepResult.
+
+    ``model`` is the embedded model (``"shapes"``, judged by adherence, PSNR and SSIM) or a user's
+    model: a folder saved with ``save_pretrained`` or a hub id (judged by PSNR and SSIM against
+    full guidance), loaded on ``device`` in ``dtype`` only when rows are missing.
+    """
     from . import zoo
     from .sweep import sweep
 
+    if is_user_model(model):
+        scale = guidance_scale if guidance_scale is not None else USER_GUIDANCE_SCALE
+        return sweep(model, prompts=list(prompts or USER_PROMPTS), seeds=range(seed, seed + seeds),
+                     cutoffs=list(cutoffs if cutoffs is not None else STUDY_CUTOFFS), metrics=["psnr", "ssim"],
+                     out=out, num_inference_steps=steps, guidance_scale=scale, timing=("eager",),
+                     timing_repeats=timing_repeats, progress=progress, device=device, dtype=dtype)
     scale = guidance_scale if guidance_scale is not None else zoo.info("shapes")["recommended_guidance_scale"]
     return sweep("shapes", prompts=list(prompts or STUDY_PROMPTS), seeds=range(seed, seed + seeds),
                  cutoffs=list(cutoffs if cutoffs is not None else STUDY_CUTOFFS),
                  metrics=["adherence", "psnr", "ssim"], out=out, num_inference_steps=steps, guidance_scale=scale,
-                 timing=("eager",), timing_repeats=timing_repeats, progress=progress)
+                 timing=("eager",), timing_repeats=timing_repeats, progress=progress, device=device, dtype=dtype)
 
 
 def write_outputs(res, out) -> dict:
@@ -121,7 +153,9 @@ def _report(res, out: Path):
     """report.html: the study in one self-contained page (``dlx.report``: tables, plots, images)."""
     from . import report
 
-    return report.report(res, out / "report.html", title="CFG cutoff study on the embedded shapes model")
+    title = ("CFG cutoff study on the embedded shapes model" if "adherence" in res.metrics
+             else "CFG cutoff study")
+    return report.report(res, out / "report.html", title=title)
 
 
 def format_summary(res) -> str:

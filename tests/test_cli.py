@@ -119,3 +119,34 @@ def test_sweep_from_yaml_sharded_over_two_processes_equals_one_process(tmp_path)
     assert a[cols].equals(b[cols])
     for x, y in zip(a.image, b.image):
         assert Path(x).read_bytes() == Path(y).read_bytes()
+
+
+def test_demo_runs_the_study_on_a_saved_pipeline_folder(tmp_path):
+    """`python -m dlx demo --model PATH --device cpu`: the same study on a user's model (issue 15 §2),
+    judged by PSNR and SSIM against full guidance (adherence is the embedded model's own metric)."""
+    from dlx.testing import tiny_pipeline
+
+    tiny_pipeline("sd").save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "dlx", "demo", "--model", str(tmp_path / "pipe"), "--device", "cpu",
+           "--dtype", "float32", "--seeds", "1", "--steps", "3", "--cutoffs", "0,0.5,1", "--prompt", "a red circle",
+           "--out", str(out), "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import pandas as pd
+
+    rows = pd.read_csv(out / "results.csv")
+    assert sorted(rows.cutoff.unique().tolist()) == [0.0, 0.5, 1.0]
+    assert (rows.status == "ok").all() and "adherence" not in rows and rows.psnr.notna().all()
+    for name in ("speed_quality.png", "report.html", "sweep.sqlite"):
+        assert (out / name).is_file(), name
+    assert "cutoff=0.5" in r.stdout
+
+
+def test_demo_refuses_a_bad_model_or_device_before_any_work(tmp_path):
+    for args, word in ((["--model", str(tmp_path / "nowhere")], "--model"),
+                       (["--device", "cuda"], "--device")):
+        r = subprocess.run([sys.executable, "-m", "dlx", "demo", *args, "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, env=ENV)
+        assert r.returncode == 2 and word in r.stderr, (args, r.stderr[-500:])
+        assert not (tmp_path / "o" / "sweep.sqlite").exists()
