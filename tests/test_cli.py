@@ -102,11 +102,19 @@ def test_sweep_from_yaml_sharded_over_two_processes_equals_one_process(tmp_path)
     one = subprocess.run([sys.executable, "-m", "dlx", "sweep", str(tmp_path / "spec.yaml"), "--out",
                           str(tmp_path / "one"), "--quiet"], capture_output=True, text=True, env=ENV)
     assert one.returncode == 0, one.stderr[-2000:]
+    # a free port for the rendezvous: torch's default 29500 may still be held (TIME_WAIT or another
+    # run) on a shared machine, which failed rank 0 once in a fresh-venv run of the whole suite
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(port),
                           "-m", "dlx", "sweep", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "two"), "--quiet"],
                          capture_output=True, text=True, env=ENV)
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[:3000] + '\n...\n' + two.stderr[-3000:]
     a = dlx.sweep.SweepResult(tmp_path / "one").frame
     b = dlx.sweep.SweepResult(tmp_path / "two").frame
     import sqlite3

@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import os
 import sqlite3
+import time
 import tempfile
 from pathlib import Path
 
@@ -70,9 +71,18 @@ class Store:
         self.path = self.out / db
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.con = sqlite3.connect(self.path, timeout=60, isolation_level=None)  # explicit transactions
-        self.con.execute("PRAGMA journal_mode=WAL")
-        self.con.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a process kill
-        self.con.executescript(_SCHEMA)
+        # Several ranks open the same new database at once: switching it to WAL (and creating the
+        # schema) can answer "database is locked" at once, without SQLite's busy wait, so retry.
+        for attempt in range(200):
+            try:
+                self.con.execute("PRAGMA journal_mode=WAL")
+                self.con.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a process kill
+                self.con.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or attempt == 199:
+                    raise
+                time.sleep(0.05 + 0.01 * attempt)
 
     def close(self):
         self.con.close()
