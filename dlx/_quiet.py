@@ -10,9 +10,10 @@ logger, and every other logger and warning, passes untouched. Installing it impo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
-__all__ = ["install"]
+__all__ = ["install", "no_load_bars"]
 
 _LOGGER = "transformers.utils.import_utils"
 _NOISE = ("requires torchvision (not installed); falling back to `",)
@@ -34,3 +35,22 @@ def install() -> None:
     logger = logging.getLogger(_LOGGER)
     if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
         logger.addFilter(_DropKnownNoise())
+
+
+@contextlib.contextmanager
+def no_load_bars():
+    """diffusers' and transformers' progress bars off while a pipeline loads (a local load of a few
+    components needs none), put back as they were afterwards."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()

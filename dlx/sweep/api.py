@@ -73,23 +73,15 @@ def load_pipeline(model: str, device=None, dtype=None):
         return zoo.load("shapes", device=dev, dtype=dtype or torch.float32)
     from diffusers import DiffusionPipeline
 
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
+    from .._quiet import no_load_bars
 
     offline = "folder" in ident or os.environ.get("HF_HUB_OFFLINE") == "1"
-    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(ident.get("folder") or ident["hub"], dtype=dtype or torch.float32,
-                                                 local_files_only=offline)
+        with no_load_bars():
+            pipe = DiffusionPipeline.from_pretrained(ident.get("folder") or ident["hub"], dtype=dtype or torch.float32,
+                                                     local_files_only=offline)
     except (OSError, ValueError, EnvironmentError) as e:
         raise DlxError(f"argument `model`: could not load {model!r} ({'offline' if offline else 'hub'}): {e}") from e
-    finally:
-        if bars[0]:
-            dlog.enable_progress_bar()
-        if bars[1]:
-            tlog.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)
 

@@ -72,23 +72,15 @@ def load(name: str = "shapes", device="cpu", dtype=None, folder: str | Path | No
                        f"{', '.join(missing)} (renamed or deleted?)")
     from diffusers import StableDiffusionPipeline
 
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
+    from dlx._quiet import no_load_bars
 
-    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()  # a 5-component local load needs no progress bars
-    tlog.disable_progress_bar()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(folder), dtype=dtype or torch.float32, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False, local_files_only=True)
+        with no_load_bars():  # a 5-component local load needs no progress bars
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(folder), dtype=dtype or torch.float32, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False, local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise DlxError(f"could not load zoo model {name!r} from {folder}: {e}") from e
-    finally:
-        if bars[0]:
-            dlog.enable_progress_bar()
-        if bars[1]:
-            tlog.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
