@@ -55,16 +55,20 @@ CHECK_PAIRS, CHECK_STEPS = 32, 12
 def quick_check(pipe, rec: float) -> dict:
     """The numbers tests/test_zoo.py re-measures: the first CHECK_PAIRS held-out pairs with
     CHECK_STEPS DDIM steps (fewer than the card's 25, to keep the test under a minute), at
-    the recommended scale and at 1.0, with the per-pair verdicts."""
-    from dlx.zoo.metric import adherence
+    the recommended scale and at 1.0, with the per-pair verdicts: one ``dlx.sweep``, as the
+    test runs it."""
+    import tempfile
+
+    import dlx.sweep
 
     pairs = sd.heldout_pairs(200)[:CHECK_PAIRS]
     out = {"pairs": CHECK_PAIRS, "steps": CHECK_STEPS}
+    with tempfile.TemporaryDirectory(prefix="dlx-zoo-check-") as tmp:
+        frame = dlx.sweep(pipe, pairs=pairs, configs={"full CFG": None}, guidance_scales=list(dict.fromkeys([rec, 1.0])),
+                          metrics=["adherence"], out=tmp, num_inference_steps=CHECK_STEPS, timing=(),
+                          progress=False).frame
     for s in (rec, 1.0):
-        gens = [torch.Generator("cpu").manual_seed(seed) for _, seed in pairs]
-        imgs = pipe([p for p, _ in pairs], num_inference_steps=CHECK_STEPS, guidance_scale=s,
-                    generator=gens, output_type="pt").images
-        ok = adherence(imgs, [p for p, _ in pairs])["ok"].tolist()
+        ok = [v == 1.0 for v in frame[frame.guidance_scale == s]["adherence"]]  # pair order
         out[str(s)] = {"adherence": round(sum(ok) / len(ok), 4), "ok": ok}
     return out
 
@@ -111,7 +115,7 @@ def main(argv=None):
     })
     if not args.skip_adherence:
         pairs = sd.heldout_pairs(args.n)
-        res = measure(pipe, pairs, [rec, 1.0], steps=25, batch=25)
+        res = measure(pipe, pairs, [rec, 1.0], steps=25, batch=25)  # one dlx.sweep, 25 rows a call
         measured["adherence_recommended"] = res[str(rec)]
         measured["adherence_scale_1"] = res["1.0"]
         measured["adherence_n_pairs"] = len(pairs)
