@@ -115,13 +115,26 @@ def measure(pipe, *, call: dict, prompt: str, seed: int, steps: int, scale: floa
     """Fit the cost model from interleaved standalone calls (full guidance, no guided step)."""
     calls = {k: [] for k in KINDS}
     loops = {k: [] for k in KINDS}
-    for r in range(warmup + repeats):
+    kw = standalone_kwargs(call, prompt, seed, steps, scale, batch)
+    # on a GPU, warm up for at least a second as well: after a pause (compiling, loading) clocks
+    # and caches take a moment to settle, and one warm-up call of a small model is not enough
+    # (2026-12-03, the embedded model compiled: one warm-up call left the model 15 % slow)
+    min_s = WARMUP_S if _device(pipe).type == "cuda" else 0.0
+    t0, done = time.perf_counter(), 0
+    while done < warmup or time.perf_counter() - t0 < min_s:
         for k in KINDS:
-            c, lp = timed_call(pipe, standalone_kwargs(call, prompt, seed, steps, scale, batch), kind_parts(k))
-            if r >= warmup:
-                calls[k].append(c)
-                loops[k].append(lp)
-    return {**fit(calls, loops, steps), "repeats": repeats, "warmup": warmup, **_where(pipe)}
+            timed_call(pipe, kw, kind_parts(k))
+        done += 1
+    for _ in range(repeats):
+        for k in KINDS:
+            c, lp = timed_call(pipe, kw, kind_parts(k))
+            calls[k].append(c)
+            loops[k].append(lp)
+    return {**fit(calls, loops, steps), "repeats": repeats, "warmup": done, **_where(pipe)}
+
+
+#: seconds of warm-up calls on a GPU before the cost model is timed
+WARMUP_S = 1.0
 
 
 #: the two standalone calls the model is fitted from: full guidance, and no guided step
