@@ -62,7 +62,17 @@ def variants(pipe, kw):
         with dlx.record(pipe, keep=("latents",)):
             pipe(**kw())
 
-    return {"bare": bare, "attach": attach, "record": record, "record-latents": record_latents}
+    def cutoff():
+        with dlx.attach(pipe, dlx.CFGCutoff(ratio=0.5)):
+            pipe(**kw())
+
+    def official():
+        from diffusers.callbacks import SDCFGCutoffCallback
+
+        pipe(**kw(), callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5))
+
+    return {"bare": bare, "attach": attach, "record": record, "record-latents": record_latents,
+            "cutoff-0.5": cutoff, "official-cutoff-0.5": official}
 
 
 def main(argv=None):
