@@ -65,13 +65,15 @@ def _step_label(trace, i: int) -> str:
     """Step, timestep, sigma, guidance scale and whether CFG ran, for recorded step ``i``."""
     s = trace.steps[i]
     n = trace.meta.get("num_steps") or len(trace.steps)
-    if s.cfg_mask is not None and s.cfg_mask.numel() > 1:
-        k = int(s.cfg_mask.sum())
-        cfg = f"CFG on {k}/{s.cfg_mask.numel()} samples" if k else "CFG off"
+    b, k = len(s.cfg_active), sum(map(bool, s.cfg_active))
+    cfg = (f"CFG on {k}/{b} samples" if b > 1 else "CFG on") if k else "CFG off"
+    sc = [v for v in s.guidance_scale if v == v]  # NaN: not known
+    if sc and min(sc) != max(sc):  # samples guided at different scales: their range, not a mean
+        scale = f"{_fmt(min(sc), '.3g')}–{_fmt(max(sc), '.3g')} per sample"
     else:
-        cfg = "CFG on" if s.cfg_active else "CFG off"
+        scale = _fmt(sc[0] if sc else None, ".3g")
     return (f"step {s.index + 1}/{n} · t={_fmt(s.timestep, '.0f')} · σ={_fmt(s.sigma)} · "
-            f"scale {_fmt(s.guidance_scale, '.3g')} · {cfg}")
+            f"scale {scale} · {cfg}")
 
 
 def _sample_prompt(trace, j: int) -> str | None:
@@ -89,10 +91,10 @@ def _sample_label(trace, i: int, j: int) -> str:
     p = _sample_prompt(trace, j)
     if p is not None and isinstance((trace.meta.get("call") or {}).get("prompt"), list):
         parts.append(repr(p if len(p) <= 40 else p[:39] + "…"))
-    if s.scale is not None and s.scale.numel() > j:
-        parts.append(f"scale {_fmt(float(s.scale[j]), '.3g')}")
-    if s.cfg_mask is not None and s.cfg_mask.numel() > j:
-        parts.append("CFG ✓" if bool(s.cfg_mask[j]) else "CFG –")
+    if j < len(s.guidance_scale):
+        parts.append(f"scale {_fmt(float(s.guidance_scale[j]), '.3g')}")
+    if j < len(s.cfg_active):
+        parts.append("CFG ✓" if s.cfg_active[j] else "CFG –")
     return " · ".join(parts)
 
 

@@ -54,6 +54,20 @@ def test_gallery_tree(trace):
     assert _png(image.value).shape == (192, 192, 3) and image.layout.width == "192px"
 
 
+def test_labels_read_each_samples_own_guidance():
+    """Per-sample scales that differ are shown as their range, never as a mean nothing ran at."""
+    from pathlib import Path
+
+    from dlx.widgets import _sample_label, _step_label
+
+    t = dlx.Trace.load(Path(__file__).parent / "data" / "trace_v1" / "cutoff_b2.safetensors")
+    assert _step_label(t, 0).endswith("· scale 2–3 per sample · CFG on 2/2 samples")
+    assert _step_label(t, 1).endswith("· scale 2.5–4 per sample · CFG on 1/2 samples")
+    assert _step_label(t, 3).endswith("· scale 5 · CFG off")
+    assert _sample_label(t, 1, 0).endswith("· scale 2.5 · CFG ✓")
+    assert _sample_label(t, 1, 1).endswith("· scale 4 · CFG –")
+
+
 def test_slider_shows_the_right_steps_bytes(trace):
     g = widgets.gallery(trace)
     want = render_steps(trace, "x0")

@@ -35,7 +35,7 @@ MODES = ("eager", "compiled")
 
 
 class _Clock(Part):
-    observer = True
+    runs_last = True
 
     def __init__(self):
         self.step_ms: list[float] = []
