@@ -25,11 +25,12 @@ for s in "$@"; do
             nproc; date -u; } > "$OUT/card.txt" 2>&1; cat "$OUT/card.txt" ;;
     sweep-shapes-eager) stage $s 200 python3 bench/bench_sweep.py --model shapes --mode eager --rounds 2 --out "$OUT" ;;
     sweep-sd15-eager) stage $s 260 python3 bench/bench_sweep.py --model sd15 --mode eager --rounds 2 --out "$OUT" ;;
-    sweep-sd15-compiled) stage $s 420 python3 bench/bench_sweep.py --model sd15 --mode compiled --rounds 2 --out "$OUT" ;;
-    sweep-shapes-compiled) stage $s 200 python3 bench/bench_sweep.py --model shapes --mode compiled --rounds 2 --out "$OUT" ;;
+    sweep-sd15-compiled) stage $s 330 python3 bench/bench_sweep.py --model sd15 --mode compiled --rounds 2 --out "$OUT" ;;
+    sweep-shapes-compiled) stage $s 170 python3 bench/bench_sweep.py --model shapes --mode compiled --rounds 2 --out "$OUT" ;;
     preview-shapes) stage $s 120 python3 bench/bench_preview.py --model shapes --device cuda --dtype float32 --steps 25 --reps 15 --out "$OUT/preview-shapes.json" ;;
     preview-sd15) stage $s 150 python3 bench/bench_preview.py --device cuda --steps 25 --reps 8 --variants preview-x0,preview-latent,preview-x0-pil,preview-x0-map --out "$OUT/preview-sd15.json" ;;
     rec-eager) stage $s 240 python3 bench/bench_recorder.py --modes eager --reps 30 --hooks 5 --variants cutoff-0.5,official-cutoff-0.5,record-target --out "$OUT/recorder-eager.json" ;;
+    cutoff-eager) stage $s 150 python3 bench/bench_recorder.py --modes eager --reps 30 --hooks 5 --variants cutoff-0.5,official-cutoff-0.5 --out "$OUT/cutoff-eager.json" ;;
     rec-compiled) stage $s 240 python3 bench/bench_recorder.py --modes compiled --reps 30 --variants cutoff-0.5,official-cutoff-0.5,record-target,no-cfg --out "$OUT/recorder-compiled.json" ;;
     cuda-tests) stage $s 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py ;;
     *) echo "unknown stage $s"; exit 2 ;;

@@ -35,8 +35,8 @@ class RowPlans(Part):
 
     Each row's controls are fresh instances, asked with a batch of one at every step; a sample
     is guided where all its controls guide it, at the scale its (at most one) scale-setting
-    control gives, else the call's. Call observers (``AdaptiveCutoff``) see their sample's rows
-    of each denoiser call. After the run ``nfe`` holds each sample's denoiser evaluations,
+    control gives, else the call's. Parts that read denoiser calls (``AdaptiveCutoff``) see
+    their sample's rows of each denoiser call. After the run ``nfe`` holds each sample's denoiser evaluations,
     ``guided`` each sample's guided steps and ``step_ms`` the per-step times.
     """
 
