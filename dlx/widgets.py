@@ -227,7 +227,12 @@ class _StepView:
     def _caption_html(text: str) -> str:
         import html
 
-        return f"<div style='font-family:monospace;font-size:12px;line-height:1.2'>{html.escape(text)}</div>"
+        # one inline box per " · " part: a narrow tile (128 px for 16 samples) wraps its caption
+        # between parts, never inside one ("scale" / "6"), and inside a part only if it alone is too wide
+        parts = text.split(" · ")
+        spans = " ".join(f"<span style='display:inline-block;max-width:100%;overflow-wrap:anywhere'>"
+                         f"{html.escape(p)}{' ·' if k < len(parts) - 1 else ''}</span>" for k, p in enumerate(parts))
+        return f"<div style='font-family:monospace;font-size:12px;line-height:1.2'>{spans}</div>"
 
     def _refresh(self):
         if self.widget is None:

@@ -97,6 +97,16 @@ def test_layout_for_1_4_and_16_tiles():
         (256, 1), (192, 2), (192, 2), (128, 3), (128, 4), (96, 6)]
 
 
+def test_captions_wrap_between_parts_not_inside_them():
+    # 16 tiles are 128 px: "sample 12 · scale 6 · CFG ✓" takes two lines there; it may break after a
+    # " · ", never between "scale" and "6" (tests/test_browser.py checks how Chromium lays it out)
+    html = widgets._StepView._caption_html("sample 12 · scale 6 · CFG ✓ · <b>")
+    spans = html.split("<span ")[1:]
+    assert [s.split(">", 1)[1].split("</span>")[0] for s in spans] == [
+        "sample 12 ·", "scale 6 ·", "CFG ✓ ·", "&lt;b&gt;"]
+    assert all("display:inline-block" in s for s in spans)
+
+
 def test_gallery_without_a_front_end_is_a_png_strip(trace):
     g = widgets.gallery(trace, samples=[1], size=64)
     bundle = g._repr_mimebundle_()  # no kernel here: text and a PNG strip, never a failure
