@@ -61,13 +61,16 @@ def _fmt(v, spec=".3g"):
     return format(v, spec) if isinstance(v, numbers.Real) and not isinstance(v, bool) else str(v)
 
 
-def _step_label(trace, i: int) -> str:
-    """Step, timestep, sigma, guidance scale and whether CFG ran, for recorded step ``i``."""
+def _step_label(trace, i: int, samples=None) -> str:
+    """Step, timestep, sigma, guidance scale and whether CFG ran, for recorded step ``i``, over
+    the samples shown (``samples``; default all)."""
     s = trace.steps[i]
     n = trace.meta.get("num_steps") or len(trace.steps)
-    b, k = len(s.cfg_active), sum(map(bool, s.cfg_active))
+    idx = range(len(s.cfg_active)) if samples is None else [j for j in samples if j < len(s.cfg_active)]
+    b, k = len(idx), sum(bool(s.cfg_active[j]) for j in idx)
     cfg = (f"CFG on {k}/{b} samples" if b > 1 else "CFG on") if k else "CFG off"
-    sc = [v for v in s.guidance_scale if v == v]  # NaN: not known
+    sc = [s.guidance_scale[j] for j in idx if j < len(s.guidance_scale)]
+    sc = [v for v in sc if v == v]  # NaN: not known
     if sc and min(sc) != max(sc):  # samples guided at different scales: their range, not a mean
         scale = f"{_fmt(min(sc), '.3g')}–{_fmt(max(sc), '.3g')} per sample"
     else:
@@ -334,7 +337,7 @@ def gallery(trace, *, kind: str = "x0", samples=None, size: int | None = None, d
 
     title = f"{trace.meta.get('pipeline', 'trace')} · {_prompt_of(trace)}"
     return Gallery(_Frames(render, len(trace.steps), size), kinds, kind,
-                   lambda i: [_sample_label(trace, i, j) for j in samples], lambda i: _step_label(trace, i), title, fps)
+                   lambda i: [_sample_label(trace, i, j) for j in samples], lambda i: _step_label(trace, i, samples), title, fps)
 
 
 def _prompt_of(trace) -> str:

@@ -64,6 +64,10 @@ def test_labels_read_each_samples_own_guidance():
     assert _step_label(t, 0).endswith("· scale 2–3 per sample · CFG on 2/2 samples")
     assert _step_label(t, 1).endswith("· scale 2.5–4 per sample · CFG on 1/2 samples")
     assert _step_label(t, 3).endswith("· scale 5 · CFG off")
+    # a gallery of some samples counts those it shows
+    assert _step_label(t, 1, [1]).endswith("· scale 4 · CFG off")
+    assert _step_label(t, 1, [0]).endswith("· scale 2.5 · CFG on")
+    assert widgets.gallery(t, kind="latent", samples=[1]).label(1).endswith("· scale 4 · CFG off")
     assert _sample_label(t, 1, 0).endswith("· scale 2.5 · CFG ✓")
     assert _sample_label(t, 1, 1).endswith("· scale 4 · CFG –")
 
