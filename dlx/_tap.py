@@ -165,6 +165,7 @@ class Tap:
         self._indices: dict = {}
         self._last = None  # (step, DenoiserCall, the "text" half the pipeline got): for SD3 skip-layer guidance
         run._flush = self._flush
+        run._untap = self.remove
 
     # -- install / remove -------------------------------------------------------------------
     def install(self):

@@ -230,6 +230,8 @@ class Run:
         self._switch_names: tuple[str, ...] = ()
         self._switch_default: float | None = None
         self._flush = None  # the tap's end-of-step work (Flux's pending cond call)
+        self._untap = None  # removes the tap (set by it): the unguided tail may run without it
+        self.untapped_at: int | None = None  # the step after which the tap was removed
 
     # -- reading -----------------------------------------------------------------------------
     @classmethod
@@ -402,6 +404,9 @@ class Run:
     def _step_end(self, step, timestep, callback_kwargs, user_cb):
         if self._flush is not None:
             self._flush()
+        if self.untapped_at is not None:  # the tail without the tap: the step's one plain call
+            self.unguided_plan()
+            self.count(self.batch, cond=True)
         self.marks.append(self._mark())
         plans = self.plans
         while len(plans) <= step:
@@ -447,6 +452,12 @@ class Run:
         self._switch_default = self.default_scale()
         D.set_guidance_scale(pipe, 0.0)
         self.switched_at = step
+        if not self.wants_calls and self.share is None and self._untap is not None:
+            # Nothing reads the tail's denoiser calls: they run as the pipeline's own, without
+            # the tap's host work (one plain call per step, counted at step end), so an unguided
+            # call costs the host what diffusers' own cutoff callback leaves it.
+            self._untap()
+            self.untapped_at = step
 
     # -- clocks --------------------------------------------------------------------------------
     def _mark(self):

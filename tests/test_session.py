@@ -315,6 +315,28 @@ def test_unguided_tail_leaves_cfg_like_diffusers_callbacks():
     assert shapes.rows == [4, 4, 2, 2] and bitwise(out, tapped)
 
 
+def test_the_unguided_tail_runs_without_the_tap_when_nothing_reads_its_calls():
+    """After the switch out of CFG, with no part reading denoiser calls, the tail's calls are the
+    pipeline's own (no tap host work: issue 10 item 10), still counted, bitwise the same result."""
+    pipe = pipe_for("sd")
+    plain = pipe.unet.__dict__.get("forward")
+    seen = []
+
+    def cb(p, i, t, kw):
+        seen.append(p.unet.__dict__.get("forward") is plain)
+        return kw
+
+    cut = dlx.CFGCutoff(ratio=0.5)
+    with dlx.attach(pipe, cut):
+        out = run(pipe, "sd", steps=4, batch=2, callback_on_step_end=cb)
+    assert seen == [False, False, True, True]  # tapped while guided, then the pipeline's own forward
+    assert cut.report["nfe"] == [6, 6]  # 2 + 2 + 1 + 1 per sample: the untapped steps are counted
+    assert pipe.unet.__dict__.get("forward") is plain
+    with dlx.record(pipe, dlx.CFGCutoff(ratio=0.5)) as trace:  # a recorder reads every call: tapped
+        recorded = run(pipe, "sd", steps=4, batch=2)
+    assert bitwise(out, recorded) and [s.nfe for s in trace] == [[2, 2]] * 2 + [[1, 1]] * 2
+
+
 class _FirstSteps(dlx.Part):
     """A control that guides the first k steps and does not say the tail is unguided."""
 
