@@ -12,6 +12,8 @@ the median per-step time of each and what it adds over ``bare``, in µs per step
   attach           ``dlx.attach(pipe)`` with no parts: session, chained callback and denoiser tap
   record           ``dlx.record(pipe)``: latents, embeddings, cond + uncond, x0, timing
   record-latents   ``dlx.record(pipe, keep=("latents",))``
+  cutoff-0.5       ``dlx.attach(pipe, dlx.CFGCutoff(ratio=0.5))``: guided half, then the unguided tail
+  official-cutoff-0.5  diffusers' ``SDCFGCutoffCallback(cutoff_step_ratio=0.5)``, the pipeline's own tail
 
 ``--profile`` also runs ``record`` under cProfile and prints the functions of dlx by own time.
 
