@@ -10,8 +10,11 @@ and the sweep (``dlx.sweep`` into a fresh folder: batched calls, per-sample plan
 sharing when this dlx has ``dlx.Share``, PNGs, metrics and the SQLite store included).
 Reported: medians over rounds with bootstrap 95% intervals, the speed-up, the evaluations each
 computed, every row's PSNR against its loop (standalone) image, and for every config the
-predicted standalone time (the sweep's cost model, measured once) against the median of that
-config's standalone calls in the loop (target: within 5%). ``--mode compiled`` compiles the
+predicted standalone time against the median of that config's standalone calls in the loop
+(target: within 5%), from two models: the one ``dlx.sweep`` measures (once, before the rounds:
+it carries the host's drift between measuring and running) and the same model fitted from its
+two standalone calls made inside the loop, call by call beside the configs' (it validates the
+model itself: fixed cost plus guided and unguided steps). ``--mode compiled`` compiles the
 denoiser with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); the sweep pads the
 denoiser batch to few shapes and the JSON says how many graphs it compiled.
 
@@ -61,14 +64,31 @@ def build(model: str, dev, size: int):
     return pipe, "a red circle on the left and a blue square on the right", dict(guidance_scale=6.0)
 
 
-def loop(pipe, prompt, seeds, call, dev):
-    """The naive loop: one call per row; returns per-config call times (ms) and images (uint8)."""
+def loop(pipe, prompt, seeds, call, dev, model_calls=False):
+    """The naive loop: one call per row; returns per-config call times (ms) and images (uint8).
+
+    With ``model_calls``, each seed's block also makes the cost model's two standalone calls
+    (full guidance, no guided step: ``cost.timed_call`` as ``dlx.sweep`` makes them), the order
+    of the block rotated per seed: a model fitted from them and the configs' standalone calls
+    then see the same host, call by call (these shared hosts drift by 10-30% over minutes)."""
     import dlx
+    from dlx.sweep import cost
 
     times = {r: [] for r in CUTOFFS}
     images = {}
-    for s in seeds:
-        for r in CUTOFFS:
+    mcalls = {k: [] for k in cost.KINDS}
+    mloops = {k: [] for k in cost.KINDS}
+    kw = {k: v for k, v in call.items() if k not in ("num_inference_steps", "guidance_scale")}
+    for i, s in enumerate(seeds):
+        block = list(CUTOFFS) + (list(cost.KINDS) if model_calls else [])
+        block = block[i % len(block):] + block[:i % len(block)]
+        for r in block:
+            if isinstance(r, str):
+                c, lp = cost.timed_call(pipe, cost.standalone_kwargs(kw, prompt, 0, call["num_inference_steps"],
+                                                                     call["guidance_scale"]), cost.kind_parts(r))
+                mcalls[r].append(c)
+                mloops[r].append(lp)
+                continue
             sync(dev)
             t0 = time.perf_counter()
             with dlx.attach(pipe, dlx.CFGCutoff(r)):
@@ -76,7 +96,7 @@ def loop(pipe, prompt, seeds, call, dev):
             sync(dev)
             times[r].append((time.perf_counter() - t0) * 1e3)
             images[(r, s)] = np.asarray(img.convert("RGB"))
-    return times, images
+    return times, images, (mcalls, mloops)
 
 
 def run_sweep(pipe, prompt, seeds, call, dev, folder, metrics):
@@ -132,7 +152,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     # warm-up: every standalone shape and the sweep's padded shapes (compiles the graphs)
     t_warm = time.perf_counter()
-    loop(pipe, prompt, seeds[:1], call, dev)
+    loop(pipe, prompt, seeds[:1], call, dev, model_calls=True)
     _, warm = run_sweep(pipe, prompt, seeds, call, dev, work / "warm", metrics)
     graphs = next((e for e in warm.events if e["kind"] == "shapes"), None)
     t_warm = time.perf_counter() - t_warm
@@ -144,31 +164,30 @@ def main():
     t_cost = time.perf_counter() - t_cost
 
     loop_ms, sweep_ms, per_cfg = [], [], {r: [] for r in CUTOFFS}
-    # The same cost model re-measured in every round, interleaved with the loop: on these shared
-    # hosts a host-bound call drifts by 10-20% over minutes, so a prediction is also validated
-    # against standalone calls of the same round (paired), beside the one-shot model above.
-    round_models, round_cfg = [], []
+    # The cost model is also fitted from its two standalone calls made inside the loop, call by
+    # call beside the configs' own standalone calls: that validates the model (fixed cost plus
+    # guided and unguided steps) apart from the host's drift between measuring and running,
+    # which the one-shot model above (what dlx.sweep reports) carries as well.
+    mcalls = {k: [] for k in cost.KINDS}
+    mloops = {k: [] for k in cost.KINDS}
     gc.collect()
     res = loop_images = None
     for k in range(args.rounds):
-        order = [["loop", "sweep", "cost"], ["sweep", "cost", "loop"], ["cost", "loop", "sweep"]][k % 3]
-        for what in order:
+        for what in (["loop", "sweep"] if k % 2 == 0 else ["sweep", "loop"]):
             gc.collect()
-            if what == "cost":
-                round_models.append(cost.measure(
-                    pipe, call={k2: v for k2, v in call.items() if k2 not in ("num_inference_steps", "guidance_scale")},
-                    prompt=prompt, seed=0, steps=args.steps, scale=call["guidance_scale"], batch=1,
-                    repeats=args.cost_repeats, warmup=0))
-            elif what == "loop":
-                t, loop_images = loop(pipe, prompt, seeds, call, dev)
+            if what == "loop":
+                t, loop_images, (mc, ml) = loop(pipe, prompt, seeds, call, dev, model_calls=True)
                 loop_ms.append(sum(sum(v) for v in t.values()))
-                round_cfg.append(t)
                 for r in CUTOFFS:
                     per_cfg[r] += t[r]
+                for kind in cost.KINDS:
+                    mcalls[kind] += mc[kind]
+                    mloops[kind] += ml[kind]
             else:
                 folder = work / f"round{k}"
                 ms, res = run_sweep(pipe, prompt, seeds, call, dev, folder, metrics)
                 sweep_ms.append(ms)
+    inter = cost.fit(mcalls, mloops, args.steps)
     f = res.frame
     # exactness: every sweep row against its standalone (loop) image
     rows = []
@@ -185,14 +204,13 @@ def main():
         pred = cost.predict_ms(model, g, args.steps)
         med = statistics.median(per_cfg[r])
         lo, hi = bootstrap_ci(per_cfg[r])
-        paired = [cost.predict_ms(m, g, args.steps) / statistics.median(t[r]) - 1
-                  for m, t in zip(round_models, round_cfg)]
-        pe = statistics.median(paired)
+        pi = cost.predict_ms(inter, g, args.steps)
         configs.append({"cutoff": r, "guided_steps": g, "nfe": f[f.cutoff == r].nfe.mean(), "predicted_ms": pred,
-                        "standalone_median_ms": med, "standalone_ci95_ms": [lo, hi],
+                        "standalone_median_ms": med, "standalone_ci95_ms": [lo, hi], "standalone_n": len(per_cfg[r]),
                         "rel_error": pred / med - 1, "within_5pct": abs(pred / med - 1) <= 0.05,
-                        "paired_rel_error": pe, "paired_rel_error_all": paired,
-                        "paired_within_5pct": abs(pe) <= 0.05})
+                        "interleaved_predicted_ms": pi, "interleaved_rel_error": pi / med - 1,
+                        "interleaved_within_5pct": abs(pi / med - 1) <= 0.05,
+                        "standalone_ci_within_5pct_of_interleaved": lo <= pi * 1.05 and hi >= pi * 0.95})
     batches = [e for e in res.events if e["kind"] == "batch"]
     speed = [a / b for a, b in zip(loop_ms, sweep_ms)]
     out = {
@@ -215,8 +233,9 @@ def main():
         "cost_model": {k: v for k, v in model.items() if k not in ("calls_ms", "loops_ms")},
         "cost_model_s": t_cost, "warmup_s": t_warm, "build_s": t_build,
         "configs": configs, "all_within_5pct": all(c["within_5pct"] for c in configs),
-        "all_paired_within_5pct": all(c["paired_within_5pct"] for c in configs),
-        "round_cost_models": [{k2: v for k2, v in m.items() if k2 not in ("calls_ms", "loops_ms")} for m in round_models],
+        "all_interleaved_within_5pct": all(c["interleaved_within_5pct"] for c in configs),
+        "interleaved_cost_model": {k: v for k, v in inter.items() if k not in ("calls_ms", "loops_ms")},
+        "interleaved_model_calls": {k: len(v) for k, v in mcalls.items()},
         "rows": {"min_psnr_db": min(r["psnr_db"] for r in rows), "max_abs_255": max(r["max_abs_255"] for r in rows),
                  "all_at_least_40db": all(r["psnr_db"] >= 40 for r in rows), "each": rows},
     }
@@ -226,11 +245,11 @@ def main():
     path.write_text(json.dumps(out, indent=1, default=float))
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({k: out[k] for k in ("model", "mode", "device", "loop_s", "sweep_s", "speedup", "evaluations",
-                                          "graphs_compiled", "all_within_5pct", "all_paired_within_5pct")}, indent=1, default=float))
+                                          "graphs_compiled", "all_within_5pct", "all_interleaved_within_5pct")}, indent=1, default=float))
     for c in configs:
         print(f"cutoff {c['cutoff']:.1f}: predicted {c['predicted_ms']:8.1f} ms, standalone median "
-              f"{c['standalone_median_ms']:8.1f} ms ({100 * c['rel_error']:+.1f}%; paired by round "
-              f"{100 * c['paired_rel_error']:+.1f}%)")
+              f"{c['standalone_median_ms']:8.1f} ms ({100 * c['rel_error']:+.1f}%); model fitted in the loop "
+              f"{c['interleaved_predicted_ms']:8.1f} ms ({100 * c['interleaved_rel_error']:+.1f}%)")
     print(f"rows: min PSNR {out['rows']['min_psnr_db']:.1f} dB, max |diff| {out['rows']['max_abs_255']}/255 -> {path}")
 
 

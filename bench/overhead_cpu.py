@@ -12,6 +12,8 @@ the median per-step time of each and what it adds over ``bare``, in µs per step
   attach           ``dlx.attach(pipe)`` with no parts: session, chained callback and denoiser tap
   record           ``dlx.record(pipe)``: latents, embeddings, cond + uncond, x0, timing
   record-latents   ``dlx.record(pipe, keep=("latents",))``
+  cutoff-0.5       ``dlx.attach(pipe, dlx.CFGCutoff(ratio=0.5))``: guided half, then the unguided tail
+  official-cutoff-0.5  diffusers' ``SDCFGCutoffCallback(cutoff_step_ratio=0.5)``, the pipeline's own tail
 
 ``--profile`` also runs ``record`` under cProfile and prints the functions of dlx by own time.
 
@@ -62,7 +64,17 @@ def variants(pipe, kw):
         with dlx.record(pipe, keep=("latents",)):
             pipe(**kw())
 
-    return {"bare": bare, "attach": attach, "record": record, "record-latents": record_latents}
+    def cutoff():
+        with dlx.attach(pipe, dlx.CFGCutoff(ratio=0.5)):
+            pipe(**kw())
+
+    def official():
+        from diffusers.callbacks import SDCFGCutoffCallback
+
+        pipe(**kw(), callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5))
+
+    return {"bare": bare, "attach": attach, "record": record, "record-latents": record_latents,
+            "cutoff-0.5": cutoff, "official-cutoff-0.5": official}
 
 
 def main(argv=None):

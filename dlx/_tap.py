@@ -8,11 +8,12 @@ ControlNet) for the duration of one pipeline call. Per call it
 1. asks the run for the step's guidance plan (which samples are guided, at which scale),
 2. computes only the rows the plan needs (the unconditional rows of unguided samples are
    skipped, which is where a cutoff saves compute),
-3. hands (cond, uncond, guided prediction) to observers such as the recorder, and
+3. hands (cond, uncond, guided prediction) to the parts that read denoiser calls (``wants_calls``:
+   the recorder, ``AdaptiveCutoff``), and
 4. returns an output the pipeline's own CFG arithmetic leaves untouched: when the tap combines
    the predictions itself it returns ``[g, g]``, and ``g + s·(g − g) == g`` exactly.
 
-With no plan (observers only), the original forward runs with the original arguments, so
+With no plan (no control attached), the original forward runs with the original arguments, so
 recording never changes a result.
 """
 
@@ -32,7 +33,7 @@ class DenoiserCall:
     ``uncond`` is None when no sample was guided; rows of unguided samples are NaN otherwise.
     ``guided`` holds the prediction the scheduler steps with. Passed as None, it is the
     pipeline's own combination ``lerp(uncond, cond, scale)``, computed on first access (one
-    kernel per step saved when no observer needs it). Like ``cond`` and ``uncond`` (views of
+    kernel per step saved when no part reads it). Like ``cond`` and ``uncond`` (views of
     the denoiser's output, which a CUDA graph overwrites on its next replay), read it inside
     ``on_denoiser``.
     """
@@ -55,8 +56,8 @@ class DenoiserCall:
         #: the pipeline's ``guidance_rescale`` (arXiv 2305.08891) applied to ``guided`` when it is
         #: the pipeline's own CFG (``guided`` passed as None)
         self.rescale = rescale
-        #: ``guided`` is ``lerp(uncond, cond, scale)`` (the pipeline's own CFG, no rescale): an
-        #: observer may compute it, or what follows from it, later from copies of ``uncond`` and ``cond``
+        #: ``guided`` is ``lerp(uncond, cond, scale)`` (the pipeline's own CFG, no rescale): a
+        #: part may compute it, or what follows from it, later from copies of ``uncond`` and ``cond``
         self.lerp_guided = guided is None and not rescale
         #: a second event for the same step whose ``guided`` replaces the first one's: SD3's
         #: skip-layer guidance adds (cond − skip-layer prediction)·scale after CFG
@@ -164,6 +165,7 @@ class Tap:
         self._indices: dict = {}
         self._last = None  # (step, DenoiserCall, the "text" half the pipeline got): for SD3 skip-layer guidance
         run._flush = self._flush
+        run._untap = self.remove
 
     # -- install / remove -------------------------------------------------------------------
     def install(self):
@@ -270,7 +272,7 @@ class Tap:
                         pred = _pred_of(out)
                         u, c = pred.chunk(2)
                         # guided=None: lerp(u, c, scale) (and the pipeline's rescale) when an
-                        # observer reads it: the pipeline combines its own prediction
+                        # part reads it: the pipeline combines its own prediction
                         rescale = float(getattr(pipe, "guidance_rescale", 0.0) or 0.0)
                         call = DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], c, u, None,
                                             plan.mask, plan.default, pair=pred, rescale=rescale)

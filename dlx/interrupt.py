@@ -38,9 +38,9 @@ class Interrupt(Part):
     """
 
     tensor_inputs = ["latents"]
-    # Checked after controls and the caller's callback, so it sees each step's final latents
-    # and a flag raised during the step; it only sets the flag the loop reads at the next step.
-    observer = True
+    # Checked after the other parts and the caller's callback, so it sees each step's final
+    # latents and a stop event set during the step; it sets the flag the loop reads at the next step.
+    runs_last = True
 
     def __init__(self, after_step=None, *, seconds=None, on_nonfinite: bool = False, event=None):
         if after_step is not None and (isinstance(after_step, bool) or not isinstance(after_step, numbers.Integral) or after_step < 0):

@@ -31,12 +31,14 @@ PSNR_CAP = 100.0
 
 @dataclass(frozen=True)
 class Metric:
-    """A named per-image metric. ``reference``: it compares with the full-guidance image."""
+    """A named per-image metric. ``reference``: it compares with the full-guidance image.
+    ``on_device``: the sweep hands it images on the pipeline's device (else on the CPU)."""
 
     name: str
     fn: Callable
     higher_is_better: bool = True
     reference: bool = False
+    on_device: bool = False
 
     def __call__(self, images, prompts, reference_images=None) -> list[float]:
         vals = self.fn(images, prompts, reference_images)
@@ -76,8 +78,10 @@ def _lpips(net):
     inner = getattr(net, "net", net)  # torchmetrics' metric object or its network
 
     def fn(images, prompts, reference_images):
+        p = next(inner.parameters(), None)
+        dev = p.device if p is not None else images.device
         with torch.no_grad():
-            v = inner(images.float(), reference_images.float(), normalize=True)
+            v = inner(images.float().to(dev), reference_images.float().to(dev), normalize=True)
         return [float(x) for x in v.reshape(-1)]
 
     return fn
@@ -117,8 +121,8 @@ def _clip(pair):
 
 
 BUILTIN = {
-    "psnr": dict(higher_is_better=True, reference=True),
-    "ssim": dict(higher_is_better=True, reference=True),
+    "psnr": dict(higher_is_better=True, reference=True, on_device=True),
+    "ssim": dict(higher_is_better=True, reference=True, on_device=True),
     "lpips": dict(higher_is_better=False, reference=True),
     "clip": dict(higher_is_better=True, reference=False),
     "adherence": dict(higher_is_better=True, reference=False),

@@ -138,10 +138,10 @@ class Preview(Part):
     predictions), no host sync. The x0 estimate and the map to RGB run on the device when the
     image is first used (the run's first preview checks at once that the map fits the latents);
     a ``fn`` that shows every image as it comes pays that, one sync and a small copy per step, as
-    the guide's snippet does. An observer: it never changes the run.
+    the guide's snippet does. It never changes the run.
     """
 
-    observer = True
+    runs_last = True  # after the other parts and the caller's callback: it shows each step's final latents
 
     def __init__(self, fn, kind: str = "x0", *, size: int | None = 128, sample: int = 0, factors=None,
                  taesd=None, every: int = 1, decoder="auto"):

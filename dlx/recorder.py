@@ -1,4 +1,4 @@
-"""Recorder: an observer that fills a Trace with every step of a run. It never changes the run."""
+"""Recorder: the part that fills a Trace with every step of a run. It never changes the run."""
 
 from __future__ import annotations
 
@@ -84,14 +84,14 @@ class Recorder(Part):
     it records what callbacks can see: latents, conditioning, the guidance state read at each step's
     end, and per-step time between callbacks (step 0 has none); it composes with
     ``MultiPipelineCallbacks`` and diffusers' official callbacks (put it last, so it sees final
-    latents). Attached, it also gets the predictions, x0, exact per-step guidance and NFE.
+    latents). Attached, it also gets the predictions, x0, and each sample's exact guidance and NFE per step.
 
     Per step it only copies what it keeps (one kernel per tensor, no host sync); x0 of steps
     guided by the pipeline's own CFG or not at all is computed for all of them at once when the
     run ends (bitwise what the per-step computation gives), so ``Step.x0`` is None until then.
     """
 
-    observer = True
+    runs_last = True  # after controls and the caller's callback: it records each step's final latents
     wants_calls = True
 
     def __init__(self, pipe, *, keep=_KEEP, dtype: torch.dtype | None = None,
@@ -212,25 +212,21 @@ class Recorder(Part):
         kept = self._calls.get(step, _NOTHING)
         lat = callback_kwargs.get("latents")
         if plan is not None:
-            mask, scale = plan.mask, plan.scale  # tuples; tensors are made once, at the end
-            cfg_active = plan.any_guided
-            gscale = plan.mean_scale
+            mask, scale = list(plan.mask), list(plan.scale)
         else:  # no denoiser call in this step (cannot happen in diffusers' loops)
             n = lat.shape[0] if lat is not None else (run.batch or 1)
-            cfg_active, gscale = False, math.nan
-            mask, scale = (False,) * n, (math.nan,) * n
+            mask, scale = [False] * n, [math.nan] * n
         sn = run.step_nfe
-        nfe = sum(sn[step]) / len(sn[step]) if step < len(sn) and sn[step] else math.nan
+        nfe = list(sn[step]) if step < len(sn) and sn[step] else [math.nan] * len(mask)
         se = run.step_evaluations
         s = Step(
             index=int(step), timestep=run.t_of(step), sigma=run.sigma(step),
-            guidance_scale=gscale, cfg_active=cfg_active, nfe=float(nfe),
+            guidance_scale=scale, cfg_active=mask, nfe=nfe,
             evaluations=int(se[step]) if step < len(se) else 0,
             ip_adapter_scale=self._ip_scale.get(step),
             conditioning=self._conditioning(callback_kwargs),
             latents=self._store(lat) if (self._keep_latents and lat is not None) else None,
             x0=kept.get("x0"), cond=kept.get("cond"), uncond=kept.get("uncond"),
-            cfg_mask=mask, scale=scale,
         )
         self.trace.steps.append(s)
         return callback_kwargs
@@ -285,11 +281,11 @@ class Recorder(Part):
         s = Step(
             index=int(step), timestep=float(timestep),
             sigma=sigma_at(fam, pipe.scheduler, timestep),
-            guidance_scale=gscale, cfg_active=cfg_active, nfe=math.nan,
+            # a plain callback sees the pipeline's batch-wide state; it counts no evaluations
+            guidance_scale=[gscale] * b, cfg_active=[cfg_active] * b, nfe=[math.nan] * b,
             step_ms=(now - self._last_mark) * 1e3 if self._last_mark is not None else math.nan,
             conditioning=self._conditioning(callback_kwargs),
             latents=self._store(lat) if ("latents" in self.keep and lat is not None) else None,
-            cfg_mask=torch.full((b,), cfg_active), scale=torch.full((b,), gscale),
         )
         self.trace.steps.append(s)
         self._last_mark = now
@@ -335,7 +331,6 @@ class Recorder(Part):
 
     def _describe_run(self, pipe, call, run, error):
         t = self.trace
-        _plans_to_tensors(t.steps)
         t.meta.update(_meta(pipe, self.family, call))
         if run is not None:
             t.meta["batch"] = run.batch
@@ -354,25 +349,6 @@ class Recorder(Part):
             t.meta["timing"] = "perf_counter (between callbacks; step 0 not timed)"
         t.meta["last_guided_step"] = t.last_guided_step
         t.meta["recorded"] = list(self.keep)
-
-
-def _plans_to_tensors(steps) -> None:
-    """Per-sample guidance (tuples while recording) as tensors: one tensor per field for the steps
-    of one batch size, one view of it per step (a tensor per step and field costs ~0.5 ms a run)."""
-    todo = [s for s in steps if not isinstance(s.cfg_mask, torch.Tensor)]
-    by_batch: dict[int, list] = {}
-    for s in todo:
-        by_batch.setdefault(len(s.cfg_mask), []).append(s)
-    for b, group in by_batch.items():
-        if b == 0:  # nothing to stack
-            for s in group:
-                s.cfg_mask = torch.tensor(s.cfg_mask, dtype=torch.bool)
-                s.scale = torch.tensor(s.scale, dtype=torch.float32)
-            continue
-        masks = torch.tensor([s.cfg_mask for s in group], dtype=torch.bool).unbind(0)
-        scales = torch.tensor([s.scale for s in group], dtype=torch.float32).unbind(0)
-        for s, m, sc in zip(group, masks, scales):
-            s.cfg_mask, s.scale = m, sc
 
 
 _FIELDS = ("latents", "x0", "cond", "uncond")

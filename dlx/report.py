@@ -328,7 +328,7 @@ def _traces_sections(traces: dict, decoder) -> list[str]:
     rows = []
     for n, t in traces.items():
         tm = t.timing()
-        rows.append({"config": n, "steps": len(t.steps), "nfe": (t.nfe or [math.nan])[0],
+        rows.append({"config": n, "steps": len(t.steps), "nfe (sample 0)": (t.nfe or [math.nan])[0],
                      "last_guided_step": t.last_guided_step, "stop_reason": t.stop_reason,
                      "loop_s": sum(s.step_ms for s in t.steps if s.step_ms == s.step_ms) / 1e3,
                      "regime": tm["regime"]})

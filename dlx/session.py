@@ -1,8 +1,11 @@
 """Attaching parts (recorders, guidance controls, interrupts, previews) to a pipeline: the run protocol.
 
 ``with dlx.attach(pipe, *parts): pipe(...)`` runs every call of ``pipe`` inside the block with
-the parts. A *part* is anything derived from ``Part``; the protocol between a pipeline call, the
-denoiser tap (``dlx._tap``) and the parts is this:
+the parts. A *part* is anything attached: an instance of a ``Part`` subclass. *Controls* are the
+parts that decide guidance (they implement ``guidance``); other parts record (``Recorder``),
+show (``Preview``) or stop the run (``Interrupt``). Parts that must see each step's final
+latents set ``runs_last``: recorders, previews and ``Interrupt``. The protocol between a
+pipeline call, the denoiser tap (``dlx._tap``) and the parts is this:
 
 Events, in order, each a method of ``Part`` (override what you need):
 
@@ -21,9 +24,10 @@ Events, in order, each a method of ``Part`` (override what you need):
                        ``DenoiserCall`` (cond, uncond, guided prediction, mask, scale).
 ``on_step_end(run, step, timestep, callback_kwargs)`` after the scheduler step, as diffusers'
                        ``callback_on_step_end``: return the (possibly changed) dict. Parts in
-                       the order given, then the caller's own callback, then observers.
-``on_run_end(run, error)`` in ``finally``: controls first, observers last; every part's end
-                       runs even when another's raises.
+                       the order given, then the caller's own callback, then the parts with
+                       ``runs_last`` (in the order given).
+``on_run_end(run, error)`` in ``finally``: the other parts first, those with ``runs_last`` after;
+                       every part's end runs even when another's raises.
 ====================  ==========================================================================
 
 What a part may read from ``run`` at any event: the attributes above, ``run.step`` (the step in
@@ -74,8 +78,9 @@ class Part:
 
     #: callback tensors the part reads at step end (checked against the pipeline before the call)
     tensor_inputs: list[str] = []
-    #: observers (recorders, previews) act after controls and the caller's callback, and end last
-    observer: bool = False
+    #: the part's step end runs after the other parts' and the caller's callback (it sees each
+    #: step's final latents: recorders, previews, Interrupt), and its run end after theirs
+    runs_last: bool = False
     #: the part wants ``DenoiserCall`` events through ``on_denoiser``
     wants_calls: bool = False
     #: the part sets guidance scales (at most one such part per block)
@@ -145,11 +150,6 @@ class Plan:
     def any_guided(self) -> bool:
         return any(self.mask)
 
-    @functools.cached_property
-    def mean_scale(self) -> float:
-        """The scale averaged over the samples."""
-        return sum(self.scale) / len(self.scale)
-
     def scale_rows(self, rows, like: torch.Tensor):
         vals = [self.scale[i] for i in rows]
         if all(v == vals[0] for v in vals):
@@ -157,7 +157,7 @@ class Plan:
         return torch.tensor(vals, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.ndim - 1)))
 
     def scale_value(self):
-        """The scale as a float when uniform, else a per-sample CPU tensor (for observers)."""
+        """The scale as a float when uniform, else a per-sample CPU tensor (for parts reading calls)."""
         if all(s == self.scale[0] for s in self.scale):
             return self.scale[0]
         return torch.tensor(self.scale, dtype=torch.float32)
@@ -215,10 +215,10 @@ class Run:
         self.in_callback = False
         self.loop_flags: dict | None = None  # _guidance_scale / _interrupt as the call set them
         # dispatch lists, fixed for the run
-        self.call_observers = [p for p in self.parts if p.wants_calls]
-        self.wants_calls = bool(self.call_observers)
-        self.step_parts = [p for p in self.parts if not p.observer and _overrides(p, "on_step_end")]
-        self.step_observers = [p for p in self.parts if p.observer and _overrides(p, "on_step_end")]
+        self.call_parts = [p for p in self.parts if p.wants_calls]
+        self.wants_calls = bool(self.call_parts)
+        self.step_parts = [p for p in self.parts if not p.runs_last and _overrides(p, "on_step_end")]
+        self.last_parts = [p for p in self.parts if p.runs_last and _overrides(p, "on_step_end")]
         self.controls = [p for p in self.parts if _overrides(p, "guidance")]
         self.share = session.share
         self._tail_parts = [p for p in self.parts if _overrides(p, "unguided_after")]
@@ -230,6 +230,8 @@ class Run:
         self._switch_names: tuple[str, ...] = ()
         self._switch_default: float | None = None
         self._flush = None  # the tap's end-of-step work (Flux's pending cond call)
+        self._untap = None  # removes the tap (set by it): the unguided tail may run without it
+        self.untapped_at: int | None = None  # the step after which the tap was removed
 
     # -- reading -----------------------------------------------------------------------------
     @classmethod
@@ -388,7 +390,7 @@ class Run:
         se[step] += rows
 
     def observe(self, call: DenoiserCall) -> None:
-        for p in self.call_observers:
+        for p in self.call_parts:
             p.on_denoiser(self, call)
 
     # -- step end (the callback the pipeline sees) ---------------------------------------------
@@ -402,6 +404,9 @@ class Run:
     def _step_end(self, step, timestep, callback_kwargs, user_cb):
         if self._flush is not None:
             self._flush()
+        if self.untapped_at is not None:  # the tail without the tap: the step's one plain call
+            self.unguided_plan()
+            self.count(self.batch, cond=True)
         self.marks.append(self._mark())
         plans = self.plans
         while len(plans) <= step:
@@ -417,9 +422,9 @@ class Run:
                 raise DlxError(
                     f"callback_on_step_end must return a dict (diffusers pops the changed tensors from it); "
                     f"{user_cb!r} returned {type(out).__name__} at step {step}")
-            # diffusers keeps what a callback leaves out (``pop(name, current)``): so do observers
+            # diffusers keeps what a callback leaves out (``pop(name, current)``): so do the last parts
             callback_kwargs = {**callback_kwargs, **out}
-        for p in self.step_observers:
+        for p in self.last_parts:
             callback_kwargs = p.on_step_end(self, step, timestep, callback_kwargs)
         if self._switch_names and self.switched_at is None and step + 1 < self.num_steps:
             self._maybe_leave_cfg(step, callback_kwargs)
@@ -447,6 +452,12 @@ class Run:
         self._switch_default = self.default_scale()
         D.set_guidance_scale(pipe, 0.0)
         self.switched_at = step
+        if not self.wants_calls and self.share is None and self._untap is not None:
+            # Nothing reads the tail's denoiser calls: they run as the pipeline's own, without
+            # the tap's host work (one plain call per step, counted at step end), so an unguided
+            # call costs the host what diffusers' own cutoff callback leaves it.
+            self._untap()
+            self.untapped_at = step
 
     # -- clocks --------------------------------------------------------------------------------
     def _mark(self):
@@ -506,7 +517,7 @@ def _overrides(part: Part, name: str) -> bool:
 
 
 class _Chain:
-    """The callback the pipeline sees: parts, then the caller's callback, then observers."""
+    """The callback the pipeline sees: parts, then the caller's callback, then ``runs_last`` parts."""
 
     def __init__(self, run: Run, user_cb, tensor_inputs: list[str]):
         self.run = run
@@ -669,11 +680,11 @@ class _Session:
 
 
 def _end_parts(run: Run, parts: list[Part]) -> None:
-    """``on_run_end`` of controls, then of observers; each runs even when another raises. The
-    first such error is raised after all ran, unless the call itself raised (its error wins; the
-    others are attached to it as notes)."""
+    """``on_run_end`` of every part, those with ``runs_last`` after the others; each runs even when
+    another raises. The first such error is raised after all ran, unless the call itself raised
+    (its error wins; the others are attached to it as notes)."""
     errors = []
-    for p in [p for p in parts if not p.observer] + [p for p in parts if p.observer]:
+    for p in [p for p in parts if not p.runs_last] + [p for p in parts if p.runs_last]:
         try:
             p.on_run_end(run, run.error)
         except BaseException as e:  # noqa: BLE001 - every part's end must run
@@ -692,8 +703,8 @@ def _end_parts(run: Run, parts: list[Part]) -> None:
 def attach(pipe, *parts: Part):
     """Run every call of ``pipe`` inside the block with ``parts`` attached.
 
-    At each step end: controls and other parts in the order given, then the caller's own
-    ``callback_on_step_end``, then observers (recorders, previews).
+    At each step end: the parts in the order given, then the caller's own
+    ``callback_on_step_end``, then the parts with ``runs_last`` (recorders, previews, ``Interrupt``).
 
     What changes on the pipeline, and when:
 

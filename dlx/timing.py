@@ -36,8 +36,8 @@ def regime(trace) -> dict:
     if not isinstance(trace, Trace):
         raise DlxError(f"argument `trace` must be a dlx Trace; got {type(trace).__name__}: {trace!r}")
     steps = trace.steps[1:]
-    g = [s.step_ms for s in steps if s.cfg_active and s.step_ms == s.step_ms]  # NaN: not timed
-    u = [s.step_ms for s in steps if not s.cfg_active and s.step_ms == s.step_ms]
+    g = [s.step_ms for s in steps if s.guided and s.step_ms == s.step_ms]  # NaN: not timed
+    u = [s.step_ms for s in steps if not s.guided and s.step_ms == s.step_ms]
     out = {
         "timer": trace.meta.get("timing"),
         "guided_ms": statistics.median(g) if g else math.nan,

@@ -5,9 +5,15 @@ hands it to ``callback_on_step_end``: ``latents`` are x_{t-1}. The predictions (
 ``uncond``) and ``x0`` are those of the denoiser evaluation made *during* the step, at
 ``timestep``/``sigma``. Tensors are kept with a leading batch dimension.
 
+Guidance is per sample: ``Step.guidance_scale``, ``Step.cfg_active`` and ``Step.nfe`` hold one
+value per sample, as ``Trace.nfe`` (over the run) does. ``to_frame()`` summarises them per step
+and ``to_frame(per_sample=True)`` gives each sample's own.
+
 Files are a single ``.safetensors``: tensors under ``steps.<i>.<field>`` and ``cond.<j>.<name>``,
 metadata as JSON in the header (``dlx.trace``: format version, meta, step scalars, conditioning
 names and the list of the file's tensors), written atomically. Loading validates all of it.
+Format 2 keeps the per-sample lists in the step scalars; format 1 files (per-step means beside
+``cfg_mask`` and ``scale`` tensors) are read and converted (see ``Trace.load``).
 """
 
 from __future__ import annotations
@@ -28,20 +34,26 @@ from .errors import DlxError
 
 __all__ = ["Step", "Trace", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
-_TENSOR_FIELDS = ("latents", "x0", "cond", "uncond", "cfg_mask", "scale")
+FORMAT_VERSION = 2
+_TENSOR_FIELDS = ("latents", "x0", "cond", "uncond")
+#: the per-sample scalars of a step: one value per sample each
+_PER_SAMPLE = ("guidance_scale", "cfg_active", "nfe")
 
 
 @dataclass
 class Step:
-    """One denoising step, recorded after the scheduler step (see module docstring)."""
+    """One denoising step, recorded after the scheduler step (see module docstring).
+
+    ``guidance_scale``, ``cfg_active`` and ``nfe`` hold one value per sample (sample j of the
+    batch at position j); ``guided`` says whether any sample was guided.
+    """
 
     index: int
     timestep: float
     sigma: float
-    guidance_scale: float  # mean over the samples; per sample: ``scale`` (and to_frame(per_sample=True))
-    cfg_active: bool  # the unconditional pass ran for at least one sample; per sample: ``cfg_mask``
-    nfe: float  # nominal denoiser evaluations per sample on this step, mean over the samples
+    guidance_scale: list[float]  # per sample: the scale it was guided with (NaN: unknown)
+    cfg_active: list[bool]  # per sample: its unconditional pass ran on this step
+    nfe: list[float]  # per sample: nominal denoiser evaluations on this step (NaN: not counted)
     step_ms: float = math.nan
     evaluations: int = 0  # sample-rows the denoiser really evaluated (dlx.Share: fewer than nominal)
     ip_adapter_scale: float | None = None
@@ -50,8 +62,11 @@ class Step:
     x0: torch.Tensor | None = None
     cond: torch.Tensor | None = None
     uncond: torch.Tensor | None = None  # NaN rows for samples whose unconditional pass was skipped
-    cfg_mask: torch.Tensor | None = None  # bool per sample: guided this step
-    scale: torch.Tensor | None = None  # guidance scale per sample
+
+    @property
+    def guided(self) -> bool:
+        """Whether the unconditional pass ran for any sample on this step."""
+        return any(self.cfg_active)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in _TENSOR_FIELDS if getattr(self, k) is not None}
@@ -93,7 +108,7 @@ class Trace:
     @property
     def last_guided_step(self) -> int | None:
         """Index of the last step on which any sample's unconditional pass ran (None: none did)."""
-        guided = [s.index for s in self.steps if s.cfg_active]
+        guided = [s.index for s in self.steps if s.guided]
         return guided[-1] if guided else None
 
     @property
@@ -113,43 +128,46 @@ class Trace:
 
     # -- tables -------------------------------------------------------------------------------
     def to_frame(self, per_sample: bool = False):
-        """One row per step (or per step and sample): scalars and summary statistics.
+        """One row per step (or, with ``per_sample=True``, per step and sample): scalars and
+        summary statistics.
 
-        With ``per_sample=True`` ``guidance_scale``, ``cfg_active`` and ``nfe`` are the sample's own;
-        per step they summarise the batch (mean scale, any sample guided, mean NFE).
+        Per step, the per-sample values are summarised: ``cfg_active`` is True when any sample
+        was guided, ``nfe`` is the mean over the samples, and ``guidance_scale`` is the scale
+        when every sample has the same one, NaN when samples differ (a mean of different scales
+        is no scale anything ran at: use ``per_sample=True``). With ``per_sample=True`` each row
+        holds its sample's own ``guidance_scale``, ``cfg_active`` and ``nfe``.
         ``cond_uncond_l2`` is ‖cond − uncond‖₂ per sample and ``cond_uncond_cos`` their cosine,
-        both NaN where the unconditional pass did not run; with ``per_sample=False`` they are
-        averaged over the samples that have them.
+        both NaN where the unconditional pass did not run; per step they are averaged over the
+        samples that have them.
         """
         import pandas as pd
 
         rows = []
         for s in self.steps:
-            base = {
-                "step": s.index, "timestep": s.timestep, "sigma": s.sigma,
-                "guidance_scale": s.guidance_scale, "cfg_active": s.cfg_active, "nfe": s.nfe,
-                "step_ms": s.step_ms,
-            }
-            if s.ip_adapter_scale is not None:
-                base["ip_adapter_scale"] = s.ip_adapter_scale
+            base = {"step": s.index, "timestep": s.timestep, "sigma": s.sigma}
             stats = _step_stats(s)
             if per_sample:
-                b = len(next(iter(stats.values()))) if stats else 1
+                b = max([len(s.guidance_scale), len(s.cfg_active), len(s.nfe)]
+                        + [len(v) for v in stats.values()])
                 for j in range(b):
-                    r = dict(base, sample=j)
+                    r = dict(base, sample=j,
+                             guidance_scale=_at(s.guidance_scale, j, math.nan),
+                             cfg_active=bool(_at(s.cfg_active, j, False)),
+                             nfe=_at(s.nfe, j, math.nan), step_ms=s.step_ms)
+                    if s.ip_adapter_scale is not None:
+                        r["ip_adapter_scale"] = s.ip_adapter_scale
                     for k, v in stats.items():
-                        r[k] = v[j]
-                    if s.cfg_mask is not None and j < len(s.cfg_mask):
-                        r["cfg_active"] = bool(s.cfg_mask[j])
-                        # a sample's unconditional row is the only evaluation that differs
-                        # between samples: its NFE is the step's mean, moved by its own mask
-                        m = s.cfg_mask.tolist()
-                        r["nfe"] = s.nfe - sum(m) / len(m) + m[j]
-                    if s.scale is not None and j < len(s.scale):
-                        r["guidance_scale"] = float(s.scale[j])
+                        r[k] = v[j] if j < len(v) else math.nan
                     rows.append(r)
             else:
-                r = dict(base)
+                sc = s.guidance_scale
+                r = dict(base,
+                         guidance_scale=float(sc[0]) if sc and all(v == sc[0] for v in sc) else math.nan,
+                         cfg_active=s.guided,
+                         nfe=sum(s.nfe) / len(s.nfe) if s.nfe else math.nan,
+                         step_ms=s.step_ms)
+                if s.ip_adapter_scale is not None:
+                    r["ip_adapter_scale"] = s.ip_adapter_scale
                 for k, v in stats.items():
                     vals = [x for x in v if not math.isnan(x)]
                     r[k] = sum(vals) / len(vals) if vals else math.nan
@@ -211,7 +229,7 @@ class Trace:
         header = {
             "format_version": FORMAT_VERSION,
             "meta": self.meta,
-            "steps": [s.scalars() for s in self.steps],
+            "steps": [s.scalars() for s in self.steps],  # per-sample tuples are written as lists
             "conditioning": [sorted(c) for c in self.conditioning],
             "tensors": sorted(tensors),  # the file's manifest: a tensor removed or added is seen on load
         }
@@ -225,7 +243,16 @@ class Trace:
     @classmethod
     def load(cls, path) -> "Trace":
         """Read a trace written by ``save``; a damaged or foreign file gives a DlxError naming it
-        and saying what is wrong. Nothing in the file is executed, dropped or guessed."""
+        and saying what is wrong. Nothing in the file is executed, dropped or guessed.
+
+        Files of format 1 (dlx before per-sample step lists) are converted as they load: each
+        step's per-sample ``cfg_active`` and ``guidance_scale`` come from its ``cfg_mask`` and
+        ``scale`` tensors, and its per-sample ``nfe`` from the step's mean moved by the sample's
+        own mask (``nfe − mean(mask) + mask[j]``: the unconditional row is the only evaluation
+        that differs between samples). A format-1 step without those tensors (a trace built by
+        hand) had no per-sample values: its single values are repeated for each sample of the
+        run's batch (``meta["batch"]``, else the first dimension of a recorded tensor, else 1).
+        """
         from safetensors import safe_open
 
         path = _args.path("path", path)
@@ -246,6 +273,8 @@ class Trace:
         if "dlx.trace" not in meta:
             raise DlxError(f"{where} is a safetensors file but not a dlx trace (no 'dlx.trace' metadata)")
         header = _parse_header(meta["dlx.trace"], where)
+        if header["format_version"] == 1:
+            _upgrade_v1(header, tensors, where)
         steps_by_index, conditioning = _check_header(header, tensors, where)
         steps = []
         for sc in header["steps"]:
@@ -275,6 +304,10 @@ def _tensors_to_save(trace: "Trace") -> dict[str, torch.Tensor]:
         if i in seen:
             raise DlxError(f"cannot save: two steps have index {i}; their tensors would overwrite each other")
         seen.add(i)
+        for k in _PER_SAMPLE:  # one value per sample: a file of another shape would not load
+            v = getattr(s, k)
+            if not isinstance(v, (list, tuple)):
+                raise DlxError(f"cannot save: steps[{n}].{k} is {v!r}; it must be a list with one value per sample")
         for k, v in s.tensors().items():
             tensors[f"steps.{i}.{k}"] = _dense_cpu(v, f"steps[{n}].{k}")
     for j, c in enumerate(trace.conditioning):
@@ -461,6 +494,10 @@ def _check_header(header: dict, tensors: dict, where: str):
         for k, v in sc.items():
             if not _type_ok(spec[k][0], v):
                 raise DlxError(f"{where}: steps[{n}].{k} must be {spec[k][0]}; got {v!r}")
+        lengths = [len(sc[k]) for k in _PER_SAMPLE if k in sc]
+        if len(set(lengths)) > 1:
+            raise DlxError(f"{where}: steps[{n}] has {', '.join(f'{len(sc[k])} {k}' for k in _PER_SAMPLE)} "
+                           "values; each must hold one value per sample")
         i = sc["index"]
         if i < 0:
             raise DlxError(f"{where}: steps[{n}].index must be >= 0; got {i}")
@@ -498,6 +535,80 @@ def _check_header(header: dict, tensors: dict, where: str):
         raise DlxError(f"{where}: the file holds {len(stray)} tensor(s) its metadata does not describe: "
                        f"{shown} (damaged or edited file)")
     return by_index, conditioning
+
+
+#: format 1's per-step values of the fields that are per-sample lists since format 2
+_V1_SCALARS = {"guidance_scale": "float", "cfg_active": "bool", "nfe": "float"}
+
+
+def _upgrade_v1(header: dict, tensors: dict, where: str) -> None:
+    """Turn a format-1 header (and its ``cfg_mask`` / ``scale`` step tensors) into format 2's, in
+    place; what is not format 1's to convert is left for ``_check_header`` to judge."""
+    steps = header.get("steps")
+    if not isinstance(steps, list):
+        return
+    batch = _v1_batch(header, tensors)
+    moved = []
+    for n, sc in enumerate(steps):
+        if not isinstance(sc, dict):
+            continue
+        for k, ann in _V1_SCALARS.items():
+            if k in sc and not _type_ok(ann, sc[k]):
+                raise DlxError(f"{where}: steps[{n}].{k} must be {ann} (format 1); got {sc[k]!r}")
+        i = sc.get("index")
+        per = {}
+        if isinstance(i, int) and not isinstance(i, bool):
+            for name in ("cfg_mask", "scale"):
+                key = f"steps.{i}.{name}"
+                if key in tensors:
+                    v = tensors.pop(key)
+                    moved.append(key)
+                    if v.ndim != 1 or (name == "cfg_mask" and v.dtype != torch.bool) \
+                            or (name == "scale" and not v.dtype.is_floating_point):
+                        raise DlxError(f"{where}: {key} must be a 1-D {'bool' if name == 'cfg_mask' else 'float'} "
+                                       f"tensor (format 1); got {v.dtype} of shape {tuple(v.shape)}")
+                    per[name] = v.tolist()
+        if "cfg_mask" in per and "scale" in per and len(per["cfg_mask"]) != len(per["scale"]):
+            raise DlxError(f"{where}: steps.{i}.cfg_mask and steps.{i}.scale differ in length "
+                           f"({len(per['cfg_mask'])} vs {len(per['scale'])})")
+        b = len(per["cfg_mask"]) if "cfg_mask" in per else len(per["scale"]) if "scale" in per else batch
+        if "cfg_active" in sc:
+            sc["cfg_active"] = [bool(m) for m in per["cfg_mask"]] if "cfg_mask" in per else [sc["cfg_active"]] * b
+        if "guidance_scale" in sc:
+            sc["guidance_scale"] = [float(v) for v in per["scale"]] if "scale" in per else [sc["guidance_scale"]] * b
+        if "nfe" in sc:
+            mean = sc["nfe"]
+            if "cfg_mask" in per and per["cfg_mask"]:
+                m = per["cfg_mask"]
+                sc["nfe"] = [_whole(mean - sum(m) / len(m) + mj) for mj in m]
+            else:
+                sc["nfe"] = [mean] * b
+    manifest = header.get("tensors")
+    if isinstance(manifest, list) and moved:
+        gone = set(moved)
+        header["tensors"] = [k for k in manifest if k not in gone]
+
+
+def _v1_batch(header: dict, tensors: dict) -> int:
+    """The batch of a format-1 file whose steps lack ``cfg_mask``: ``meta["batch"]``, else the
+    first dimension of a step tensor, else 1."""
+    meta = header.get("meta")
+    b = meta.get("batch") if isinstance(meta, dict) else None
+    if isinstance(b, int) and not isinstance(b, bool) and b > 0:
+        return b
+    for k, v in tensors.items():
+        if k.startswith("steps.") and not k.endswith((".cfg_mask", ".scale")) and v.ndim > 0:
+            return int(v.shape[0])
+    return 1
+
+
+def _whole(x: float) -> float:
+    """A per-sample evaluation count recovered from format 1's mean: the counts are whole numbers,
+    so the rounding error of the mean (2.0000000000000004) is removed."""
+    if not math.isfinite(x):
+        return x
+    r = round(x)
+    return float(r) if abs(x - r) < 1e-9 else x
 
 
 def _step_scalar_spec() -> dict[str, tuple[str, bool]]:
@@ -572,6 +683,10 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     return repr(o)
+
+
+def _at(values, j: int, default):
+    return values[j] if j < len(values) else default
 
 
 def _step_stats(s: Step) -> dict[str, list[float]]:

@@ -61,17 +61,22 @@ def _fmt(v, spec=".3g"):
     return format(v, spec) if isinstance(v, numbers.Real) and not isinstance(v, bool) else str(v)
 
 
-def _step_label(trace, i: int) -> str:
-    """Step, timestep, sigma, guidance scale and whether CFG ran, for recorded step ``i``."""
+def _step_label(trace, i: int, samples=None) -> str:
+    """Step, timestep, sigma, guidance scale and whether CFG ran, for recorded step ``i``, over
+    the samples shown (``samples``; default all)."""
     s = trace.steps[i]
     n = trace.meta.get("num_steps") or len(trace.steps)
-    if s.cfg_mask is not None and s.cfg_mask.numel() > 1:
-        k = int(s.cfg_mask.sum())
-        cfg = f"CFG on {k}/{s.cfg_mask.numel()} samples" if k else "CFG off"
+    idx = range(len(s.cfg_active)) if samples is None else [j for j in samples if j < len(s.cfg_active)]
+    b, k = len(idx), sum(bool(s.cfg_active[j]) for j in idx)
+    cfg = (f"CFG on {k}/{b} samples" if b > 1 else "CFG on") if k else "CFG off"
+    sc = [s.guidance_scale[j] for j in idx if j < len(s.guidance_scale)]
+    sc = [v for v in sc if v == v]  # NaN: not known
+    if sc and min(sc) != max(sc):  # samples guided at different scales: their range, not a mean
+        scale = f"{_fmt(min(sc), '.3g')}–{_fmt(max(sc), '.3g')} per sample"
     else:
-        cfg = "CFG on" if s.cfg_active else "CFG off"
+        scale = _fmt(sc[0] if sc else None, ".3g")
     return (f"step {s.index + 1}/{n} · t={_fmt(s.timestep, '.0f')} · σ={_fmt(s.sigma)} · "
-            f"scale {_fmt(s.guidance_scale, '.3g')} · {cfg}")
+            f"scale {scale} · {cfg}")
 
 
 def _sample_prompt(trace, j: int) -> str | None:
@@ -89,10 +94,10 @@ def _sample_label(trace, i: int, j: int) -> str:
     p = _sample_prompt(trace, j)
     if p is not None and isinstance((trace.meta.get("call") or {}).get("prompt"), list):
         parts.append(repr(p if len(p) <= 40 else p[:39] + "…"))
-    if s.scale is not None and s.scale.numel() > j:
-        parts.append(f"scale {_fmt(float(s.scale[j]), '.3g')}")
-    if s.cfg_mask is not None and s.cfg_mask.numel() > j:
-        parts.append("CFG ✓" if bool(s.cfg_mask[j]) else "CFG –")
+    if j < len(s.guidance_scale):
+        parts.append(f"scale {_fmt(float(s.guidance_scale[j]), '.3g')}")
+    if j < len(s.cfg_active):
+        parts.append("CFG ✓" if s.cfg_active[j] else "CFG –")
     return " · ".join(parts)
 
 
@@ -225,7 +230,12 @@ class _StepView:
     def _caption_html(text: str) -> str:
         import html
 
-        return f"<div style='font-family:monospace;font-size:12px;line-height:1.2'>{html.escape(text)}</div>"
+        # one inline box per " · " part: a narrow tile (128 px for 16 samples) wraps its caption
+        # between parts, never inside one ("scale" / "6"), and inside a part only if it alone is too wide
+        parts = text.split(" · ")
+        spans = " ".join(f"<span style='display:inline-block;max-width:100%;overflow-wrap:anywhere'>"
+                         f"{html.escape(p)}{' ·' if k < len(parts) - 1 else ''}</span>" for k, p in enumerate(parts))
+        return f"<div style='font-family:monospace;font-size:12px;line-height:1.2'>{spans}</div>"
 
     def _refresh(self):
         if self.widget is None:
@@ -327,7 +337,7 @@ def gallery(trace, *, kind: str = "x0", samples=None, size: int | None = None, d
 
     title = f"{trace.meta.get('pipeline', 'trace')} · {_prompt_of(trace)}"
     return Gallery(_Frames(render, len(trace.steps), size), kinds, kind,
-                   lambda i: [_sample_label(trace, i, j) for j in samples], lambda i: _step_label(trace, i), title, fps)
+                   lambda i: [_sample_label(trace, i, j) for j in samples], lambda i: _step_label(trace, i, samples), title, fps)
 
 
 def _prompt_of(trace) -> str:

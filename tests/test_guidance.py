@@ -137,7 +137,7 @@ def test_nfe_counted_through_the_hook_equals_what_the_plan_implies(parts, expect
         counter.close()
     assert counter.rows == expected
     assert trace.nfe == [float(expected)]
-    assert sum(s.nfe for s in trace) == expected
+    assert sum(s.nfe[0] for s in trace) == expected and all(len(s.nfe) == 1 for s in trace)
     assert parts[0].report["nfe"] == [float(expected)]
 
 
@@ -167,11 +167,11 @@ def test_schedules_record_their_scales():
     pipe = pipe_for("sd")
     with dlx.record(pipe, dlx.GuidanceSchedule("linear", low=1.0, high=9.0)) as trace:
         run(pipe, "sd", steps=4)
-    assert [s.guidance_scale for s in trace] == [1.0, 3.0, 5.0, 7.0]
-    assert [s.cfg_active for s in trace] == [False, True, True, True]
+    assert [s.guidance_scale for s in trace] == [[1.0], [3.0], [5.0], [7.0]]
+    assert [s.cfg_active for s in trace] == [[False], [True], [True], [True]]
     with dlx.record(pipe, dlx.GuidanceSchedule("cosine", low=2.0, high=6.0)) as trace:
         run(pipe, "sd", steps=4)
-    assert [round(s.guidance_scale, 6) for s in trace] == [2.0, round(2 + 4 * (1 - 0.7071067811865476) / 2, 6), 4.0, round(2 + 4 * (1 + 0.7071067811865476) / 2, 6)]
+    assert [round(s.guidance_scale[0], 6) for s in trace] == [2.0, round(2 + 4 * (1 - 0.7071067811865476) / 2, 6), 4.0, round(2 + 4 * (1 + 0.7071067811865476) / 2, 6)]
 
 
 def test_constant_schedule_equals_plain_cfg_bitwise():
@@ -242,7 +242,7 @@ def test_ip_adapter_cutoff_composes_with_cfg_cutoff_at_batch_two(ip_pipe):
     with dlx.record(ip_pipe, dlx.CFGCutoff(ratio=0.5), dlx.IPAdapterCutoff(ratio=0.75)) as trace:
         out = run(ip_pipe, "sd", ip_adapter_image=True, num_images_per_prompt=2)
     assert out.shape[0] == 2 and torch.isfinite(out).all()
-    assert [s.cfg_active for s in trace] == [True, True, False, False]
+    assert [s.cfg_active for s in trace] == [[True, True]] * 2 + [[False, False]] * 2
     # the doubled image embeddings live in the pipeline's locals: the tap keeps the unguided tail
     assert "cfg_left_after_step" not in trace.meta
     assert [s.ip_adapter_scale for s in trace] == [0.6, 0.6, 0.6, 0.0]

@@ -31,7 +31,7 @@ def test_records_every_step_without_changing_the_output(family):
         assert s.index == i
         assert s.latents.shape == out.shape
         assert s.cond.shape == out.shape and s.uncond.shape == out.shape and s.x0.shape == out.shape
-        assert s.cfg_active and s.nfe == 2.0
+        assert s.cfg_active == [True] and s.nfe == [2.0] and s.guided
         assert s.step_ms > 0 and math.isfinite(s.sigma)
         assert not torch.equal(s.cond, s.uncond)
     assert len(trace.conditioning) == 1, "unchanged embeddings must be stored once"
@@ -144,6 +144,9 @@ def test_plain_callback_records_what_callbacks_see_and_composes_with_official_ca
     assert len(t.conditioning) == 2 and t.conditioning[1]["prompt_embeds"].shape[0] == 1
     assert [s.conditioning for s in t] == [0, 0, 1, 1]
     assert math.isnan(t[0].step_ms) and t[1].step_ms > 0
+    # one value per sample, read off the pipeline's batch-wide state; no evaluations counted
+    assert all(len(s.guidance_scale) == len(s.cfg_active) == len(s.nfe) == 1 for s in t)
+    assert t[0].cfg_active == [True] and t[0].guidance_scale == [5.0] and all(math.isnan(s.nfe[0]) for s in t)
 
 
 def test_attached_recorder_sees_the_official_cutoff_take_effect():
@@ -155,8 +158,8 @@ def test_attached_recorder_sees_the_official_cutoff_take_effect():
         out = run(pipe, "sdxl", callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=0.5))
     assert bitwise(out, ref)
     # diffusers' callback fires after step int(4·0.5) = 2, so steps 0..2 are guided
-    assert [s.cfg_active for s in trace] == [True, True, True, False]
-    assert [s.nfe for s in trace] == [2, 2, 2, 1]
+    assert [s.cfg_active for s in trace] == [[True], [True], [True], [False]]
+    assert [s.nfe for s in trace] == [[2], [2], [2], [1]]
     assert trace[3].uncond.isnan().all() and trace.last_guided_step == 2  # NaN rows: not guided
     assert trace.stack("uncond").shape[0] == 4
 
@@ -240,6 +243,31 @@ def test_attach_rejects_non_parts_and_nesting():
             with dlx.attach(pipe):
                 pass
     assert type(pipe).__name__ == "StableDiffusionPipeline" and "_dlx_session" not in type(pipe).__dict__
+
+
+def test_each_step_holds_one_value_per_sample_batch_of_three():
+    """Issue 10, item 6: per-sample guidance on the step, summarised per step by to_frame."""
+    pipe = pipe_for("sd")
+    parts = dlx.CFGCutoff(ratio=[0, 0.4, 1]), dlx.GuidanceSchedule("linear", low=[2.0] * 3, high=[2.0, 7.0, 12.0])
+    with dlx.record(pipe, *parts) as trace:
+        run(pipe, "sd", steps=5, batch=3)
+    # sample 0 never guided, sample 1 on the first ⌊0.4·5 + ½⌋ = 2 steps, sample 2 on all
+    assert [s.cfg_active for s in trace] == [[False, True, True]] * 2 + [[False, False, True]] * 3
+    assert [s.nfe for s in trace] == [[1.0, 2.0, 2.0]] * 2 + [[1.0, 1.0, 2.0]] * 3
+    # scale low + (high − low)·i/5 per sample; an unguided sample keeps its planned scale
+    assert [s.guidance_scale for s in trace] == [[2.0, 2.0 + i, 2.0 + 2 * i] for i in range(5)]
+    assert [sum(s.nfe[j] for s in trace) for j in range(3)] == trace.nfe == [5.0, 7.0, 10.0]
+    assert [s.guided for s in trace] == [True] * 5 and trace.last_guided_step == 4
+    df = trace.to_frame()
+    assert df["cfg_active"].tolist() == [True] * 5
+    assert df["nfe"].tolist() == [5 / 3] * 2 + [4 / 3] * 3
+    assert df["guidance_scale"].iloc[0] == 2.0 and df["guidance_scale"].iloc[1:].isna().all()
+    per = trace.to_frame(per_sample=True)
+    for j in range(3):
+        mine = per[per["sample"] == j]
+        assert mine["cfg_active"].tolist() == [s.cfg_active[j] for s in trace]
+        assert mine["nfe"].tolist() == [s.nfe[j] for s in trace]
+        assert mine["guidance_scale"].tolist() == [s.guidance_scale[j] for s in trace]
 
 
 def test_example_inputs_give_batch_rows_to_the_trace():
@@ -335,7 +363,7 @@ def test_the_trace_records_the_steps_that_ran(family, kw):
     assert [s.timestep for s in trace] == [s["t"] for s in spy.steps]
     assert len(trace) == len(spy.steps) < 8
     # every real sigma is above 1e-3: every step that ran is guided
-    assert all(s.cfg_active for s in trace)
+    assert all(s.cfg_active == [True] for s in trace)
     for s, ref in zip(trace, spy.steps):
         if ref["x0"] is not None:
             assert _close(s.x0, ref["x0"]), s.index

@@ -90,10 +90,10 @@ def test_per_sample_plans_are_recorded_per_sample():
     pipe = pipe_for("sd")
     with dlx.record(pipe, dlx.CFGCutoff(ratio=[0, 0.4, 1])) as trace:
         run(pipe, "sd", steps=5, batch=3)
-    masks = trace.stack("cfg_mask")
-    assert masks[:, 0].tolist() == [False] * 5
-    assert masks[:, 1].tolist() == [True, True, False, False, False]
-    assert masks[:, 2].tolist() == [True] * 5
+    # ratio 0.4 of 5 steps guides the first ⌊0.4·5 + ½⌋ = 2
+    assert [s.cfg_active for s in trace] == [[False, True, True]] * 2 + [[False, False, True]] * 3
+    assert [s.nfe for s in trace] == [[1.0, 2.0, 2.0]] * 2 + [[1.0, 1.0, 2.0]] * 3
+    assert [s.guidance_scale for s in trace] == [[5.0] * 3] * 5
     assert trace.nfe == [5.0, 7.0, 10.0]
     df = trace.to_frame(per_sample=True)
     assert df.groupby("sample")["nfe"].sum().tolist() == pytest.approx(trace.nfe, rel=1e-12)
@@ -151,7 +151,8 @@ def test_schedule_default_high_keeps_the_constant_mean_over_the_steps_that_run()
         sched = dlx.GuidanceSchedule(kind, low=1.0)
         with dlx.record(pipe, sched) as trace:
             run(pipe, "sd", steps=n, guidance_scale=5.0)
-        scales = [s.guidance_scale for s in trace]
+        assert all(len(s.guidance_scale) == 1 for s in trace)
+        scales = [s.guidance_scale[0] for s in trace]
         assert scales[0] == 1.0 and sum(scales) / n == pytest.approx(5.0, rel=1e-12), (n, kind, scales)
 
 
@@ -188,7 +189,7 @@ def test_share_gives_the_unshared_result():
     # the two samples with equal keys and plans are the same sample: bitwise
     assert bitwise(shared[1], shared[2])
     for a, b in zip(t0, t1):
-        assert torch.allclose(a.x0, b.x0, **BATCH_TOL) and bitwise(a.cfg_mask, b.cfg_mask)
+        assert torch.allclose(a.x0, b.x0, **BATCH_TOL) and a.cfg_active == b.cfg_active
 
 
 def test_share_with_distinct_keys_is_the_plain_batched_run_bitwise():
@@ -284,9 +285,9 @@ def test_call_timing_splits_the_call_into_encode_loop_and_decode():
     assert ct["encode_ms"] + ct["loop_ms"] + ct["decode_ms"] == pytest.approx(ct["call_ms"], rel=1e-9)
     assert ct["loop_ms"] >= sum(s.step_ms for s in trace) * (1 - 1e-9)
     # keep=(): no tensors, every scalar
-    assert trace.fields() == ["cfg_mask", "scale"] and trace.conditioning == []
+    assert trace.fields() == [] and trace.conditioning == []
     assert all(s.latents is None and s.x0 is None for s in trace)
-    assert [s.nfe for s in trace] == [2.0] * 3 and trace.meta["evaluations"] == 6
+    assert [s.nfe for s in trace] == [[2.0]] * 3 and trace.meta["evaluations"] == 6
 
 
 # --- the unguided tail ---------------------------------------------------------------------------
@@ -302,9 +303,9 @@ def test_unguided_tail_leaves_cfg_like_diffusers_callbacks():
     # steps 0-1 guided (the pipeline's doubled batch), then the pipeline's own unguided loop
     assert shapes.rows == [4, 4, 2, 2]
     assert trace.meta["cfg_left_after_step"] == 1
-    assert [s.cfg_active for s in trace] == [True, True, False, False]
-    assert [s.guidance_scale for s in trace] == [5.0] * 4, "the tail records the call's scale, not 0"
-    assert [s.nfe for s in trace] == [2, 2, 1, 1] and trace[2].uncond.isnan().all()
+    assert [s.cfg_active for s in trace] == [[True] * 2] * 2 + [[False] * 2] * 2
+    assert [s.guidance_scale for s in trace] == [[5.0] * 2] * 4, "the tail records the call's scale, not 0"
+    assert [s.nfe for s in trace] == [[2, 2]] * 2 + [[1, 1]] * 2 and trace[2].uncond.isnan().all()
     assert trace.stack("uncond")[:2].isfinite().all()  # stack works on a cutoff trace
     assert pipeline_state(pipe) == before and pipe.guidance_scale == 5.0
     # the tap path (rows taken from the doubled batch on every step) gives the same result bitwise
@@ -312,6 +313,28 @@ def test_unguided_tail_leaves_cfg_like_diffusers_callbacks():
         with dlx.attach(pipe, _FirstSteps(2)):
             tapped = run(pipe, "sd", steps=4, batch=2)
     assert shapes.rows == [4, 4, 2, 2] and bitwise(out, tapped)
+
+
+def test_the_unguided_tail_runs_without_the_tap_when_nothing_reads_its_calls():
+    """After the switch out of CFG, with no part reading denoiser calls, the tail's calls are the
+    pipeline's own (no tap host work: issue 10 item 10), still counted, bitwise the same result."""
+    pipe = pipe_for("sd")
+    plain = pipe.unet.__dict__.get("forward")
+    seen = []
+
+    def cb(p, i, t, kw):
+        seen.append(p.unet.__dict__.get("forward") is plain)
+        return kw
+
+    cut = dlx.CFGCutoff(ratio=0.5)
+    with dlx.attach(pipe, cut):
+        out = run(pipe, "sd", steps=4, batch=2, callback_on_step_end=cb)
+    assert seen == [False, False, True, True]  # tapped while guided, then the pipeline's own forward
+    assert cut.report["nfe"] == [6, 6]  # 2 + 2 + 1 + 1 per sample: the untapped steps are counted
+    assert pipe.unet.__dict__.get("forward") is plain
+    with dlx.record(pipe, dlx.CFGCutoff(ratio=0.5)) as trace:  # a recorder reads every call: tapped
+        recorded = run(pipe, "sd", steps=4, batch=2)
+    assert bitwise(out, recorded) and [s.nfe for s in trace] == [[2, 2]] * 2 + [[1, 1]] * 2
 
 
 class _FirstSteps(dlx.Part):
@@ -432,7 +455,7 @@ def test_one_part_in_two_concurrent_runs_is_refused():
     with dlx.record(pipe, cut) as trace:
         run(pipe, "sd", steps=4, callback_on_step_end=second)
     assert len(errors) == 1 and "in use by another running pipeline call" in errors[0]
-    assert [s.cfg_active for s in trace] == [True, True, False, False]
+    assert [s.guided for s in trace] == [True, True, False, False]
     assert type(sib).__name__ == "StableDiffusionPipeline"
     with dlx.attach(sib, cut):  # one after the other is fine
         run(sib, "sd", steps=2)

@@ -14,7 +14,7 @@ from .helpers import pipe_for, run
 
 
 def _trace(guided_ms, unguided_ms, n=6, guided=3, warmup=500.0):
-    steps = [Step(index=i, timestep=0.0, sigma=1.0, guidance_scale=5.0, cfg_active=i < guided, nfe=2.0,
+    steps = [Step(index=i, timestep=0.0, sigma=1.0, guidance_scale=[5.0], cfg_active=[i < guided], nfe=[2.0],
                   step_ms=(guided_ms if i < guided else unguided_ms)) for i in range(n)]
     steps[0].step_ms = warmup  # warm-up outlier, left out
     return Trace(steps=steps, meta={"timing": "cuda-events"})

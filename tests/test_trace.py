@@ -55,6 +55,7 @@ def test_to_frame_has_one_row_per_step_and_the_promised_columns(trace):
         assert col in df.columns, col
     assert list(df["cfg_active"]) == [True, True, False, False]
     assert list(df["nfe"]) == [2, 2, 1, 1]
+    assert list(df["guidance_scale"]) == [5.0] * 4, "every sample at the call's scale: that scale"
     assert df["cond_uncond_cos"][:2].between(-1, 1).all() and df["cond_uncond_cos"][2:].isna().all()
     c, u = trace[0].cond[1].double().flatten(), trace[0].uncond[1].double().flatten()
     per = trace.to_frame(per_sample=True)
@@ -167,11 +168,11 @@ def test_img2img_trace_saves_and_round_trips_exactly(family, tmp_path):
 def test_any_tensor_layout_round_trips(tmp_path):
     base = torch.randn(2, 4, 6, 6)
     steps = [
-        Step(index=0, timestep=1.0, sigma=1.0, guidance_scale=5.0, cfg_active=True, nfe=2.0,
+        Step(index=0, timestep=1.0, sigma=1.0, guidance_scale=[5.0] * 2, cfg_active=[True] * 2, nfe=[2.0] * 2,
              latents=base.to(memory_format=torch.channels_last),  # strides (144, 1, 24, 4)
              x0=base.transpose(2, 3),  # a transposed view
              cond=base[:, :, ::2, ::2]),  # a strided slice
-        Step(index=1, timestep=0.5, sigma=0.5, guidance_scale=5.0, cfg_active=False, nfe=1.0,
+        Step(index=1, timestep=0.5, sigma=0.5, guidance_scale=[5.0] * 2, cfg_active=[False] * 2, nfe=[1.0] * 2,
              latents=torch.randn(6, 4, 2).permute(2, 1, 0), x0=base.expand(2, 4, 6, 6)[:, :1]),
     ]
     t = Trace(steps=steps, conditioning=[{"prompt_embeds": torch.randn(3, 2).t()}])
@@ -309,7 +310,13 @@ DAMAGED = [
     ("negative index", _step("index", -1), r"steps\[1\]\.index must be >= 0"),
     ("duplicated index", _dup_index, r"steps\[1\] repeats step index 0"),
     ("missing field", _step("sigma", _MISSING), r"steps\[1\] lacks the fields \['sigma'\]"),
-    ("wrong-typed field", _step("cfg_active", "yes"), r"steps\[1\]\.cfg_active must be bool; got 'yes'"),
+    ("wrong-typed field", _step("cfg_active", "yes"), r"steps\[1\]\.cfg_active must be list\[bool\]; got 'yes'"),
+    ("a format-1 scalar in a format-2 file", _step("guidance_scale", 5.0),
+     r"steps\[1\]\.guidance_scale must be list\[float\]; got 5\.0"),
+    ("ints for per-sample bools", _step("cfg_active", [1, 0]), r"steps\[1\]\.cfg_active must be list\[bool\]; got \[1, 0\]"),
+    ("a string among per-sample numbers", _step("nfe", [2.0, "2"]), r"steps\[1\]\.nfe must be list\[float\]"),
+    ("per-sample lists of different lengths", _step("nfe", [2.0, 2.0, 2.0]),
+     r"steps\[1\] has 2 guidance_scale, 2 cfg_active, 3 nfe values; each must hold one value per sample"),
     ("unknown step field", _step("colour", 3), r"steps\[1\] has unknown fields \['colour'\]"),
     ("unknown header field", _set("extra", 1), r"unknown fields \['extra'\]"),
     ("no format version", _drop("format_version"), r"has no 'format_version'"),
@@ -367,3 +374,118 @@ def test_a_bracket_inside_a_string_is_not_nesting(trace, tmp_path):
 def test_the_conditioning_of_each_step_is_valid_and_loads(trace, tmp_path):
     back = Trace.load(trace.save(tmp_path / "run.safetensors"))
     assert [s.conditioning for s in back] == [s.conditioning for s in trace]
+
+
+# -- per-sample step values, summarised per step; format 1 files (issue 10, item 6) --------------
+
+def _hand_step(i, scale, active, nfe, b=2):
+    return Step(index=i, timestep=float(10 - i), sigma=1.0 / (i + 1), guidance_scale=scale, cfg_active=active,
+                nfe=nfe, latents=torch.full((b, 1, 2, 2), float(i)))
+
+
+def test_to_frame_scale_is_nan_where_samples_differ_and_per_sample_rows_hold_each_value():
+    t = Trace(steps=[_hand_step(0, [4.0, 4.0], [True, True], [2.0, 2.0]),
+                     _hand_step(1, [2.0, 6.0], [True, False], [2.0, 1.0]),
+                     _hand_step(2, [1.0, 1.0], [False, False], [1.0, 1.0])])
+    df = t.to_frame()
+    assert df["guidance_scale"].iloc[0] == 4.0 and math.isnan(df["guidance_scale"].iloc[1])
+    assert df["guidance_scale"].iloc[2] == 1.0, "a uniform scale is shown even where no sample was guided"
+    assert list(df["cfg_active"]) == [True, True, False]  # any sample
+    assert list(df["nfe"]) == [2.0, 1.5, 1.0]  # mean over the samples
+    per = t.to_frame(per_sample=True)
+    assert list(per["sample"]) == [0, 1] * 3 and list(per["step"]) == [0, 0, 1, 1, 2, 2]
+    assert list(per["guidance_scale"]) == [4.0, 4.0, 2.0, 6.0, 1.0, 1.0]
+    assert list(per["cfg_active"]) == [True, True, True, False, False, False]
+    assert list(per["nfe"]) == [2.0, 2.0, 2.0, 1.0, 1.0, 1.0]
+    assert t.last_guided_step == 1 and [s.guided for s in t] == [True, True, False]
+
+
+def test_per_sample_lists_round_trip(tmp_path):
+    t = Trace(steps=[_hand_step(0, [3.0, 7.5], [True, False], [2.0, 1.0]),
+                     _hand_step(1, [math.nan, math.nan], [False, False], [math.nan, math.nan])], meta={"batch": 2})
+    back = Trace.load(t.save(tmp_path / "lists.safetensors"))
+    assert back[0].guidance_scale == [3.0, 7.5] and back[0].cfg_active == [True, False] and back[0].nfe == [2.0, 1.0]
+    assert all(math.isnan(v) for v in back[1].guidance_scale + back[1].nfe) and back[1].cfg_active == [False, False]
+    assert json.loads(_header_of(tmp_path / "lists.safetensors"))["format_version"] == FORMAT_VERSION == 2
+
+
+def test_save_refuses_a_step_without_per_sample_lists(tmp_path):
+    t = Trace(steps=[_hand_step(0, 5.0, [True], [2.0], b=1)])
+    with pytest.raises(dlx.DlxError, match=r"steps\[0\]\.guidance_scale is 5\.0; it must be a list with one value per sample"):
+        t.save(tmp_path / "scalar.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _header_of(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()["dlx.trace"]
+
+
+V1 = os.path.join(os.path.dirname(__file__), "data", "trace_v1", "cutoff_b2.safetensors")
+
+
+def test_a_format_1_file_loads_as_per_sample_lists():
+    """The fixture was written by the dlx of 6b7a96e (see tests/data/trace_v1/make_fixture.py):
+    CFGCutoff(ratio=[0.75, 0.25]) and GuidanceSchedule("linear", low=[2, 3], high=[4, 7]) on a tiny
+    SD pipeline, batch 2, 4 steps; the pipeline left CFG after step 2 (no sample guided after it)."""
+    assert json.loads(_header_of(V1))["format_version"] == 1
+    t = dlx.Trace.load(V1)
+    assert [s.cfg_active for s in t] == [[True, True], [True, False], [True, False], [False, False]]
+    assert [s.guidance_scale for s in t] == [[2.0, 3.0], [2.5, 4.0], [3.0, 5.0], [5.0, 5.0]]
+    # per sample from format 1's step mean: nfe − mean(mask) + mask[j], whole numbers
+    assert [s.nfe for s in t] == [[2.0, 2.0], [2.0, 1.0], [2.0, 1.0], [1.0, 1.0]]
+    assert [sum(s.nfe[j] for s in t) for j in range(2)] == t.nfe == [7.0, 5.0]
+    assert t.last_guided_step == 2 and t.fields() == ["latents"] and t[0].latents.shape == (2, 4, 16, 16)
+    df = t.to_frame()
+    assert list(df["nfe"]) == [2.0, 1.5, 1.5, 1.0] and list(df["cfg_active"]) == [True, True, True, False]
+    assert df["guidance_scale"].isna().tolist() == [True, True, True, False]
+    assert df["guidance_scale"].iloc[3] == 5.0
+
+
+def test_a_format_1_file_saves_again_as_format_2(tmp_path):
+    t = Trace.load(V1)
+    back = Trace.load(t.save(tmp_path / "v2.safetensors"))
+    assert json.loads(_header_of(tmp_path / "v2.safetensors"))["format_version"] == 2
+    assert [s.scalars() for s in back] == [s.scalars() for s in t]
+    assert all(_same_bits(a.latents, b.latents) for a, b in zip(t, back))
+
+
+def _v1_parts():
+    from safetensors import safe_open
+
+    with safe_open(V1, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["dlx.trace"])
+
+
+def test_a_format_1_step_without_mask_tensors_repeats_its_values_per_sample(tmp_path):
+    """A format-1 trace built by hand had no per-sample tensors: its values hold for every sample."""
+    tensors, header = _v1_parts()
+    for k in [k for k in tensors if k.endswith((".cfg_mask", ".scale"))]:
+        del tensors[k]
+    header["tensors"] = sorted(tensors)
+    t = Trace.load(_write(tmp_path, tensors, header))
+    assert t[1].cfg_active == [True, True] and t[1].guidance_scale == [3.25, 3.25] and t[1].nfe == [1.5, 1.5]
+
+
+V1_DAMAGED = [
+    ("a float mask", lambda h, t: t.__setitem__("steps.1.cfg_mask", torch.ones(2)),
+     r"steps\.1\.cfg_mask must be a 1-D bool tensor \(format 1\); got torch\.float32"),
+    ("a 2-D scale", lambda h, t: t.__setitem__("steps.1.scale", torch.ones(2, 1)),
+     r"steps\.1\.scale must be a 1-D float tensor \(format 1\)"),
+    ("mask and scale of different lengths", lambda h, t: t.__setitem__("steps.1.scale", torch.ones(3)),
+     r"steps\.1\.cfg_mask and steps\.1\.scale differ in length \(2 vs 3\)"),
+    ("a list where format 1 has a bool", _step("cfg_active", [True]),
+     r"steps\[1\]\.cfg_active must be bool \(format 1\); got \[True\]"),
+    ("a string nfe", _step("nfe", "1.5"), r"steps\[1\]\.nfe must be float \(format 1\)"),
+]
+
+
+@pytest.mark.parametrize("name,damage,message", V1_DAMAGED, ids=[d[0] for d in V1_DAMAGED])
+def test_a_damaged_format_1_file_says_what_is_wrong(tmp_path, name, damage, message):
+    tensors, header = _v1_parts()
+    damage(header, tensors)
+    with pytest.raises(dlx.DlxError, match=r"damaged\.safetensors") as e:
+        Trace.load(_write(tmp_path, tensors, header))
+    assert re.search(message, str(e.value)), str(e.value)

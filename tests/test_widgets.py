@@ -54,6 +54,24 @@ def test_gallery_tree(trace):
     assert _png(image.value).shape == (192, 192, 3) and image.layout.width == "192px"
 
 
+def test_labels_read_each_samples_own_guidance():
+    """Per-sample scales that differ are shown as their range, never as a mean nothing ran at."""
+    from pathlib import Path
+
+    from dlx.widgets import _sample_label, _step_label
+
+    t = dlx.Trace.load(Path(__file__).parent / "data" / "trace_v1" / "cutoff_b2.safetensors")
+    assert _step_label(t, 0).endswith("· scale 2–3 per sample · CFG on 2/2 samples")
+    assert _step_label(t, 1).endswith("· scale 2.5–4 per sample · CFG on 1/2 samples")
+    assert _step_label(t, 3).endswith("· scale 5 · CFG off")
+    # a gallery of some samples counts those it shows
+    assert _step_label(t, 1, [1]).endswith("· scale 4 · CFG off")
+    assert _step_label(t, 1, [0]).endswith("· scale 2.5 · CFG on")
+    assert widgets.gallery(t, kind="latent", samples=[1]).label(1).endswith("· scale 4 · CFG off")
+    assert _sample_label(t, 1, 0).endswith("· scale 2.5 · CFG ✓")
+    assert _sample_label(t, 1, 1).endswith("· scale 4 · CFG –")
+
+
 def test_slider_shows_the_right_steps_bytes(trace):
     g = widgets.gallery(trace)
     want = render_steps(trace, "x0")
@@ -81,6 +99,16 @@ def test_toggle_switches_between_x_t_and_x0(trace):
 def test_layout_for_1_4_and_16_tiles():
     assert [(widgets.tile_size(n), widgets.columns(n)) for n in (1, 2, 4, 9, 16, 32)] == [
         (256, 1), (192, 2), (192, 2), (128, 3), (128, 4), (96, 6)]
+
+
+def test_captions_wrap_between_parts_not_inside_them():
+    # 16 tiles are 128 px: "sample 12 · scale 6 · CFG ✓" takes two lines there; it may break after a
+    # " · ", never between "scale" and "6" (tests/test_browser.py checks how Chromium lays it out)
+    html = widgets._StepView._caption_html("sample 12 · scale 6 · CFG ✓ · <b>")
+    spans = html.split("<span ")[1:]
+    assert [s.split(">", 1)[1].split("</span>")[0] for s in spans] == [
+        "sample 12 ·", "scale 6 ·", "CFG ✓ ·", "&lt;b&gt;"]
+    assert all("display:inline-block" in s for s in spans)
 
 
 def test_gallery_without_a_front_end_is_a_png_strip(trace):

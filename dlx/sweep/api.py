@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -346,34 +348,34 @@ def _run_batch(pipe, spec, store, batch, mets, refs, state, share, keep_previews
         return
     store.event("batch", rows=len(batch), steps=res["steps"], scale=res["scale"], evaluations=res["evaluations"],
                 nfe_sum=float(sum(res["nfe"])), call_ms=res["call_ms"])
-    images = res["images"]
+    images = res["images"]  # on the pipeline's device
     finite = torch.isfinite(images.flatten(1)).all(1).tolist()
-    q = engine.to_uint8(images.clamp(0, 1)).float() / 255  # what the PNG holds
-    # reference images: from this batch, else from the store's PNGs
-    here = {(r["config"], r["prompt"], r["seed"]): j for j, r in enumerate(batch)}
-    ref_img = []
-    for j, r in enumerate(batch):
-        k = here.get((refs[r["config"]], r["prompt"], r["seed"]))
-        if k is not None:
-            ref_img.append(q[k] if finite[k] else None)
-        else:
-            ref_img.append(_load_png(store, refs[r["config"]], r["prompt"], r["seed"]))
-    values = _metrics(mets, q, batch, ref_img, finite, store)
-    per_eval = res["evaluations"] / len(batch)
-    previews = _previews(rec, len(batch)) if rec is not None else None
-    for j, r in enumerate(batch):
-        guided = res["guided"][j]
-        if not finite[j]:
-            err = "non-finite values (NaN/inf) in the decoded image"
-            _finish_row(store, r, None, err, {}, res["nfe"][j], per_eval, guided, len(batch), res["call_ms"], dev,
-                        versions, shard)
-        else:
-            if previews is not None:
-                _save_previews(store, r["row_id"], previews[j])
-            png = engine.png_bytes(images[j].clamp(0, 1))
-            _finish_row(store, r, png, None, {m: values[m][j] for m in values}, res["nfe"][j], per_eval, guided,
-                        len(batch), res["call_ms"], dev, versions, shard)
-        bar.update(1)
+    q8 = engine.to_uint8(images.clamp(0, 1))  # what the PNGs hold, on the device
+    pixels = q8.cpu()
+    # PNGs are encoded on threads (Pillow releases the GIL while it compresses) while the metrics
+    # run: together they were most of a GPU sweep's wall time after its one pipeline call
+    workers = min(len(batch), 8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pngs = [pool.submit(engine.png_bytes, pixels[j]) if finite[j] else None for j in range(len(batch))]
+        here = {(r["config"], r["prompt"], r["seed"]): j for j, r in enumerate(batch)}
+        ref_idx = [here.get((refs[r["config"]], r["prompt"], r["seed"])) for r in batch]
+        stored = [None if k is not None else _load_png(store, refs[r["config"]], r["prompt"], r["seed"])
+                  for k, r in zip(ref_idx, batch)]
+        values = _metrics(mets, q8, batch, ref_idx, stored, finite, store)
+        per_eval = res["evaluations"] / len(batch)
+        previews = _previews(rec, len(batch)) if rec is not None else None
+        for j, r in enumerate(batch):
+            guided = res["guided"][j]
+            if not finite[j]:
+                err = "non-finite values (NaN/inf) in the decoded image"
+                _finish_row(store, r, None, err, {}, res["nfe"][j], per_eval, guided, len(batch), res["call_ms"],
+                            dev, versions, shard)
+            else:
+                if previews is not None:
+                    _save_previews(store, r["row_id"], previews[j])
+                _finish_row(store, r, pngs[j].result(), None, {m: values[m][j] for m in values}, res["nfe"][j],
+                            per_eval, guided, len(batch), res["call_ms"], dev, versions, shard)
+            bar.update(1)
 
 
 def _finish_row(store, r, png, error, metrics, nfe, evaluations, guided, batch, call_ms, dev, versions, shard):
@@ -400,16 +402,36 @@ def _load_png(store, config, prompt, seed):
     return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255
 
 
-def _metrics(mets, q, batch, ref_img, finite, store) -> dict:
+def _metrics(mets, q8, batch, ref_idx, stored, finite, store) -> dict:
+    """Each metric on the rows it can judge. ``q8``: the batch's uint8 images on the pipeline's
+    device; a row's reference is row ``ref_idx[j]`` of the batch or, from an earlier batch, the
+    stored PNG ``stored[j]`` (None: failed or not there). PSNR and SSIM run on the device (on a
+    GPU they take milliseconds where the host took seconds); other metrics and user callables
+    get CPU tensors."""
     prompts = [r["prompt"] for r in batch]
+    views = {}
+
+    def images_on(dev):
+        if dev not in views:
+            views[dev] = q8.to(dev).float() / 255
+        return views[dev]
+
+    def ref(j, dev):
+        k = ref_idx[j]
+        if k is not None:
+            return images_on(dev)[k] if finite[k] else None
+        return None if stored[j] is None else stored[j].to(dev)
+
     out = {}
     for m in mets:
+        dev = q8.device if m.on_device else torch.device("cpu")
         vals = [math.nan] * len(batch)
-        idx = [j for j in range(len(batch)) if finite[j] and (not m.reference or ref_img[j] is not None)]
+        refs_j = {j: ref(j, dev) for j in range(len(batch))} if m.reference else {}
+        idx = [j for j in range(len(batch)) if finite[j] and (not m.reference or refs_j[j] is not None)]
         if idx:
-            refs = torch.stack([ref_img[j] for j in idx]) if all(ref_img[j] is not None for j in idx) else None
+            refs = torch.stack([refs_j[j] for j in idx]) if m.reference else None
             try:
-                got = m(q[idx], [prompts[j] for j in idx], refs)
+                got = m(images_on(dev)[idx], [prompts[j] for j in idx], refs)
             except Exception as e:  # noqa: BLE001 - a metric's failure leaves NaN and an event
                 store.event("metric_failed", metric=m.name, error=f"{type(e).__name__}: {e}"[:500])
                 got = [math.nan] * len(idx)

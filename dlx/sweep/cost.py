@@ -35,7 +35,7 @@ MODES = ("eager", "compiled")
 
 
 class _Clock(Part):
-    observer = True
+    runs_last = True
 
     def __init__(self):
         self.step_ms: list[float] = []
@@ -113,30 +113,63 @@ def standalone_kwargs(call: dict, prompt: str, seed: int, steps: int, scale: flo
 def measure(pipe, *, call: dict, prompt: str, seed: int, steps: int, scale: float, batch: int = 1,
             repeats: int = 3, warmup: int = 1) -> dict:
     """Fit the cost model from interleaved standalone calls (full guidance, no guided step)."""
+    calls = {k: [] for k in KINDS}
+    loops = {k: [] for k in KINDS}
+    kw = standalone_kwargs(call, prompt, seed, steps, scale, batch)
+    # on a GPU, warm up for at least a second as well: after a pause (compiling, loading) clocks
+    # and caches take a moment to settle, and one warm-up call of a small model is not enough
+    # (2026-12-03, the embedded model compiled: one warm-up call left the model 15 % slow)
+    min_s = WARMUP_S if _device(pipe).type == "cuda" else 0.0
+    t0, done = time.perf_counter(), 0
+    while done < warmup or time.perf_counter() - t0 < min_s:
+        for k in KINDS:
+            timed_call(pipe, kw, kind_parts(k))
+        done += 1
+    for _ in range(repeats):
+        for k in KINDS:
+            c, lp = timed_call(pipe, kw, kind_parts(k))
+            calls[k].append(c)
+            loops[k].append(lp)
+    return {**fit(calls, loops, steps), "repeats": repeats, "warmup": done, **_where(pipe)}
+
+
+#: seconds of warm-up calls on a GPU before the cost model is timed
+WARMUP_S = 1.0
+
+
+#: the two standalone calls the model is fitted from: full guidance, and no guided step
+KINDS = ("guided", "unguided")
+
+
+def kind_parts(kind: str) -> list:
     import dlx
 
-    kinds = {"guided": lambda: [], "unguided": lambda: [dlx.CFGCutoff(ratio=0)]}
-    calls = {k: [] for k in kinds}
-    loops = {k: [] for k in kinds}
-    for r in range(warmup + repeats):
-        for k, parts in kinds.items():
-            c, lp = timed_call(pipe, standalone_kwargs(call, prompt, seed, steps, scale, batch), parts())
-            if r >= warmup:
-                calls[k].append(c)
-                loops[k].append(lp)
+    return [] if kind == "guided" else [dlx.CFGCutoff(ratio=0)]
+
+
+def fit(calls: dict, loops: dict, steps: int) -> dict:
+    """The model from timed standalone calls: ``calls[kind]`` (ms per call) and ``loops[kind]``
+    (ms of the denoising loop, per call) for kind in ``KINDS``; medians, so one slow call
+    (a collection, another process on the host) does not move it."""
     med = {k: statistics.median(v) for k, v in calls.items()}
     g = statistics.median(loops["guided"]) / steps
     u = statistics.median(loops["unguided"]) / steps
-    fixed = statistics.median([c - lp for k in kinds for c, lp in zip(calls[k], loops[k])])
+    fixed = statistics.median([c - lp for k in KINDS for c, lp in zip(calls[k], loops[k])])
     saving = 1.0 - u / g if g > 0 else float("nan")
     return {
         "guided_step_ms": g, "unguided_step_ms": u, "fixed_ms": fixed,
         "full_ms": med["guided"], "none_ms": med["unguided"],
-        "calls_ms": calls, "loops_ms": loops, "repeats": repeats, "warmup": warmup,
+        "calls_ms": calls, "loops_ms": loops,
         "saving": saving, "regime": "host-bound" if saving < 0.10 else "denoiser-bound",
-        "device": str(_device(pipe)),
-        "device_name": torch.cuda.get_device_name(_device(pipe)) if _device(pipe).type == "cuda" else "cpu",
-        "timer": "perf_counter around cuda-synchronised calls" if _device(pipe).type == "cuda" else "perf_counter",
+    }
+
+
+def _where(pipe) -> dict:
+    dev = _device(pipe)
+    return {
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "timer": "perf_counter around cuda-synchronised calls" if dev.type == "cuda" else "perf_counter",
     }
 
 
