@@ -15,7 +15,7 @@ import torch
 
 from .errors import DlxError
 
-__all__ = ["Family", "FAMILIES", "family_of"]
+__all__ = ["Family", "FAMILIES", "family_of", "scale_changes_inputs"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,15 @@ class Family:
         (diffusers' cutoff callbacks do the same); every one must be exposed to callbacks.
         ``cfg_switch_also``: more doubled tensors halved when the pipeline exposes them
         (inpainting masks, a ControlNet image). Empty ``cfg_switch``: never switched.
+      * ``scale_only_combines``: the call's ``guidance_scale`` acts only in the CFG combination
+        u + s·(c − u) (and in turning CFG on when > 1), so samples of one call may each have
+        their own scale and equal a call at that scale (``dlx.sweep`` then runs rows of several
+        scales in one call). False where it also changes the denoiser's inputs: Flux's
+        distilled ``guidance`` embedding. Per pipeline, ``scale_changes_inputs`` also says so for
+        a UNet with a guidance embedding (``time_cond_proj_dim``: LCM's ``w``) and for SD3's
+        skip-layer guidance (its term is added to every sample once CFG is on).
+        ``guidance_rescale > 0`` does not: ``rescale_noise_cfg`` takes a sample's combined and
+        conditional predictions only, and the tap applies it per sample.
     """
 
     name: str
@@ -52,6 +61,7 @@ class Family:
     share: bool = True
     cfg_switch: tuple[str, ...] = ()
     cfg_switch_also: tuple[str, ...] = ()
+    scale_only_combines: bool = True
 
 
 FAMILIES: dict[str, Family] = {
@@ -121,6 +131,7 @@ FAMILIES: dict[str, Family] = {
             packed=True,
             timestep_scale=1000.0,  # Flux passes timestep / 1000 to its transformer
             scale_schedules=False,  # the pipeline applies true_cfg_scale itself, from a local
+            scale_only_combines=False,  # guidance_scale is the distilled `guidance` embedding's input
             share=False,  # two calls per step: not supported
         ),
     ]
@@ -150,6 +161,21 @@ def family_of(pipe) -> Family:
             f"loop. Supported families: {supported}"
         )
     raise DlxError(f"pipeline class {cls.__name__} is not supported by dlx. Supported families: {supported}")
+
+
+def scale_changes_inputs(pipe, call: dict) -> str | None:
+    """Why the call's ``guidance_scale`` does more than weigh the CFG combination on this
+    pipeline and call (so samples of one call cannot each have their own scale), or None."""
+    fam = family_of(pipe)
+    if not fam.scale_only_combines:
+        return f"on {fam.name} pipelines guidance_scale also feeds the denoiser (a guidance embedding)"
+    den = getattr(pipe, fam.denoiser, None)
+    if getattr(getattr(den, "config", None), "time_cond_proj_dim", None) is not None:
+        return ("the denoiser embeds guidance_scale (time_cond_proj_dim: an LCM-style w embedding) and the "
+                "pipeline then runs without CFG")
+    if call.get("skip_guidance_layers") is not None:
+        return "skip-layer guidance adds its term to every sample whenever the call runs CFG"
+    return None
 
 
 def check_tensor_inputs(pipe, names) -> list[str]:

@@ -99,12 +99,13 @@ def test_metric_columns_and_mismatches():
 
 def test_remeasurement_agrees_with_the_card(pipe, facts, tmp_path):
     """The first 32 held-out pairs at the recommended scale and at 1.0, with 12 DDIM steps
-    instead of the card's 25 (to keep this test near 20 s), as one ``dlx.sweep`` (two batched
-    calls of 32 rows, judged on the stored 8-bit PNGs).  The card stores these 32 pairs'
-    verdicts (measured["quick_check"]): at most 3 of 32 may flip (float32 drift between
-    CPUs). On this repository's CPU machine the sweep flips none, and its PNGs equal the
-    images of the hand-written loop it replaced byte for byte (each scale's 32 rows are one
-    call, as the loop's were), so the tolerance was not widened.  Against the card's 200-pair,
+    instead of the card's 25 (to keep this test near 20 s), as one ``dlx.sweep`` (one batched
+    call of all 64 rows, each sample at its own scale, judged on the stored 8-bit PNGs).  The
+    card stores these 32 pairs' verdicts (measured["quick_check"]): at most 3 of 32 may flip
+    (float32 drift between CPUs). On this repository's CPU machine the sweep flips none; its
+    PNGs equal those of one call per scale (the hand-written loop it replaced) within 1 level
+    of 255 (48 of 64 images differ somewhere, batch-size rounding), with no verdict flipped,
+    so the tolerance was not widened.  Against the card's 200-pair,
     25-step numbers: within 0.2 (sampling error of 32 pairs and the step count)."""
     from dlx.zoo.measure_shapes import CHECK_PAIRS, CHECK_STEPS
 

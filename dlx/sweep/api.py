@@ -128,7 +128,10 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
         cutoffs: CFG cutoff ratios in [0, 1] (one ``CFGCutoff(ratio=r)`` config each), or
         configs: ``{name: control | [controls] | None}`` built from ``CFGCutoff``,
             ``GuidanceInterval``, ``GuidanceSchedule`` (named schedules), ``AdaptiveCutoff``.
-        guidance_scales, steps: lists crossed with the configs into the grid.
+        guidance_scales, steps: lists crossed with the configs into the grid. Rows of one step
+            count share pipeline calls whatever their scales (each sample guided at its own
+            row's scale) where the pipeline's scale acts only in the CFG combination; else one
+            call per scale (``dlx.sweep.engine``).
         metrics: names (``psnr``, ``ssim``, ``lpips``, ``clip``, ``adherence``) or callables
             ``f(images, prompts, reference_images)``; default PSNR and SSIM against full guidance,
             plus adherence on the embedded model. ``networks``: the LPIPS / CLIP networks.
@@ -301,10 +304,19 @@ def _run(pipe, spec, store, units, mets, *, max_batch, share, pad, keep_previews
     total = sum(len(u) for u in units)
     bar = tqdm(total=total, unit="row", desc="sweep", disable=not progress)
     try:
+        # Calls run rows of one step count; of several scales too where the pipeline's scale acts
+        # only in the CFG combination (engine's docstring), else one scale per call (key: its scale).
+        mix = engine.mixes_scales(pipe, spec.call)
         by_group: dict = {}
         for u in units:
             c = cfgs[u[0]["config"]]
-            by_group.setdefault((spec.steps_of(c), spec.scale_of(c)), []).append(u)
+            steps, scale = spec.steps_of(c), spec.scale_of(c)
+            mixed = [r for r in u if mix and engine.mixable(spec, cfgs[r["config"]])]
+            alone = [r for r in u if not (mix and engine.mixable(spec, cfgs[r["config"]]))]
+            if mixed:
+                by_group.setdefault((steps, None), []).append(mixed)
+            if alone:
+                by_group.setdefault((steps, scale), []).append(alone)
         with engine.pad_shapes(pipe, shapes, enabled=pad):
             for key, group_units in by_group.items():
                 pending = list(group_units)
@@ -346,8 +358,9 @@ def _run_batch(pipe, spec, store, batch, mets, refs, state, share, keep_previews
             _finish_row(store, r, None, err, {}, None, None, None, len(batch), None, dev, versions, shard)
             bar.update(1)
         return
-    store.event("batch", rows=len(batch), steps=res["steps"], scale=res["scale"], evaluations=res["evaluations"],
-                nfe_sum=float(sum(res["nfe"])), call_ms=res["call_ms"])
+    # scale: the rows' scale, or the sorted list of a mixed-scale call's (run at call_scale)
+    store.event("batch", rows=len(batch), steps=res["steps"], scale=res["scale"], call_scale=res["call_scale"],
+                evaluations=res["evaluations"], nfe_sum=float(sum(res["nfe"])), call_ms=res["call_ms"])
     images = res["images"]  # on the pipeline's device
     finite = torch.isfinite(images.flatten(1)).all(1).tolist()
     q8 = engine.to_uint8(images.clamp(0, 1))  # what the PNGs hold, on the device

@@ -1,12 +1,26 @@
 """Running the rows of a sweep: many rows per pipeline call, each sample with its own plan.
 
-Rows that share the call's step count and guidance scale go into one pipeline call. Each sample
-gets the noise of its own seed (one CPU ``torch.Generator`` per sample, as a standalone run with
+Rows that share the call's step count go into one pipeline call, whatever their guidance
+scales, where the pipeline allows it (below). Each sample gets the noise of its own seed (one
+CPU ``torch.Generator`` per sample, as a standalone run with
 ``generator=torch.Generator().manual_seed(seed)`` draws it) and follows its own config's
 controls: ``RowPlans`` asks each row's fresh control instances for that sample's guidance at every
-step, and the tap computes only the rows the plans need. Rows of the same prompt and seed go
-into the same call (their reference row, full guidance, first), so the tap can evaluate the
-guided prefix they share once (``dlx.Share``, where available).
+step, and the tap computes only the rows the plans need. Rows of the same prompt, seed and scale
+go into the same call (their reference row, full guidance at that scale, first), so the tap can
+evaluate the guided prefix they share once (``dlx.Share``, where available); rows of different
+scales are never shared (their keys hold the scale).
+
+Scales in one call: the call runs at the largest of its rows' scales (so CFG is on when any row
+is guided) and ``RowPlans`` gives every sample its own row's scale; a row at a scale <= 1 is
+unguided at every step, as a standalone call at that scale runs without CFG (NFE = steps), and a
+scale-setting control (``GuidanceSchedule``) reads its own row's scale as the call's (``_RowRun``).
+That equals one call per scale only where the call's ``guidance_scale`` acts in the CFG
+combination alone (``Family.scale_only_combines``: SD 1.5/2, SDXL, SD3, their img2img, inpaint
+and ControlNet pipelines, the embedded model; ``guidance_rescale`` included, the tap rescales
+each sample). Where it also changes the denoiser's inputs (Flux's distilled guidance
+embedding, LCM's ``w`` embedding, SD3 skip-layer guidance: ``families.scale_changes_inputs``)
+the sweep keeps one call per scale, as do rows at a scale <= 1 whose config sets scales (a
+standalone run of them refuses: a schedule needs CFG on).
 
 A CUDA out-of-memory error halves the batch and retries (the events table records it); a row
 that still fails, or decodes to NaN, is stored as failed with its error and the sweep goes on.
@@ -27,43 +41,76 @@ import torch
 from ..errors import DlxError
 from ..session import Part, Run
 
-__all__ = ["RowPlans", "plan_batches", "run_batch", "pad_shapes", "default_max_batch", "png_bytes"]
+__all__ = ["RowPlans", "plan_batches", "run_batch", "mixes_scales", "mixable", "pad_shapes", "default_max_batch", "png_bytes"]
+
+
+class _RowRun:
+    """The run as one row's controls see it: the call's run, except that the call's guidance
+    scale (``default_scale()``) is the row's own (a mixed-scale call runs at its largest)."""
+
+    def __init__(self, run: Run, scale: float):
+        self._run = run
+        self._scale = scale
+
+    def __getattr__(self, name):
+        return getattr(self._run, name)
+
+    def default_scale(self) -> float:
+        return self._scale
+
+
+def sets_scale(part) -> bool:
+    """Whether a control sets guidance scales (``GuidanceSchedule``)."""
+    return bool(getattr(part, "sets_scale", False)) or type(part).__name__ == "GuidanceSchedule"
 
 
 class RowPlans(Part):
     """Per-sample guidance for a batch of sweep rows: sample j follows ``controls[j]``.
 
-    Each row's controls are fresh instances, asked with a batch of one at every step; a sample
-    is guided where all its controls guide it, at the scale its (at most one) scale-setting
-    control gives, else the call's. Parts that read denoiser calls (``AdaptiveCutoff``) see
-    their sample's rows of each denoiser call. After the run ``nfe`` holds each sample's denoiser evaluations,
-    ``guided`` each sample's guided steps and ``step_ms`` the per-step times.
+    Each row's controls are fresh instances, asked at every step (one value for the whole
+    batch, of which the row takes its own); a sample is guided where all its controls guide it,
+    at the scale its (at most one) scale-setting control gives, else its row's scale. ``scales``
+    (one per row; None: every row at the call's scale) lets rows of several scales share a call:
+    a row at scale <= 1 is then unguided at every step (a standalone call at that scale has no
+    CFG), and its controls see the row's scale as the call's. Parts that read denoiser calls
+    (``AdaptiveCutoff``) see their sample's rows of each denoiser call. After the run ``nfe``
+    holds each sample's denoiser evaluations, ``guided`` each sample's guided steps and
+    ``step_ms`` the per-step times.
     """
 
-    def __init__(self, controls: list[list[Part]]):
+    def __init__(self, controls: list[list[Part]], scales: list[float] | None = None):
+        if scales is not None and len(scales) != len(controls):
+            raise DlxError(f"RowPlans got {len(scales)} scales for {len(controls)} rows")
         self.rows = controls
+        self.scales = None if scales is None else [float(s) for s in scales]
         self.wants_calls = any(p.wants_calls for ps in controls for p in ps)
-        self._sets_scale = any(getattr(p, "sets_scale", False) or type(p).__name__ == "GuidanceSchedule"
-                               for ps in controls for p in ps)
-        self.sets_scale = self._sets_scale  # the run allows one scale-setting part per block
+        self._sets_scale = any(sets_scale(p) for ps in controls for p in ps)
+        # per-sample scales go to the tap when a row sets them or rows differ in scale
+        self.sets_scale = self._sets_scale or self.scales is not None
+        self._off = [s <= 1.0 for s in self.scales] if self.scales is not None else [False] * len(controls)
+        self._views: list = [None] * len(controls)
         self.nfe: list[float] | None = None
         self.guided: list[int] = [0] * len(controls)
         self.step_ms: list[float] = []
         self.num_steps: int | None = None
 
-    def _all(self):
-        return [p for ps in self.rows for p in ps]
+    def _each(self):
+        """(row's view of the run, part) for every part of every row."""
+        for view, ps in zip(self._views, self.rows):
+            for p in ps:
+                yield view, p
 
     def on_run_start(self, run: Run):
-        for p in self._all():
-            p.on_run_start(run)
+        self._views = [run if self.scales is None else _RowRun(run, s) for s in (self.scales or self.rows)]
+        for view, p in self._each():
+            p.on_run_start(view)
 
     def on_loop_start(self, run: Run):
         if run.batch is not None and run.batch != len(self.rows):
             raise DlxError(f"RowPlans holds {len(self.rows)} rows but the call has batch {run.batch}")
         self.num_steps = run.num_steps
-        for p in self._all():
-            p.on_loop_start(run)
+        for view, p in self._each():
+            p.on_loop_start(view)
 
     def guidance(self, run: Run, step: int):
         from ..session import Guide
@@ -71,12 +118,17 @@ class RowPlans(Part):
         batch = run.batch
         if batch != len(self.rows):
             raise DlxError(f"RowPlans holds {len(self.rows)} rows but the call has batch {batch}")
-        default = float(run.pipe.guidance_scale)
+        call_scale = float(run.pipe.guidance_scale)
         mask, scale = [], []
-        for ps in self.rows:
-            m_j, s_j = True, default
+        for j, ps in enumerate(self.rows):
+            s_j = call_scale if self.scales is None else self.scales[j]
+            if self._off[j]:  # no CFG at this scale: its controls are never asked, as standalone
+                mask.append(False)
+                scale.append(s_j)
+                continue
+            m_j = True
             for p in ps:
-                g = p.guidance(run, step)  # a row's own controls: one value for the whole batch
+                g = p.guidance(self._views[j], step)  # a row's own controls: one value for the whole batch
                 if g is None:
                     continue
                 m, s = g
@@ -89,12 +141,13 @@ class RowPlans(Part):
         for j, m in enumerate(mask):
             if m:
                 self.guided[j] += 1
-        return Guide(mask, scale if self._sets_scale else None)
+        return Guide(mask, scale if self.sets_scale else None)
 
     def unguided_after(self, run: Run, step: int) -> bool:
-        """No row guides after ``step`` (each has a control that knows it): the run may take the
-        pipeline out of CFG for the tail, as it does for a standalone cutoff."""
-        return all(any(p.unguided_after(run, step) for p in ps) for ps in self.rows)
+        """No row guides after ``step`` (each has a control that knows it, or a scale <= 1): the
+        run may take the pipeline out of CFG for the tail, as it does for a standalone cutoff."""
+        return all(off or any(p.unguided_after(view, step) for p in ps)
+                   for off, view, ps in zip(self._off, self._views, self.rows))
 
     def on_denoiser(self, run: Run, call):
         from .._tap import DenoiserCall
@@ -103,18 +156,19 @@ class RowPlans(Part):
             obs = [p for p in ps if p.wants_calls]
             if not obs:
                 continue
-            u = call.uncond[j:j + 1] if call.uncond is not None else None
+            # an unguided sample has no unconditional prediction (standalone: none was computed)
+            u = call.uncond[j:j + 1] if call.uncond is not None and call.mask[j] else None
             sub = DenoiserCall(call.step, call.timestep, call.x_in[j:j + 1], call.cond[j:j + 1], u,
                                call.cond[j:j + 1] if u is None else None, call.mask[j:j + 1],
                                call.scale if not isinstance(call.scale, torch.Tensor) else call.scale[j:j + 1])
             for p in obs:
-                p.on_denoiser(run, sub)
+                p.on_denoiser(self._views[j], sub)
 
     def on_run_end(self, run: Run, error):
         self.nfe = list(run.nfe) if run.nfe is not None else None
         self.step_ms = run.step_ms()
-        for p in self._all():
-            p.on_run_end(run, error)
+        for view, p in self._each():
+            p.on_run_end(view, error)
 
 
 # -- batch planning ---------------------------------------------------------------------------------
@@ -223,25 +277,55 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def mixes_scales(pipe, call: dict) -> bool:
+    """Whether rows of different guidance scales may share a call of ``pipe`` with ``call``'s
+    arguments (see the module docstring)."""
+    from ..families import scale_changes_inputs
+
+    return scale_changes_inputs(pipe, call) is None
+
+
+def mixable(spec, cfg) -> bool:
+    """Whether ``cfg``'s rows may run in a mixed-scale call: all but a config that sets scales
+    (``GuidanceSchedule``) at a scale <= 1, which a standalone run refuses (no CFG to schedule):
+    its rows run in a call of their own scale and fail as that run does."""
+    return spec.scale_of(cfg) > 1 or not any(c.get("type") == "GuidanceSchedule" for c in cfg.controls)
+
+
 def run_batch(pipe, spec, rows: list[dict], *, share: bool = True, extra_parts=()) -> dict:
-    """One pipeline call for ``rows`` (same steps and scale): images (B, 3, H, W) float in [0, 1]
-    on the pipeline's device (metrics run there; only uint8 pixels travel to the host), per-sample
-    NFE and guided steps, evaluations actually computed, wall time."""
+    """One pipeline call for ``rows`` (same steps; scales may differ where ``mixes_scales``):
+    images (B, 3, H, W) float in [0, 1] on the pipeline's device (metrics run there; only uint8
+    pixels travel to the host), per-sample NFE and guided steps, evaluations actually computed,
+    wall time, and the scale (one float, or the sorted distinct scales of a mixed call) and the
+    ``call_scale`` the pipeline was called with."""
     import dlx
 
     cfgs = {c.name: c for c in spec.configs}
-    cfg0 = cfgs[rows[0]["config"]]
-    steps, scale = spec.steps_of(cfg0), spec.scale_of(cfg0)
-    plans = RowPlans([cfgs[r["config"]].parts() for r in rows])
+    row_cfgs = [cfgs[r["config"]] for r in rows]
+    steps_all = {spec.steps_of(c) for c in row_cfgs}
+    if len(steps_all) != 1:
+        raise DlxError(f"one pipeline call runs one step count; these rows have {sorted(steps_all)}")
+    steps = steps_all.pop()
+    scales = [spec.scale_of(c) for c in row_cfgs]
+    mixed = len(set(scales)) > 1
+    if mixed and not mixes_scales(pipe, spec.call):
+        from ..families import scale_changes_inputs
+
+        raise DlxError(f"rows of scales {sorted(set(scales))} cannot share one call of {type(pipe).__name__}: "
+                       f"{scale_changes_inputs(pipe, spec.call)}")
+    # the call's scale turns CFG on when any row is guided; every sample gets its own row's scale
+    call_scale = max(scales)
+    plans = RowPlans([c.parts() for c in row_cfgs], scales if mixed else None)
     parts = [plans]
     shared = None
     if share and len(rows) > 1:
-        shared = _share_part([(r["prompt"], r["seed"]) for r in rows])
+        # the scale is part of the key: rows of different scales differ from the first step
+        shared = _share_part([(r["prompt"], r["seed"], s) for r, s in zip(rows, scales)])
         if shared is not None:
             parts.append(shared)
     parts += list(extra_parts)
     kwargs = dict(spec.call)
-    kwargs.update(num_inference_steps=steps, guidance_scale=scale)
+    kwargs.update(num_inference_steps=steps, guidance_scale=call_scale)
     dev = _device_of(pipe)
     _sync(dev)
     t0 = time.perf_counter()
@@ -260,7 +344,8 @@ def run_batch(pipe, spec, rows: list[dict], *, share: bool = True, extra_parts=(
     if evaluations is None:
         evaluations = float(sum(nfe))
     return {"images": images, "nfe": nfe, "guided": list(plans.guided), "evaluations": float(evaluations),
-            "call_ms": call_ms, "steps": steps, "scale": scale, "step_ms": plans.step_ms}
+            "call_ms": call_ms, "steps": steps, "scale": sorted(set(scales)) if mixed else call_scale,
+            "call_scale": call_scale, "step_ms": plans.step_ms}
 
 
 def _device_of(pipe) -> torch.device:
