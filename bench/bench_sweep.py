@@ -205,12 +205,20 @@ def main():
         med = statistics.median(per_cfg[r])
         lo, hi = bootstrap_ci(per_cfg[r])
         pi = cost.predict_ms(inter, g, args.steps)
+        # paired: each seed block's config call against the model fitted from that block's own
+        # two model calls (seconds apart), so the host's drift over minutes cancels
+        paired = [cost.predict_ms(cost.fit({k: [mcalls[k][b]] for k in cost.KINDS},
+                                           {k: [mloops[k][b]] for k in cost.KINDS}, args.steps), g, args.steps)
+                  / per_cfg[r][b] - 1 for b in range(len(per_cfg[r]))]
+        pmed = statistics.median(paired)
+        plo, phi = bootstrap_ci(paired)
         configs.append({"cutoff": r, "guided_steps": g, "nfe": f[f.cutoff == r].nfe.mean(), "predicted_ms": pred,
                         "standalone_median_ms": med, "standalone_ci95_ms": [lo, hi], "standalone_n": len(per_cfg[r]),
                         "rel_error": pred / med - 1, "within_5pct": abs(pred / med - 1) <= 0.05,
                         "interleaved_predicted_ms": pi, "interleaved_rel_error": pi / med - 1,
                         "interleaved_within_5pct": abs(pi / med - 1) <= 0.05,
-                        "standalone_ci_within_5pct_of_interleaved": lo <= pi * 1.05 and hi >= pi * 0.95})
+                        "standalone_ci_within_5pct_of_interleaved": lo <= pi * 1.05 and hi >= pi * 0.95,
+                        "paired_rel_error": pmed, "paired_ci95": [plo, phi], "paired_within_5pct": abs(pmed) <= 0.05})
     batches = [e for e in res.events if e["kind"] == "batch"]
     speed = [a / b for a, b in zip(loop_ms, sweep_ms)]
     out = {
@@ -234,6 +242,7 @@ def main():
         "cost_model_s": t_cost, "warmup_s": t_warm, "build_s": t_build,
         "configs": configs, "all_within_5pct": all(c["within_5pct"] for c in configs),
         "all_interleaved_within_5pct": all(c["interleaved_within_5pct"] for c in configs),
+        "all_paired_within_5pct": all(c["paired_within_5pct"] for c in configs),
         "interleaved_cost_model": {k: v for k, v in inter.items() if k not in ("calls_ms", "loops_ms")},
         "interleaved_model_calls": {k: len(v) for k, v in mcalls.items()},
         "rows": {"min_psnr_db": min(r["psnr_db"] for r in rows), "max_abs_255": max(r["max_abs_255"] for r in rows),
@@ -245,11 +254,13 @@ def main():
     path.write_text(json.dumps(out, indent=1, default=float))
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({k: out[k] for k in ("model", "mode", "device", "loop_s", "sweep_s", "speedup", "evaluations",
-                                          "graphs_compiled", "all_within_5pct", "all_interleaved_within_5pct")}, indent=1, default=float))
+                                          "graphs_compiled", "all_within_5pct", "all_interleaved_within_5pct",
+                                          "all_paired_within_5pct")}, indent=1, default=float))
     for c in configs:
         print(f"cutoff {c['cutoff']:.1f}: predicted {c['predicted_ms']:8.1f} ms, standalone median "
               f"{c['standalone_median_ms']:8.1f} ms ({100 * c['rel_error']:+.1f}%); model fitted in the loop "
-              f"{c['interleaved_predicted_ms']:8.1f} ms ({100 * c['interleaved_rel_error']:+.1f}%)")
+              f"{c['interleaved_predicted_ms']:8.1f} ms ({100 * c['interleaved_rel_error']:+.1f}%); paired by block "
+              f"{100 * c['paired_rel_error']:+.1f}% [{100 * c['paired_ci95'][0]:+.1f}, {100 * c['paired_ci95'][1]:+.1f}]")
     print(f"rows: min PSNR {out['rows']['min_psnr_db']:.1f} dB, max |diff| {out['rows']['max_abs_255']}/255 -> {path}")
 
 

@@ -95,6 +95,30 @@ def test_resume_computes_nothing_when_done_and_refuses_another_spec(tmp_path):
         dlx.sweep(pipe, **{**kw, "seeds": [0, 1]})
 
 
+def test_resume_refuses_other_weights_under_the_same_name(tmp_path):
+    # the same name, class, dtype and scheduler, other weights (a fine-tune, a fused LoRA): the
+    # stored rows were made by another model, so resuming into them is refused
+    pipe = pipe_for("sd")
+    kw = dict(prompts=PROMPTS[:1], seeds=[0], cutoffs=[0, 1.0], out=tmp_path, timing=(), progress=False, **CALL)
+    fp = dlx.sweep.weights_fingerprint(pipe)
+    assert fp is not None and dlx.sweep.weights_fingerprint(pipe) == fp  # stable
+    dlx.sweep(pipe, **{**kw, "seeds": [0]})
+    w = pipe.unet.conv_in.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.view(-1)[w.numel() // 2] += 1e-3  # one value, in the middle of one tensor
+        other = dlx.sweep.weights_fingerprint(pipe)
+        assert other != fp
+        with pytest.raises(DlxError, match=rf"argument `pipe`: its weights differ.*stored {fp}, given {other}"):
+            dlx.sweep(pipe, **kw)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert dlx.sweep.weights_fingerprint(pipe) == fp
+    assert (dlx.sweep(pipe, **kw).frame.status == "ok").all()
+
+
 def test_finished_sweep_loads_no_weights(tmp_path, monkeypatch):
     folder = tmp_path / "pipe"
     pipe_for("sd").save_pretrained(folder)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import sys
 import types
 
-from .api import sweep, load_pipeline
+from .api import load_pipeline, sweep, weights_fingerprint
 from .result import SweepResult
 from .spec import Config, SweepSpec
 
-__all__ = ["sweep", "SweepResult", "SweepSpec", "Config", "load_pipeline"]
+__all__ = ["sweep", "SweepResult", "SweepSpec", "Config", "load_pipeline", "weights_fingerprint"]
 
 
 class _CallableModule(types.ModuleType):

@@ -17,7 +17,7 @@ from .shard import ranks, shard_paths, split
 from .spec import build_spec
 from .store import Store, check_out
 
-__all__ = ["sweep", "load_pipeline", "model_identity"]
+__all__ = ["sweep", "load_pipeline", "model_identity", "weights_fingerprint"]
 
 
 # -- the model --------------------------------------------------------------------------------------
@@ -107,6 +107,58 @@ def model_identity(pipe) -> dict:
             "scheduler": type(pipe.scheduler).__name__}
 
 
+def weights_fingerprint(pipe, per_tensor: int = 256) -> str | None:
+    """A fingerprint of a pipeline's weights, compared when a sweep resumes: SHA-256 over every
+    module component's parameters and buffers (by component name, in module order), each tensor's
+    shape, dtype and ``per_tensor`` values taken at an even stride through it (as float32).
+
+    A sample, not a full hash, so it stays cheap on a multi-GB model (one small gather per
+    tensor, one copy to the host per component): fine-tuned or LoRA-fused weights, another
+    checkpoint under the same name, an added adapter or a different dtype all change it; two
+    sets of weights that differ only between the sampled values do not. None where weights
+    cannot be read (offloaded to the ``meta`` device)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    comps = getattr(pipe, "components", None) or {}
+    for name in sorted(comps):
+        mod = comps[name]
+        if not isinstance(mod, torch.nn.Module):
+            continue
+        samples = []
+        for t in list(mod.parameters()) + list(mod.buffers()):
+            if t.is_meta:
+                return None
+            flat = t.detach().reshape(-1)
+            stride = max(1, flat.numel() // per_tensor)
+            samples.append(flat[::stride][:per_tensor].to(torch.float32))
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        if samples:
+            by_dev: dict = {}
+            for x in samples:
+                by_dev.setdefault(x.device, []).append(x)
+            for xs in by_dev.values():
+                h.update(torch.cat(xs).cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _check_weights(out: Path, fp: str | None) -> None:
+    """Record the weights' fingerprint in ``out``, or refuse weights that differ from the stored."""
+    if fp is None:
+        return
+    s = Store(out)
+    try:
+        old = s.meta("weights")
+        if old is None:
+            s.set_meta("weights", fp)
+        elif old != fp:
+            raise DlxError(f"argument `pipe`: its weights differ from those that made the rows in {str(out)!r} "
+                           f"(fingerprint stored {old}, given {fp}: another checkpoint, fine-tuned or "
+                           f"LoRA-fused weights, or an added adapter); use another `out` folder")
+    finally:
+        s.close()
+
+
 def _is_shapes(ident: dict) -> bool:
     return ident.get("name") == "shapes" or ident.get("name_or_path") == "shapes"
 
@@ -135,7 +187,9 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
         metrics: names (``psnr``, ``ssim``, ``lpips``, ``clip``, ``adherence``) or callables
             ``f(images, prompts, reference_images)``; default PSNR and SSIM against full guidance,
             plus adherence on the embedded model. ``networks``: the LPIPS / CLIP networks.
-        out: the results folder (SQLite + PNGs); the same spec on the same folder resumes.
+        out: the results folder (SQLite + PNGs); the same spec on the same folder resumes, and
+            weights that differ from those that made its rows are refused
+            (``weights_fingerprint``). Default: a new temporary folder, kept (``res.out``).
         max_batch: rows per pipeline call (default by device; halved on CUDA out-of-memory).
         timing: cost-model modes to measure, ``("eager",)`` and/or ``"compiled"``; ``()`` for none.
         timing_batch: the batch size the predicted standalone time is for (default 1).
@@ -211,6 +265,8 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
         costs_have = {(c["mode"], c["steps"], c["scale"], c["batch"]) for c in main.costs()}
     finally:
         main.close()
+    if not isinstance(pipe, str):
+        _check_weights(out, weights_fingerprint(pipe))
     store = Store(out, rk.shard_db()) if rk.world > 1 else Store(out)
     try:
         done |= store.done_ids(include_failed=not retry_failed)
@@ -226,6 +282,7 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
             # 3. the model, only now
             if isinstance(pipe, str):
                 pipe = load_pipeline(pipe, device=dev, dtype=dtype)
+                _check_weights(out, weights_fingerprint(pipe))
             elif dev is not None and engine._device_of(pipe) != dev:
                 raise DlxError(f"argument `device` is {str(dev)!r} but the pipeline is on "
                                f"{str(engine._device_of(pipe))!r}; move it with pipe.to(...) or leave device out")
