@@ -166,7 +166,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#
 h1{font-size:22px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
 table.dlx{border-collapse:collapse;font-size:12px;font-family:ui-monospace,monospace}
 table.dlx td,table.dlx th{border:1px solid #ddd;padding:2px 6px;text-align:right;white-space:nowrap}
-table.dlx th{background:#f4f4f4} .scroll{max-height:360px;overflow:auto;display:inline-block}
+table.dlx th{background:#f4f4f4} .scroll{max-height:360px;overflow:auto;display:inline-block;max-width:100%}
+.wide{overflow-x:auto;max-width:100%}
 .dlx-gal{margin:8px 0 18px} .dlx-grid{display:grid;gap:6px}
 .dlx-tile figcaption{font:12px ui-monospace,monospace;line-height:1.2;margin-bottom:2px}
 .dlx-tile img{image-rendering:pixelated;image-rendering:crisp-edges;display:block;background:#eee}
@@ -223,7 +224,8 @@ def _table(df, max_rows: int = 200, scroll: bool = True) -> str:
         body = df.head(max_rows).to_html(classes="dlx", index=False, border=0, na_rep="–", escape=True,
                                          float_format=lambda v: f"{v:.4g}")
     more = f"<p>… {len(df) - max_rows} more rows</p>" if len(df) > max_rows else ""
-    return (f"<div class='scroll'>{body}</div>" if scroll else body) + more
+    # a wide table scrolls inside its box, never the page
+    return f"<div class='{'scroll' if scroll else 'wide'}'>{body}</div>" + more
 
 
 def _gallery_html(gid: str, kinds, frames, labels, captions, size: int, title: str) -> str:

@@ -136,6 +136,8 @@ def test_sweep_report(tmp_path):
     kept = res.previews(res.frame.row_id.iloc[1])[2].numpy()
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(g["frames"]["x0"][2][1])))), kept)
     assert "cutoff=0" in doc and "alt='speed against quality'" in doc
+    # the summary table (wider than a page with a few metrics) scrolls in its own box, not the page
+    assert re.search(r"Summary \(one row per config[^<]*</h2><div class='wide'><table", doc)
     from dlx.demo import write_outputs  # python -m dlx demo writes report.html beside its other files
 
     files = write_outputs(res, tmp_path / "s")
