@@ -101,7 +101,10 @@ class RowPlans(Part):
                 yield view, p
 
     def on_run_start(self, run: Run):
-        self._views = [run if self.scales is None else _RowRun(run, s) for s in (self.scales or self.rows)]
+        if self.scales is None:
+            self._views = [run] * len(self.rows)
+        else:
+            self._views = [_RowRun(run, s) for s in self.scales]
         for view, p in self._each():
             p.on_run_start(view)
 
