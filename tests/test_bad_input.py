@@ -85,6 +85,7 @@ ENTRY = {
     "sweep": (dlx.sweep, lambda tmp: dict(pipe="shapes", prompts=["a red circle"], seeds=[0], cutoffs=[0, 1.0],
                                           out=str(tmp / "sweep"), progress=False)),
     "sweep.load_pipeline": (dlx.sweep.load_pipeline, lambda: dict(model="shapes")),
+    "sweep.weights_fingerprint": (dlx.sweep.weights_fingerprint, lambda: dict(pipe=_pipe())),
 }
 
 #: entry point -> the expensive work it must not start on bad input: (module, attribute) patched to fail
@@ -382,6 +383,12 @@ BAD = [
     bad("sweep.load_pipeline", "dtype", "int8", "int8"),
     bad("sweep.load_pipeline", "dtype", torch.int8, "int8-dtype"),
     bad("sweep.load_pipeline", "dtype", 16, "type"),
+    # sweep.weights_fingerprint(pipe, per_tensor)
+    bad("sweep.weights_fingerprint", "pipe", None, "none"),
+    bad("sweep.weights_fingerprint", "pipe", "shapes", "name"),
+    bad("sweep.weights_fingerprint", "per_tensor", 0, "zero"),
+    bad("sweep.weights_fingerprint", "per_tensor", 2.5, "float"),
+    bad("sweep.weights_fingerprint", "per_tensor", True, "bool"),
 ]
 
 

@@ -119,8 +119,12 @@ def weights_fingerprint(pipe, per_tensor: int = 256) -> str | None:
     cannot be read (offloaded to the ``meta`` device)."""
     import hashlib
 
+    comps = getattr(pipe, "components", None)
+    if not isinstance(comps, dict):
+        raise DlxError(f"argument `pipe` must be a diffusers pipeline (with .components); got {pipe!r}")
+    if isinstance(per_tensor, bool) or not isinstance(per_tensor, int) or per_tensor < 1:
+        raise DlxError(f"argument `per_tensor` must be a positive int; got {per_tensor!r}")
     h = hashlib.sha256()
-    comps = getattr(pipe, "components", None) or {}
     for name in sorted(comps):
         mod = comps[name]
         if not isinstance(mod, torch.nn.Module):
