@@ -32,6 +32,8 @@ for s in "$@"; do
     rec-eager) stage $s 240 python3 bench/bench_recorder.py --modes eager --reps 30 --hooks 5 --variants cutoff-0.5,official-cutoff-0.5,record-target --out "$OUT/recorder-eager.json" ;;
     cutoff-eager) stage $s 150 python3 bench/bench_recorder.py --modes eager --reps 30 --hooks 5 --variants cutoff-0.5,official-cutoff-0.5 --out "$OUT/cutoff-eager.json" ;;
     rec-compiled) stage $s 240 python3 bench/bench_recorder.py --modes compiled --reps 30 --variants cutoff-0.5,official-cutoff-0.5,record-target,no-cfg --out "$OUT/recorder-compiled.json" ;;
+    scales-shapes) stage $s 200 python3 bench/bench_scales.py --model shapes --out "$OUT" ;;
+    scales-sd15) stage $s 300 python3 bench/bench_scales.py --model sd15 --out "$OUT" ;;
     cuda-tests) stage $s 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
