@@ -126,6 +126,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of loop and sweep")
     ap.add_argument("--cost-repeats", type=int, default=5, help="interleaved repeats of the cost model")
     ap.add_argument("--metrics", default="psnr,ssim", help="the sweep's metrics (comma-separated)")
+    ap.add_argument("--oneshot-after", action="store_true",
+                    help="measure the one-shot cost model again after the rounds (is an early one slow?)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke test: tiny sizes, 4 steps, 2 seeds, 1 round")
     ap.add_argument("--out", required=True, help="folder for bench_sweep_<model>_<mode>.json")
     args = ap.parse_args()
@@ -188,6 +190,11 @@ def main():
                 ms, res = run_sweep(pipe, prompt, seeds, call, dev, folder, metrics)
                 sweep_ms.append(ms)
     inter = cost.fit(mcalls, mloops, args.steps)
+    after = None
+    if args.oneshot_after:  # the one-shot model again, now that the process has run for minutes
+        after = cost.measure(pipe, call={k: v for k, v in call.items() if k not in ("num_inference_steps", "guidance_scale")},
+                             prompt=prompt, seed=0, steps=args.steps, scale=call["guidance_scale"], batch=1,
+                             repeats=args.cost_repeats, warmup=1)
     f = res.frame
     # exactness: every sweep row against its standalone (loop) image
     rows = []
@@ -205,6 +212,7 @@ def main():
         med = statistics.median(per_cfg[r])
         lo, hi = bootstrap_ci(per_cfg[r])
         pi = cost.predict_ms(inter, g, args.steps)
+        pa = cost.predict_ms(after, g, args.steps) if after else None
         # paired: each seed block's config call against the model fitted from that block's own
         # two model calls (seconds apart), so the host's drift over minutes cancels
         paired = [cost.predict_ms(cost.fit({k: [mcalls[k][b]] for k in cost.KINDS},
@@ -218,6 +226,7 @@ def main():
                         "interleaved_predicted_ms": pi, "interleaved_rel_error": pi / med - 1,
                         "interleaved_within_5pct": abs(pi / med - 1) <= 0.05,
                         "standalone_ci_within_5pct_of_interleaved": lo <= pi * 1.05 and hi >= pi * 0.95,
+                        "after_rel_error": (pa / med - 1) if pa else None,
                         "paired_rel_error": pmed, "paired_ci95": [plo, phi], "paired_within_5pct": abs(pmed) <= 0.05})
     batches = [e for e in res.events if e["kind"] == "batch"]
     speed = [a / b for a, b in zip(loop_ms, sweep_ms)]
@@ -238,7 +247,7 @@ def main():
         "evaluations": {"loop": float(f.nfe.sum()), "sweep": float(sum(e["evaluations"] for e in batches))},
         "graphs_compiled": graphs["graphs"] if graphs else None,
         "padded_sizes": graphs["padded_sizes"] if graphs else None,
-        "cost_model": {k: v for k, v in model.items() if k not in ("calls_ms", "loops_ms")},
+        "cost_model": model, "cost_model_after": after,
         "cost_model_s": t_cost, "warmup_s": t_warm, "build_s": t_build,
         "configs": configs, "all_within_5pct": all(c["within_5pct"] for c in configs),
         "all_interleaved_within_5pct": all(c["interleaved_within_5pct"] for c in configs),
@@ -260,7 +269,12 @@ def main():
         print(f"cutoff {c['cutoff']:.1f}: predicted {c['predicted_ms']:8.1f} ms, standalone median "
               f"{c['standalone_median_ms']:8.1f} ms ({100 * c['rel_error']:+.1f}%); model fitted in the loop "
               f"{c['interleaved_predicted_ms']:8.1f} ms ({100 * c['interleaved_rel_error']:+.1f}%); paired by block "
-              f"{100 * c['paired_rel_error']:+.1f}% [{100 * c['paired_ci95'][0]:+.1f}, {100 * c['paired_ci95'][1]:+.1f}]")
+              f"{100 * c['paired_rel_error']:+.1f}% [{100 * c['paired_ci95'][0]:+.1f}, {100 * c['paired_ci95'][1]:+.1f}]"
+              + (f"; one-shot after the rounds {100 * c['after_rel_error']:+.1f}%" if after else ""))
+    for name, m in (("one-shot", model), ("after", after)):
+        if m:
+            print(name, "warm-up ms:", [round(x) for x in m["warmup_ms"]], "calls ms:",
+                  {k: [round(x) for x in v] for k, v in m["calls_ms"].items()})
     print(f"rows: min PSNR {out['rows']['min_psnr_db']:.1f} dB, max |diff| {out['rows']['max_abs_255']}/255 -> {path}")
 
 

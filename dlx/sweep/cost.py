@@ -120,17 +120,17 @@ def measure(pipe, *, call: dict, prompt: str, seed: int, steps: int, scale: floa
     # and caches take a moment to settle, and one warm-up call of a small model is not enough
     # (2026-12-03, the embedded model compiled: one warm-up call left the model 15 % slow)
     min_s = WARMUP_S if _device(pipe).type == "cuda" else 0.0
-    t0, done = time.perf_counter(), 0
+    t0, done, warm_ms = time.perf_counter(), 0, []
     while done < warmup or time.perf_counter() - t0 < min_s:
         for k in KINDS:
-            timed_call(pipe, kw, kind_parts(k))
+            warm_ms.append(timed_call(pipe, kw, kind_parts(k))[0])
         done += 1
     for _ in range(repeats):
         for k in KINDS:
             c, lp = timed_call(pipe, kw, kind_parts(k))
             calls[k].append(c)
             loops[k].append(lp)
-    return {**fit(calls, loops, steps), "repeats": repeats, "warmup": done, **_where(pipe)}
+    return {**fit(calls, loops, steps), "repeats": repeats, "warmup": done, "warmup_ms": warm_ms, **_where(pipe)}
 
 
 #: seconds of warm-up calls on a GPU before the cost model is timed
