@@ -76,14 +76,21 @@ def test_three_scales_run_in_fewer_calls_than_scales(tmp_path):
 
 
 def mixed_spec(scales=SCALES, call=CALL, **kw):
+    """Cutoff, interval, adaptive and sigma configs at every scale of ``scales``, and the two
+    schedules at those above 1 (``build_spec`` refuses a schedule at a scale <= 1: no CFG), in
+    one grid."""
     configs = {"cut .5": dlx.CFGCutoff(0.5), "interval": dlx.GuidanceInterval(0.25, 0.75),
-               "linear": dlx.GuidanceSchedule("linear", low=1.0), "constant": dlx.GuidanceSchedule("constant"),
                "adaptive": dlx.AdaptiveCutoff(0.5), "sigma": dlx.CFGCutoff(sigma=1.0), "full": None}
-    return build_spec(prompts=PROMPTS, seeds=[0], configs=configs, guidance_scales=scales, call=call, **kw)
+    spec = build_spec(prompts=PROMPTS, seeds=[0], configs=configs, guidance_scales=scales, call=call, **kw)
+    sched = build_spec(prompts=PROMPTS, seeds=[0], guidance_scales=[s for s in scales if s > 1], call=call,
+                       configs={"linear": dlx.GuidanceSchedule("linear", low=1.0),
+                                "constant": dlx.GuidanceSchedule("constant")}, **kw)
+    spec.configs += [c for c in sched.configs if c.controls]
+    return spec
 
 
 def runnable(spec):
-    """Every row a standalone run accepts (a GuidanceSchedule at scale <= 1 is refused: no CFG)."""
+    """Every row of the grid (all mixable on this family)."""
     cfgs = {c.name: c for c in spec.configs}
     return [r for r in spec.rows() if engine.mixable(spec, cfgs[r["config"]])]
 
@@ -223,22 +230,20 @@ def test_share_keys_hold_the_scale(monkeypatch):
     assert len(set(k)) == 2 and {s for _, _, s in k} == {3.0, 6.0}
 
 
-def test_a_schedule_at_scale_one_fails_alone_and_the_other_rows_mix(tmp_path):
-    # A standalone GuidanceSchedule run at scale 1 is refused (no CFG to schedule): its rows run in
-    # a call of their own and fail with that message; every other row shares the mixed call.
+def test_a_schedule_at_scale_one_is_refused_before_any_model_work(tmp_path, monkeypatch):
+    # A standalone GuidanceSchedule run at scale 1 is refused (no CFG to schedule): the sweep says
+    # so when it checks its grid, naming the config and the scale, before running any row.
     pipe = pipe_for("sd")
-    res = dlx.sweep(pipe, prompts=PROMPTS[:1], seeds=[0], guidance_scales=[1.0, 4.0], out=tmp_path, timing=(),
-                    progress=False, metrics=["psnr"], configs={"linear": dlx.GuidanceSchedule("linear"), "full": None},
-                    **CALL)
-    ev = batches(res)
-    assert [e["scale"] for e in ev] == [[1.0, 4.0]]
-    (failed,) = [e for e in res.events if e["kind"] == "batch_failed"]
-    assert failed["rows"] == 1 and "guidance_scale > 1" in failed["error"]
-    f = res.frame.set_index("config")
-    assert f.loc["linear scale=1", "status"] == "failed"
-    assert (f.drop(index="linear scale=1").status == "ok").all()
-    with pytest.raises(DlxError, match="guidance_scale > 1"):
-        standalone(pipe, res.spec.configs[0], PROMPTS[0], 0, 1.0)
+    monkeypatch.setattr(engine, "run_batch", lambda *a, **k: pytest.fail("a row ran"))
+    with pytest.raises(DlxError, match=r"config 'linear scale=1': GuidanceSchedule needs guidance_scale > 1.*"
+                                       r"got guidance_scale=1\.0"):
+        dlx.sweep(pipe, prompts=PROMPTS[:1], seeds=[0], guidance_scales=[1.0, 4.0], out=tmp_path, timing=(),
+                  progress=False, metrics=["psnr"], configs={"linear": dlx.GuidanceSchedule("linear"), "full": None},
+                  **CALL)
+    assert not (tmp_path / "sweep.sqlite").exists()
+    with pytest.raises(DlxError, match="guidance_scale > 1"):  # as the standalone run is
+        with dlx.attach(pipe, dlx.GuidanceSchedule("linear")):
+            pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="pt", **{**CALL, "guidance_scale": 1.0})
 
 
 def _lcm_pipe():

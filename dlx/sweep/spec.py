@@ -346,4 +346,8 @@ def build_spec(*, prompts=None, seeds=None, pairs=None, cutoffs=None, configs=No
             if ctl["type"] == "CFGCutoff" and ctl.get("step") is not None and ctl["step"] >= steps_c:
                 raise DlxError(f"config {c.name!r}: CFGCutoff step={ctl['step']} must be less than its "
                                f"{steps_c} steps")
+            if ctl["type"] == "GuidanceSchedule" and spec.scale_of(c) <= 1:
+                # a standalone call refuses it too (the schedule needs CFG on): say so before any work
+                raise DlxError(f"config {c.name!r}: GuidanceSchedule needs guidance_scale > 1 (the call runs "
+                               f"without CFG otherwise); got guidance_scale={spec.scale_of(c)!r}")
     return spec
