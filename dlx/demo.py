@@ -178,6 +178,9 @@ def format_summary(res) -> str:
                      f"interleaved runs): guided step {cost['guided_step_ms']:.1f} ms, unguided "
                      f"{cost['unguided_step_ms']:.1f} ms, fixed {cost['fixed_ms']:.0f} ms -> {cost['regime']}: "
                      f"an unguided step saves {100 * cost['saving']:.0f}%")
+        if cost.get("steady") is False:
+            lines.append(f"the host's speed was still changing while these were measured ({100 * cost['drift']:.0f}% "
+                         f"between the older and newer calls): the times alone are uncertain by about that")
         lines.append("'time alone' is the predicted wall time of one such run by itself (measured costs, not "
                      "the sweep's clock); PSNR/SSIM compare with full guidance (cutoff=1) of the same prompt and seed.")
     f = res.frame

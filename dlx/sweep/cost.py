@@ -112,9 +112,14 @@ def standalone_kwargs(call: dict, prompt: str, seed: int, steps: int, scale: flo
 
 def measure(pipe, *, call: dict, prompt: str, seed: int, steps: int, scale: float, batch: int = 1,
             repeats: int = 3, warmup: int = 1) -> dict:
-    """Fit the cost model from interleaved standalone calls (full guidance, no guided step)."""
-    calls = {k: [] for k in KINDS}
-    loops = {k: [] for k in KINDS}
+    """Fit the cost model from interleaved standalone calls (full guidance, no guided step).
+
+    Shared hosts change speed for tens of seconds at a time (2026-12-03, H200 host: eager calls
+    of 740 ms took 1,350 ms for half a minute), and a model measured in such a spell prices every
+    config 20-70 % high. So the model is fitted from the last ``repeats`` pairs of calls once they
+    are steady (``steady``: the older and newer halves' median pair times agree within
+    ``STEADY``); until then pairs are added, for at most as long again as the first ``repeats``
+    took. ``steady`` False says the host's speed was still changing: ``drift`` is by how much."""
     kw = standalone_kwargs(call, prompt, seed, steps, scale, batch)
     # on a GPU, warm up for at least a second as well: after a pause (compiling, loading) clocks
     # and caches take a moment to settle, and one warm-up call of a small model is not enough
@@ -125,12 +130,40 @@ def measure(pipe, *, call: dict, prompt: str, seed: int, steps: int, scale: floa
         for k in KINDS:
             warm_ms.append(timed_call(pipe, kw, kind_parts(k))[0])
         done += 1
+    pairs = []  # per pair: {kind: (call ms, loop ms)}
+
+    def take():
+        pairs.append({k: timed_call(pipe, kw, kind_parts(k)) for k in KINDS})
+
+    t0 = time.perf_counter()
     for _ in range(repeats):
-        for k in KINDS:
-            c, lp = timed_call(pipe, kw, kind_parts(k))
-            calls[k].append(c)
-            loops[k].append(lp)
-    return {**fit(calls, loops, steps), "repeats": repeats, "warmup": done, "warmup_ms": warm_ms, **_where(pipe)}
+        take()
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    while drift(pairs[-repeats:]) > STEADY and time.perf_counter() - t0 < first_s:
+        take()
+    window = pairs[-repeats:]
+    calls = {k: [p[k][0] for p in window] for k in KINDS}
+    loops = {k: [p[k][1] for p in window] for k in KINDS}
+    d = drift(window)
+    return {**fit(calls, loops, steps), "repeats": repeats, "warmup": done, "warmup_ms": warm_ms,
+            "pairs_timed": len(pairs), "all_pairs_ms": [sum(p[k][0] for k in KINDS) for p in pairs],
+            "drift": d, "steady": d <= STEADY, **_where(pipe)}
+
+
+def drift(pairs: list) -> float:
+    """How far apart the older and the newer half of ``pairs`` are: |median newer / median older
+    - 1| of the pairs' total call times (0 for fewer than 2 pairs: nothing to compare)."""
+    if len(pairs) < 2:
+        return 0.0
+    tot = [sum(p[k][0] for k in KINDS) for p in pairs]
+    h = len(tot) // 2
+    old, new = statistics.median(tot[:h]), statistics.median(tot[-h:])
+    return abs(new / old - 1) if old > 0 else 0.0
+
+
+#: the most the halves of the measured pairs may differ for the model to count as steady
+STEADY = 0.05
 
 
 #: seconds of warm-up calls on a GPU before the cost model is timed

@@ -1,0 +1,91 @@
+"""dlx.sweep.cost: the cost model is fitted from steady calls, and says when the host was not."""
+
+from __future__ import annotations
+
+import pytest
+
+from dlx.sweep import cost
+
+from .helpers import pipe_for
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """timed_call replaced by a script of pair times on a fake clock (1 s a call): no real calls."""
+    clock = [0.0]
+    script: list[float] = []
+    seen = []
+
+    def timed_call(pipe, kwargs, parts=()):
+        clock[0] += 1.0
+        kind = "unguided" if parts else "guided"
+        i = len(seen) // 2
+        seen.append(kind)
+        ms = script[min(i, len(script) - 1)]
+        loop = ms - 10.0 if kind == "guided" else ms - 10.0 - 100.0  # 100 ms saved over 10 steps
+        return ms if kind == "guided" else ms - 100.0, loop
+
+    monkeypatch.setattr(cost, "timed_call", timed_call)
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
+    return script, seen
+
+
+def _measure(repeats=4):
+    return cost.measure(pipe_for("sd"), call={}, prompt="a red circle", seed=0, steps=10, scale=5.0,
+                        repeats=repeats, warmup=1)
+
+
+def test_a_slow_spell_at_the_start_is_left_out(scripted):
+    script, seen = scripted
+    # warm-up pair, then 3 pairs in a slow spell (+70 %), then the host's usual speed
+    script[:] = [1000.0, 1700.0, 1700.0, 1700.0] + [1000.0] * 20
+    m = _measure()
+    assert m["steady"] and m["drift"] == 0.0
+    assert m["full_ms"] == 1000.0 and m["none_ms"] == 900.0  # fitted on the last 4 (steady) pairs
+    assert m["guided_step_ms"] == 99.0 and m["unguided_step_ms"] == 89.0 and m["fixed_ms"] == 10.0
+    # 4 pairs, then more until the last 4 are steady: 3 more (the window moved past the spell)
+    assert m["pairs_timed"] == 7 and len(seen) == 2 * (1 + 7)
+
+
+def test_steady_calls_take_no_extra_pairs(scripted):
+    script, _ = scripted
+    script[:] = [1000.0, 1000.0, 1010.0, 990.0, 1000.0]
+    m = _measure()
+    assert m["steady"] and m["pairs_timed"] == 4 and m["full_ms"] == 1000.0
+
+
+def test_a_host_that_never_settles_is_reported_not_hidden(scripted):
+    script, _ = scripted
+    # each pair 30 % slower than the last: never steady; extra pairs stop after as long again
+    script[:] = [1000.0 * 1.3 ** i for i in range(40)]
+    m = _measure()
+    assert not m["steady"] and m["drift"] > cost.STEADY
+    assert m["pairs_timed"] == 8  # 4 pairs took 8 s of the fake clock; 4 more in the next 8 s
+    assert m["all_pairs_ms"][0] < m["all_pairs_ms"][-1]
+
+
+def test_drift_compares_the_older_and_newer_halves():
+    def pair(ms):
+        return {"guided": (ms, 0.0), "unguided": (ms, 0.0)}
+
+    assert cost.drift([pair(100.0)]) == 0.0
+    assert cost.drift([pair(100.0), pair(110.0)]) == pytest.approx(0.10)
+    assert cost.drift([pair(100.0), pair(300.0), pair(100.0), pair(100.0)]) == pytest.approx(0.5)  # medians of 2
+    # one slow pair among three does not move a half's median
+    assert cost.drift([pair(100.0), pair(300.0), pair(100.0), pair(100.0), pair(100.0), pair(100.0)]) == 0.0
+
+
+def test_the_demo_says_when_the_timing_was_not_steady(tmp_path, monkeypatch):
+    import dlx
+    from dlx.demo import format_summary
+
+    res = dlx.sweep(pipe_for("sd"), prompts=["a red circle"], seeds=[0], cutoffs=[0, 1.0], out=tmp_path,
+                    timing=("eager",), timing_repeats=2, progress=False, metrics=["psnr", "ssim"],
+                    num_inference_steps=2, guidance_scale=5.0, height=32, width=32)
+    ((key, c),) = res.costs("eager").items()
+    assert {"steady", "drift", "pairs_timed", "all_pairs_ms"} <= set(c)  # stored with the model
+    unsteady = {key: {**c, "steady": False, "drift": 0.31}}
+    monkeypatch.setattr(type(res), "costs", lambda self, mode="eager": unsteady if mode == "eager" else {})
+    assert "still changing while these were measured (31%" in format_summary(res)
+    monkeypatch.setattr(type(res), "costs", lambda self, mode="eager": {key: {**c, "steady": True}} if mode == "eager" else {})
+    assert "still changing" not in format_summary(res)
