@@ -89,19 +89,13 @@ def mixed_spec(scales=SCALES, call=CALL, **kw):
     return spec
 
 
-def runnable(spec):
-    """Every row of the grid (all mixable on this family)."""
-    cfgs = {c.name: c for c in spec.configs}
-    return [r for r in spec.rows() if engine.mixable(spec, cfgs[r["config"]])]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_every_row_of_a_mixed_scale_call_equals_its_standalone_run(dtype):
     from dlx.testing import tiny_pipeline
 
     pipe = tiny_pipeline("sd", dtype=dtype) if dtype != torch.float32 else pipe_for("sd")
     spec = mixed_spec()
-    rows = runnable(spec)
+    rows = spec.rows()
     cfgs = {c.name: c for c in spec.configs}
     out = engine.run_batch(pipe, spec, rows)
     assert out["scale"] == SCALES and out["call_scale"] == 6.0

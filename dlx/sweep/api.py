@@ -371,13 +371,7 @@ def _run(pipe, spec, store, units, mets, *, max_batch, share, pad, keep_previews
         by_group: dict = {}
         for u in units:
             c = cfgs[u[0]["config"]]
-            steps, scale = spec.steps_of(c), spec.scale_of(c)
-            mixed = [r for r in u if mix and engine.mixable(spec, cfgs[r["config"]])]
-            alone = [r for r in u if not (mix and engine.mixable(spec, cfgs[r["config"]]))]
-            if mixed:
-                by_group.setdefault((steps, None), []).append(mixed)
-            if alone:
-                by_group.setdefault((steps, scale), []).append(alone)
+            by_group.setdefault((spec.steps_of(c), None if mix else spec.scale_of(c)), []).append(u)
         with engine.pad_shapes(pipe, shapes, enabled=pad):
             for key, group_units in by_group.items():
                 pending = list(group_units)

@@ -19,8 +19,8 @@ combination alone (``Family.scale_only_combines``: SD 1.5/2, SDXL, SD3, their im
 and ControlNet pipelines, the embedded model; ``guidance_rescale`` included, the tap rescales
 each sample). Where it also changes the denoiser's inputs (Flux's distilled guidance
 embedding, LCM's ``w`` embedding, SD3 skip-layer guidance: ``families.scale_changes_inputs``)
-the sweep keeps one call per scale, as do rows at a scale <= 1 whose config sets scales (a
-standalone run of them refuses: a schedule needs CFG on).
+the sweep keeps one call per scale. (A config that sets scales at a scale <= 1, which a
+standalone run refuses, is refused when the grid is built.)
 
 A CUDA out-of-memory error halves the batch and retries (the events table records it); a row
 that still fails, or decodes to NaN, is stored as failed with its error and the sweep goes on.
@@ -41,7 +41,7 @@ import torch
 from ..errors import DlxError
 from ..session import Part, Run
 
-__all__ = ["RowPlans", "plan_batches", "run_batch", "mixes_scales", "mixable", "pad_shapes", "default_max_batch", "png_bytes"]
+__all__ = ["RowPlans", "plan_batches", "run_batch", "mixes_scales", "pad_shapes", "default_max_batch", "png_bytes"]
 
 
 class _RowRun:
@@ -57,11 +57,6 @@ class _RowRun:
 
     def default_scale(self) -> float:
         return self._scale
-
-
-def sets_scale(part) -> bool:
-    """Whether a control sets guidance scales (``GuidanceSchedule``)."""
-    return bool(getattr(part, "sets_scale", False)) or type(part).__name__ == "GuidanceSchedule"
 
 
 class RowPlans(Part):
@@ -84,7 +79,7 @@ class RowPlans(Part):
         self.rows = controls
         self.scales = None if scales is None else [float(s) for s in scales]
         self.wants_calls = any(p.wants_calls for ps in controls for p in ps)
-        self._sets_scale = any(sets_scale(p) for ps in controls for p in ps)
+        self._sets_scale = any(p.sets_scale for ps in controls for p in ps)
         # per-sample scales go to the tap when a row sets them or rows differ in scale
         self.sets_scale = self._sets_scale or self.scales is not None
         self._off = [s <= 1.0 for s in self.scales] if self.scales is not None else [False] * len(controls)
@@ -286,13 +281,6 @@ def mixes_scales(pipe, call: dict) -> bool:
     from ..families import scale_changes_inputs
 
     return scale_changes_inputs(pipe, call) is None
-
-
-def mixable(spec, cfg) -> bool:
-    """Whether ``cfg``'s rows may run in a mixed-scale call: all but a config that sets scales
-    (``GuidanceSchedule``) at a scale <= 1, which a standalone run refuses (no CFG to schedule):
-    its rows run in a call of their own scale and fail as that run does."""
-    return spec.scale_of(cfg) > 1 or not any(c.get("type") == "GuidanceSchedule" for c in cfg.controls)
 
 
 def run_batch(pipe, spec, rows: list[dict], *, share: bool = True, extra_parts=()) -> dict:
