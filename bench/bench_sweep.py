@@ -14,7 +14,9 @@ predicted standalone time against the median of that config's standalone calls i
 (target: within 5%), from two models: the one ``dlx.sweep`` measures (once, before the rounds:
 it carries the host's drift between measuring and running) and the same model fitted from its
 two standalone calls made inside the loop, call by call beside the configs' (it validates the
-model itself: fixed cost plus guided and unguided steps). ``--mode compiled`` compiles the
+model itself: fixed cost plus guided and unguided steps); and each config's time as a share of
+full guidance's, predicted (the summary's ``time_<mode>_vs_full``) against the ratio of the two
+standalone calls of each seed block, in which the host's speed cancels. ``--mode compiled`` compiles the
 denoiser with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); the sweep pads the
 denoiser batch to few shapes and the JSON says how many graphs it compiled.
 
@@ -220,6 +222,12 @@ def main():
                   / per_cfg[r][b] - 1 for b in range(len(per_cfg[r]))]
         pmed = statistics.median(paired)
         plo, phi = bootstrap_ci(paired)
+        # relative: the config's time as a share of full guidance's (the summary's time_<mode>_vs_full),
+        # one-shot prediction against each seed block's own ratio (the host's speed cancels in both)
+        full_pred = cost.predict_ms(model, f[f.cutoff == 1.0].guided_steps.mean(), args.steps)
+        share = [per_cfg[r][b] / per_cfg[1.0][b] for b in range(len(per_cfg[r]))]
+        smed = statistics.median(share)
+        slo, shi = bootstrap_ci(share)
         configs.append({"cutoff": r, "guided_steps": g, "nfe": f[f.cutoff == r].nfe.mean(), "predicted_ms": pred,
                         "standalone_median_ms": med, "standalone_ci95_ms": [lo, hi], "standalone_n": len(per_cfg[r]),
                         "rel_error": pred / med - 1, "within_5pct": abs(pred / med - 1) <= 0.05,
@@ -227,7 +235,10 @@ def main():
                         "interleaved_within_5pct": abs(pi / med - 1) <= 0.05,
                         "standalone_ci_within_5pct_of_interleaved": lo <= pi * 1.05 and hi >= pi * 0.95,
                         "after_rel_error": (pa / med - 1) if pa else None,
-                        "paired_rel_error": pmed, "paired_ci95": [plo, phi], "paired_within_5pct": abs(pmed) <= 0.05})
+                        "paired_rel_error": pmed, "paired_ci95": [plo, phi], "paired_within_5pct": abs(pmed) <= 0.05,
+                        "vs_full_predicted": pred / full_pred, "vs_full_standalone_median": smed,
+                        "vs_full_standalone_ci95": [slo, shi], "vs_full_rel_error": pred / full_pred / smed - 1,
+                        "vs_full_within_5pct": abs(pred / full_pred / smed - 1) <= 0.05})
     batches = [e for e in res.events if e["kind"] == "batch"]
     speed = [a / b for a, b in zip(loop_ms, sweep_ms)]
     out = {
@@ -252,6 +263,7 @@ def main():
         "configs": configs, "all_within_5pct": all(c["within_5pct"] for c in configs),
         "all_interleaved_within_5pct": all(c["interleaved_within_5pct"] for c in configs),
         "all_paired_within_5pct": all(c["paired_within_5pct"] for c in configs),
+        "all_vs_full_within_5pct": all(c["vs_full_within_5pct"] for c in configs),
         "interleaved_cost_model": {k: v for k, v in inter.items() if k not in ("calls_ms", "loops_ms")},
         "interleaved_model_calls": {k: len(v) for k, v in mcalls.items()},
         "rows": {"min_psnr_db": min(r["psnr_db"] for r in rows), "max_abs_255": max(r["max_abs_255"] for r in rows),
@@ -264,13 +276,15 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({k: out[k] for k in ("model", "mode", "device", "loop_s", "sweep_s", "speedup", "evaluations",
                                           "graphs_compiled", "all_within_5pct", "all_interleaved_within_5pct",
-                                          "all_paired_within_5pct")}, indent=1, default=float))
+                                          "all_paired_within_5pct", "all_vs_full_within_5pct")}, indent=1, default=float))
     for c in configs:
         print(f"cutoff {c['cutoff']:.1f}: predicted {c['predicted_ms']:8.1f} ms, standalone median "
               f"{c['standalone_median_ms']:8.1f} ms ({100 * c['rel_error']:+.1f}%); model fitted in the loop "
               f"{c['interleaved_predicted_ms']:8.1f} ms ({100 * c['interleaved_rel_error']:+.1f}%); paired by block "
               f"{100 * c['paired_rel_error']:+.1f}% [{100 * c['paired_ci95'][0]:+.1f}, {100 * c['paired_ci95'][1]:+.1f}]"
-              + (f"; one-shot after the rounds {100 * c['after_rel_error']:+.1f}%" if after else ""))
+              + (f"; one-shot after the rounds {100 * c['after_rel_error']:+.1f}%" if after else "")
+              + f"; share of full CFG predicted {c['vs_full_predicted']:.3f}, standalone {c['vs_full_standalone_median']:.3f} "
+                f"[{c['vs_full_standalone_ci95'][0]:.3f}, {c['vs_full_standalone_ci95'][1]:.3f}] ({100 * c['vs_full_rel_error']:+.1f}%)")
     for name, m in (("one-shot", model), ("after", after)):
         if m:
             print(name, "warm-up ms:", [round(x) for x in m["warmup_ms"]], "calls ms:",

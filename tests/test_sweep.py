@@ -181,6 +181,10 @@ def test_summary_has_means_and_intervals_and_plot_returns_fig_ax(tmp_path):
     t = s.time_eager_s
     assert t["cutoff=0"] < t["cutoff=0.5"] < t["cutoff=1"]
     assert s.regime_eager.iloc[0] in ("host-bound", "denoiser-bound")
+    # the same time as a share of full guidance's: 1 for the reference, the ratio of means otherwise
+    assert s.loc["cutoff=1", "time_eager_vs_full"] == 1.0
+    assert s.loc["cutoff=0", "time_eager_vs_full"] == pytest.approx(t["cutoff=0"] / t["cutoff=1"], rel=1e-12)
+    assert s.loc["cutoff=0", "time_eager_vs_full"] < s.loc["cutoff=0.5", "time_eager_vs_full"] < 1
     fig, ax = res.plot()
     assert isinstance(fig, matplotlib.figure.Figure) and ax.get_xlabel().startswith("predicted wall time")
     assert len(res.images(config="cutoff=0")) == 4

@@ -18,7 +18,8 @@ def scripted(monkeypatch):
 
     def timed_call(pipe, kwargs, parts=()):
         clock[0] += 1.0
-        kind = "unguided" if parts else "guided"
+        (part,) = parts  # a cutoff at ratio 1 (guided) or 0, as a user runs a config
+        kind = "guided" if part.ratio == 1 else "unguided"
         i = len(seen) // 2
         seen.append(kind)
         ms = script[min(i, len(script) - 1)]

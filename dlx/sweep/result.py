@@ -118,8 +118,9 @@ class SweepResult:
         return pd.DataFrame(out, columns=cols)
 
     def summary(self, level: float = 0.95, n_boot: int = 2000):
-        """One row per config: rows ok/failed, NFE, predicted standalone time and timing regime per
-        mode, and for each metric its mean and bootstrap interval (``<metric>_lo``/``_hi``)
+        """One row per config: rows ok/failed, NFE, predicted standalone time (``time_<mode>_s``),
+        that time as a share of the full-guidance config's (``time_<mode>_vs_full``) and the
+        timing regime per mode, and for each metric its mean and bootstrap interval (``<metric>_lo``/``_hi``)
         across prompts × seeds."""
         import pandas as pd
 
@@ -136,6 +137,12 @@ class SweepResult:
                 d[f"time_{m}_s"] = ok[f"time_{m}_s"].mean() if len(ok) else math.nan
                 cost = self.costs(m).get((spec.steps_of(c), spec.scale_of(c)))
                 d[f"regime_{m}"] = cost["regime"] if cost else None
+                # the same time as a share of full guidance's (same scale and steps): the host's
+                # speed, which moves absolute times by 10-20 % over minutes on shared machines,
+                # cancels in it
+                ref = f[(f.config == spec.reference_of(c).name) & (f.status == "ok")]
+                full = ref[f"time_{m}_s"].mean() if len(ref) else math.nan
+                d[f"time_{m}_vs_full"] = d[f"time_{m}_s"] / full if full == full and full > 0 else math.nan
             for name in spec.metrics:
                 vals = ok[name].tolist()
                 d[name] = float(sum(v for v in vals if v == v) / max(1, sum(v == v for v in vals))) if vals else math.nan
