@@ -163,14 +163,16 @@ def format_summary(res) -> str:
     predicted standalone time and the timing regime, then how the sweep compared to a loop."""
     s = res.summary()
     lines = []
-    head = f"{'config':<12} {'NFE':>5} {'time alone':>10}  {'adherence (95% CI)':<22} {'PSNR dB (95% CI)':<20} {'SSIM':>6}"
+    head = (f"{'config':<12} {'NFE':>5} {'time alone':>10} {'vs full':>7}  {'adherence (95% CI)':<22} "
+            f"{'PSNR dB (95% CI)':<20} {'SSIM':>6}")
     lines.append(head)
     lines.append("-" * len(head))
     for r in s.itertuples():
         t = getattr(r, "time_eager_s", math.nan)
+        share = getattr(r, "time_eager_vs_full", math.nan)
         adh = f"{r.adherence:6.1%} [{r.adherence_lo:.0%}, {r.adherence_hi:.0%}]" if "adherence" in s else ""
         ps = f"{r.psnr:5.1f} [{r.psnr_lo:.1f}, {r.psnr_hi:.1f}]"
-        lines.append(f"{r.config:<12} {r.nfe:5.1f} {t:9.3f}s  {adh:<22} {ps:<20} {r.ssim:6.3f}")
+        lines.append(f"{r.config:<12} {r.nfe:5.1f} {t:9.3f}s {share:7.0%}  {adh:<22} {ps:<20} {r.ssim:6.3f}")
     cost = next(iter(res.costs("eager").values()), None)
     if cost is not None:
         lines.append("")
@@ -182,7 +184,9 @@ def format_summary(res) -> str:
             lines.append(f"the host's speed was still changing while these were measured ({100 * cost['drift']:.0f}% "
                          f"between the older and newer calls): the times alone are uncertain by about that")
         lines.append("'time alone' is the predicted wall time of one such run by itself (measured costs, not "
-                     "the sweep's clock); PSNR/SSIM compare with full guidance (cutoff=1) of the same prompt and seed.")
+                     "the sweep's clock), 'vs full' the same as a share of full guidance's: the host's speed, "
+                     "which moves the first, cancels in the second; PSNR/SSIM compare with full guidance "
+                     "(cutoff=1) of the same prompt and seed.")
     f = res.frame
     batches = [e for e in res.events if e["kind"] == "batch"]
     if batches:
