@@ -28,6 +28,7 @@ for s in "$@"; do
     sweep-sd15-compiled) stage $s 330 python3 bench/bench_sweep.py --model sd15 --mode compiled --rounds 2 --out "$OUT" ;;
     sweep-shapes-compiled) stage $s 170 python3 bench/bench_sweep.py --model shapes --mode compiled --rounds 2 --out "$OUT" ;;
     sweep-shapes-compiled-after) stage $s 190 python3 bench/bench_sweep.py --model shapes --mode compiled --rounds 2 --oneshot-after --out "$OUT" ;;
+    sweep-shapes-eager-after) stage $s 220 python3 bench/bench_sweep.py --model shapes --mode eager --rounds 2 --oneshot-after --out "$OUT" ;;
     sweep-sd15-eager-after) stage $s 280 python3 bench/bench_sweep.py --model sd15 --mode eager --rounds 2 --oneshot-after --out "$OUT" ;;
     preview-shapes) stage $s 120 python3 bench/bench_preview.py --model shapes --device cuda --dtype float32 --steps 25 --reps 15 --out "$OUT/preview-shapes.json" ;;
     preview-sd15) stage $s 150 python3 bench/bench_preview.py --device cuda --steps 25 --reps 8 --variants preview-x0,preview-latent,preview-x0-pil,preview-x0-map --out "$OUT/preview-sd15.json" ;;
