@@ -93,7 +93,7 @@ def _record(args, parser) -> int:
 
 def _cli_names(msg: str) -> str:
     """A library error's argument names as the command line spells them."""
-    for name in ("out", "device", "dtype"):
+    for name in ("out", "device", "dtype", "cutoffs", "seeds", "steps", "prompt", "model"):
         msg = msg.replace(f"argument `{name}`", f"argument --{name}")
     return msg
 
@@ -121,7 +121,8 @@ def _demo(args, parser) -> int:
 
     try:
         check_study_args(prompts=prompts or STUDY_PROMPTS, seeds=args.seeds, seed=args.seed, steps=args.steps,
-                         guidance_scale=args.guidance_scale, cutoffs=args.cutoffs or STUDY_CUTOFFS,
+                         guidance_scale=args.guidance_scale,
+                         cutoffs=args.cutoffs if args.cutoffs is not None else STUDY_CUTOFFS,
                          model=args.model)
         if user:
             from dlx.sweep.api import _check_device, _check_dtype
@@ -138,7 +139,7 @@ def _demo(args, parser) -> int:
     from dlx.demo import USER_PROMPTS
 
     pairs = len(prompts or (USER_PROMPTS if user else STUDY_PROMPTS)) * args.seeds
-    ncut = len(args.cutoffs or STUDY_CUTOFFS)
+    ncut = len(args.cutoffs if args.cutoffs is not None else STUDY_CUTOFFS)
     print(f"dlx {dlx.__version__} · torch {torch.__version__} ({torch.get_num_threads()} threads) · "
           f"cutoff study on {args.model if user else 'the embedded shapes model'}: {ncut} cutoffs x {pairs} "
           f"(prompt, seed) pairs, "

@@ -39,6 +39,9 @@ class Metric:
     higher_is_better: bool = True
     reference: bool = False
     on_device: bool = False
+    #: what the values depend on besides the name: a callable's code, a network's weights
+    #: (a resumed sweep refuses a metric whose identity changed since its values were stored)
+    identity: str | None = None
 
     def __call__(self, images, prompts, reference_images=None) -> list[float]:
         vals = self.fn(images, prompts, reference_images)
@@ -151,24 +154,71 @@ def resolve(metrics, networks=None) -> list[Metric]:
                 raise DlxError(f"argument `metrics`: {m!r} needs its network: pass {_NETWORKS[m]}; "
                                f"no weights are downloaded")
             fn = {"psnr": psnr, "ssim": ssim, "adherence": adherence}.get(m)
+            ident = None
             if m == "lpips":
                 fn = _lpips(networks["lpips"])
+                ident = _weights_id(getattr(networks["lpips"], "net", networks["lpips"]))
             elif m == "clip":
                 pair = networks["clip"]
                 if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                     raise DlxError(f"argument `networks`: 'clip' must be (model, processor); got {pair!r}")
                 fn = _clip(pair)
-            out.append(Metric(m, fn, **BUILTIN[m]))
+                ident = _weights_id(pair[0])
+            out.append(Metric(m, fn, **BUILTIN[m], identity=ident))
         elif callable(m):
             name = getattr(m, "__name__", type(m).__name__)
+            # a user metric gets the full-guidance images, as its documented signature says,
+            # unless it sets ``reference = False`` (then None, and no reference PNG is read)
             out.append(Metric(name, m, bool(getattr(m, "higher_is_better", True)),
-                              bool(getattr(m, "reference", False))))
+                              bool(getattr(m, "reference", True)), identity=_code_id(m)))
         else:
             raise DlxError(f"argument `metrics` takes metric names or callables; got {m!r}")
     names = [m.name for m in out]
     if len(set(names)) != len(names):
         raise DlxError(f"argument `metrics` names a metric twice: {names}")
+    for n in names:
+        if n in FRAME_COLUMNS or n.startswith("time_"):
+            raise DlxError(f"argument `metrics`: a metric named {n!r} would clash with the results' column of "
+                           f"that name; rename it (set its __name__)")
     return out
+
+
+#: the columns of a sweep's frame besides its metrics (a metric may not take their names)
+FRAME_COLUMNS = ("row_id", "config", "config_json", "cutoff", "guidance_scale", "steps", "prompt", "seed", "status",
+                 "error", "nfe", "guided_steps", "evaluations", "image", "batch", "device")
+
+
+def _code_id(fn) -> str:
+    """A short hash of a callable's code (its source where Python has it, else its bytecode and
+    constants), so an edited metric function is told from the one that made stored values."""
+    import hashlib
+    import inspect
+
+    target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn)
+    try:
+        text = inspect.getsource(target)
+    except (OSError, TypeError):
+        code = getattr(getattr(target, "__func__", target), "__code__", None)
+        text = repr((code.co_code, code.co_consts)) if code is not None else repr(target)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _weights_id(module) -> str | None:
+    """A short fingerprint of a network's weights (strided samples, as dlx.sweep.weights_fingerprint)."""
+    import hashlib
+
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        return None
+    h = hashlib.sha256()
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_meta:
+            return None
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(flat[:: max(1, flat.numel() // 64)][:64].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def finite_mean(xs) -> float:

@@ -46,7 +46,8 @@ def _pick_time(summary, mode):
     if mode not in times:
         raise DlxError(f"argument `mode` must be one of {times + ['nfe']}; got {mode!r}")
     regime = summary.get(f"regime_{mode}")
-    r = f", {regime.dropna().iloc[0]}" if regime is not None and len(regime.dropna()) else ""
+    named = [x for x in regime.dropna() if x != "no CFG"] if regime is not None else []
+    r = f", {named[0]}" if named else ""
     return f"time_{mode}_s", f"predicted wall time alone, s ({mode}{r})"
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import json
 import math
 import os
 import tempfile
@@ -103,8 +106,13 @@ def model_identity(pipe) -> dict:
 
     if name and Path(name).resolve() == zoo.path("shapes").resolve():
         name = "shapes"
+    sched = getattr(pipe, "scheduler", None)
+    conf = {k: v for k, v in dict(getattr(sched, "config", {}) or {}).items() if not k.startswith("_")}
     return {"pipeline": type(pipe).__name__, "name_or_path": name, "dtype": dtype,
-            "scheduler": type(pipe.scheduler).__name__}
+            "scheduler": type(sched).__name__,
+            # its config too: the same class with another timestep_spacing or beta schedule
+            # makes other images (json round trip: tuples become lists, as stored)
+            "scheduler_config": json.loads(json.dumps(conf, sort_keys=True, default=str))}
 
 
 def weights_fingerprint(pipe, per_tensor: int = 256) -> str | None:
@@ -163,6 +171,59 @@ def _check_weights(out: Path, fp: str | None) -> None:
         s.close()
 
 
+def _pipeline_class(pipe, ident: dict):
+    """The pipeline's class, without loading weights where the model is given by name (its
+    model_index.json); None where that cannot be read (the call is then checked once loaded)."""
+    if not isinstance(pipe, str):
+        return type(pipe)
+    if "name" in ident:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline  # dlx.zoo.load
+    import diffusers
+
+    try:
+        if "folder" in ident:
+            name = json.loads((Path(ident["folder"]) / "model_index.json").read_text())["_class_name"]
+        else:  # a hub id: its model_index.json (the local cache when offline), no weights
+            name = diffusers.DiffusionPipeline.load_config(
+                ident["hub"], local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")["_class_name"]
+    except Exception:  # noqa: BLE001 - unknown here; the load says why, and the call is checked then
+        return None
+    return getattr(diffusers, name, None)
+
+
+#: the defaults dlx.sweep used before it read the pipeline's own (kept where they agree, so a
+#: stored spec stays the same)
+FALLBACK_DEFAULTS = {"guidance_scale": 7.5, "num_inference_steps": 50}
+
+
+def _check_call(cls, call: dict, *, guidance_scales=None, steps=None) -> dict:
+    """``call`` checked against ``cls.__call__``'s parameters (a misspelt argument would be
+    swallowed by diffusers' ``**kwargs`` and the call would run with the default), with the
+    pipeline's own defaults of ``guidance_scale`` and ``num_inference_steps`` filled in where
+    they differ from ``FALLBACK_DEFAULTS`` and none was given (SDXL's 5.0, SD3's 7.0 and 28)."""
+    if cls is None:
+        return call
+    try:
+        params = inspect.signature(cls.__call__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - not introspectable
+        return call
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+    for k in call:
+        if k not in named:
+            near = difflib.get_close_matches(k, sorted(named), n=1)
+            raise DlxError(f"pipeline argument `{k}` is not a parameter of {cls.__name__}.__call__"
+                           + (f"; did you mean `{near[0]}`?" if near else ""))
+    out = dict(call)
+    given = {"guidance_scale": guidance_scales is not None, "num_inference_steps": steps is not None}
+    for k, fallback in FALLBACK_DEFAULTS.items():
+        d = params[k].default if k in params else None
+        if k not in out and not given[k] and isinstance(d, (int, float)) and not isinstance(d, bool) and d != fallback:
+            out[k] = d
+    return out
+
+
 def _is_shapes(ident: dict) -> bool:
     return ident.get("name") == "shapes" or ident.get("name_or_path") == "shapes"
 
@@ -189,19 +250,27 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
             row's scale) where the pipeline's scale acts only in the CFG combination; else one
             call per scale (``dlx.sweep.engine``).
         metrics: names (``psnr``, ``ssim``, ``lpips``, ``clip``, ``adherence``) or callables
-            ``f(images, prompts, reference_images)``; default PSNR and SSIM against full guidance,
-            plus adherence on the embedded model. ``networks``: the LPIPS / CLIP networks.
+            ``f(images, prompts, reference_images)`` (the full-guidance images of the same prompt
+            and seed; None if the callable sets ``reference = False``; ``higher_is_better``
+            likewise); default PSNR and SSIM against full guidance, plus adherence on the
+            embedded model. ``networks``: the LPIPS / CLIP networks. A resume refuses a metric
+            whose code (or network) changed since its values were stored.
         out: the results folder (SQLite + PNGs); the same spec on the same folder resumes, and
             weights that differ from those that made its rows are refused
             (``weights_fingerprint``). Default: a new temporary folder, kept (``res.out``).
         max_batch: rows per pipeline call (default by device; halved on CUDA out-of-memory).
         timing: cost-model modes to measure, ``("eager",)`` and/or ``"compiled"``; ``()`` for none.
-        timing_batch: the batch size the predicted standalone time is for (default 1).
+        timing_batch: the batch size the predicted standalone time is for (default 1); the
+            result's times are for the last call's (``res.timing_batch``).
         keep_previews: store per-step 128×128 x0 previews of every row (``res.previews(row_id)``).
         share: let rows of the same prompt and seed share their guided prefix (``dlx.Share``).
         pad: pad the denoiser batch to few shapes (default: when the denoiser is compiled).
+        retry_failed: run the rows stored as failed again (with the rows compared with a
+            failed reference, so their PSNR/SSIM are recomputed).
         **call: pipeline keyword arguments shared by every row (``num_inference_steps``,
-            ``guidance_scale``, ``height``, ``negative_prompt``, ...).
+            ``guidance_scale``, ``height``, ``negative_prompt``, ...), checked against the
+            pipeline's ``__call__``. Where ``guidance_scale`` or ``num_inference_steps`` is not
+            given, the pipeline's own default is used (SDXL 5.0; SD3 7.0 and 28 steps).
     """
     from ..metrics import resolve
 
@@ -237,6 +306,7 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
     if "compiled" in timing and (dev or torch.device("cpu")).type != "cuda" and (
             not callable(pipe) or engine._device_of(pipe).type != "cuda"):
         raise DlxError("argument `timing`: 'compiled' (CUDA graphs) needs a CUDA device")
+    call = _check_call(_pipeline_class(pipe, ident), call, guidance_scales=guidance_scales, steps=steps)
     spec = build_spec(prompts=prompts, seeds=seeds, pairs=pairs, cutoffs=cutoffs, configs=configs,
                       guidance_scales=guidance_scales, steps=steps, metrics=[m.name for m in mets], call=call,
                       model=ident)
@@ -258,9 +328,20 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
     dev = rk.device(dev)
     main = Store(out)
     try:
+        fresh = main.spec() is None
         main.bind(spec)
-        main.set_meta("metric_info", {m.name: {"higher_is_better": m.higher_is_better, "reference": m.reference}
-                                      for m in mets})
+        info = {m.name: {"higher_is_better": m.higher_is_better, "reference": m.reference, "identity": m.identity}
+                for m in mets}
+        has_rows = bool(main.done_ids(include_failed=True))
+        for name, old in (main.meta("metric_info") or {}).items():
+            now_id, old_id = info.get(name, {}).get("identity"), old.get("identity")
+            if has_rows and now_id is not None and old_id is not None and now_id != old_id:
+                raise DlxError(f"argument `metrics`: metric {name!r} is not the one that made the values stored "
+                               f"in {str(out)!r} (its {'code' if name not in ('lpips', 'clip') else 'network'} "
+                               f"changed: {old_id} then, {now_id} now); use another `out` folder")
+        main.set_meta("metric_info", info)
+        if timing:
+            main.set_meta("timing_batch", timing_batch)
         if rk.world == 1:
             for sp in shard_paths(out):  # a sharded run that stopped before its merge
                 main.merge_from(sp)
@@ -277,24 +358,36 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
         costs_have |= {(c["mode"], c["steps"], c["scale"], c["batch"]) for c in store.costs()}
         units = _units(spec)
         mine = split(units, rk)
-        todo_units = [[r for r in u if r["row_id"] not in done] for u in mine]
+        # a unit whose reference row (its first) runs again runs whole: the other rows' PSNR,
+        # SSIM and LPIPS were computed against the reference image (retry_failed after a failed
+        # reference would otherwise leave them NaN beside a reference that is now fine)
+        todo_units = [u if u[0]["row_id"] not in done else [r for r in u if r["row_id"] not in done] for u in mine]
         todo_units = [u for u in todo_units if u]
         groups = sorted({(spec.steps_of(c), spec.scale_of(c)) for c in spec.configs})
         cost_todo = [(m, n, s) for m in timing for (n, s) in groups
                      if (m, n, s, timing_batch) not in costs_have] if rk.main else []
         if todo_units or cost_todo:
-            # 3. the model, only now
-            if isinstance(pipe, str):
-                pipe = load_pipeline(pipe, device=dev, dtype=dtype)
-                _check_weights(out, weights_fingerprint(pipe))
-            elif dev is not None and engine._device_of(pipe) != dev:
-                raise DlxError(f"argument `device` is {str(dev)!r} but the pipeline is on "
-                               f"{str(engine._device_of(pipe))!r}; move it with pipe.to(...) or leave device out")
-            if cost_todo:
-                _measure_costs(pipe, spec, store, cost_todo, timing_batch, timing_repeats)
-            if todo_units:
-                _run(pipe, spec, store, todo_units, mets, max_batch=max_batch, share=share, pad=pad,
-                     keep_previews=keep_previews, progress=progress, shard=rk.rank)
+            try:
+                # 3. the model, only now
+                if isinstance(pipe, str):
+                    pipe = load_pipeline(pipe, device=dev, dtype=dtype)
+                    _check_weights(out, weights_fingerprint(pipe))
+                    _check_call(type(pipe), spec.call)  # a hub id's class is known only now
+                elif dev is not None and engine._device_of(pipe) != dev:
+                    raise DlxError(f"argument `device` is {str(dev)!r} but the pipeline is on "
+                                   f"{str(engine._device_of(pipe))!r}; move it with pipe.to(...) or leave device out")
+                if cost_todo:
+                    _measure_costs(pipe, spec, store, cost_todo, timing_batch, timing_repeats)
+                if todo_units:
+                    _run(pipe, spec, store, todo_units, mets, max_batch=max_batch, share=share, pad=pad,
+                         keep_previews=keep_previews, progress=progress, shard=rk.rank)
+            except BaseException:
+                # a fresh folder where nothing was computed (a model that would not load, a call
+                # the pipeline refused while timing) is not bound to this spec: the corrected
+                # call may use it
+                if fresh and rk.world == 1:
+                    store.forget_if_empty()
+                raise
     finally:
         store.close()
     # 4. shards merge on rank 0

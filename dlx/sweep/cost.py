@@ -121,6 +121,9 @@ def measure(pipe, *, call: dict, prompt: str, seed: int, steps: int, scale: floa
     ``STEADY``); until then pairs are added, for at most as long again as the first ``repeats``
     took. ``steady`` False says the host's speed was still changing: ``drift`` is by how much."""
     kw = standalone_kwargs(call, prompt, seed, steps, scale, batch)
+
+    def parts(kind):  # at a scale <= 1 the call has no CFG: a cutoff would have nothing to cut
+        return kind_parts(kind) if scale > 1 else []
     # on a GPU, warm up for at least a second as well: after a pause (compiling, loading) clocks
     # and caches take a moment to settle, and one warm-up call of a small model is not enough
     # (2026-12-03, the embedded model compiled: one warm-up call left the model 15 % slow)
@@ -128,12 +131,12 @@ def measure(pipe, *, call: dict, prompt: str, seed: int, steps: int, scale: floa
     t0, done, warm_ms = time.perf_counter(), 0, []
     while done < warmup or time.perf_counter() - t0 < min_s:
         for k in KINDS:
-            warm_ms.append(timed_call(pipe, kw, kind_parts(k))[0])
+            warm_ms.append(timed_call(pipe, kw, parts(k))[0])
         done += 1
     pairs = []  # per pair: {kind: (call ms, loop ms)}
 
     def take():
-        pairs.append({k: timed_call(pipe, kw, kind_parts(k)) for k in KINDS})
+        pairs.append({k: timed_call(pipe, kw, parts(k)) for k in KINDS})
 
     t0 = time.perf_counter()
     for _ in range(repeats):

@@ -20,13 +20,14 @@ __all__ = ["SweepResult", "bootstrap_ci"]
 
 
 def bootstrap_ci(values, n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (resampling the values with replacement)."""
+    """Percentile bootstrap interval of the mean (resampling the values with replacement); NaNs
+    are left out, and fewer than two values give (nan, nan)."""
     import numpy as np
 
     v = np.asarray([x for x in values if x == x], dtype=float)
-    if len(v) == 0:
+    if len(v) < 2:  # no spread can be estimated from one value
         return math.nan, math.nan
-    if len(v) == 1 or np.all(v == v[0]):
+    if np.all(v == v[0]):
         return float(v[0]), float(v[0])
     rng = np.random.default_rng(seed)
     means = v[rng.integers(0, len(v), size=(n, len(v)))].mean(axis=1)
@@ -46,6 +47,9 @@ class SweepResult:
             self.spec: SweepSpec = store.spec()
             self._rows = store.rows()
             self._costs = store.costs()
+            #: the batch size the predicted standalone times are for (the last sweep call's
+            #: ``timing_batch``; costs measured for other batch sizes stay in the store)
+            self.timing_batch = store.meta("timing_batch", min((c["batch"] for c in self._costs), default=1))
             self.events = store.events() if events is None else events
             self.metric_info = store.meta("metric_info", {})
         finally:
@@ -66,12 +70,15 @@ class SweepResult:
         return len(self._rows) >= len(self.spec.rows())
 
     def costs(self, mode: str = "eager") -> dict:
-        """The measured cost model per (steps, scale) for ``mode`` ("eager" or "compiled")."""
-        return {(c["steps"], c["scale"]): c for c in self._costs if c["mode"] == mode}
+        """The measured cost model per (steps, scale) for ``mode`` ("eager" or "compiled") at
+        ``timing_batch``."""
+        return {(c["steps"], c["scale"]): c for c in self._costs
+                if c["mode"] == mode and c["batch"] == self.timing_batch}
 
     @property
     def timing_modes(self) -> list[str]:
-        return sorted({c["mode"] for c in self._costs}, key=lambda m: (m != "eager", m))
+        return sorted({c["mode"] for c in self._costs if c["batch"] == self.timing_batch},
+                      key=lambda m: (m != "eager", m))
 
     @property
     def frame(self):
@@ -124,6 +131,10 @@ class SweepResult:
         across prompts × seeds."""
         import pandas as pd
 
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise DlxError(f"argument `level` must be a confidence level in (0, 1), e.g. 0.95; got {level!r}")
+        if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+            raise DlxError(f"argument `n_boot` must be a positive int; got {n_boot!r}")
         f = self.frame
         spec = self.spec
         out = []
@@ -136,7 +147,8 @@ class SweepResult:
             for m in self.timing_modes:
                 d[f"time_{m}_s"] = ok[f"time_{m}_s"].mean() if len(ok) else math.nan
                 cost = self.costs(m).get((spec.steps_of(c), spec.scale_of(c)))
-                d[f"regime_{m}"] = cost["regime"] if cost else None
+                # at a scale <= 1 the call has no CFG: no guided step to compare with
+                d[f"regime_{m}"] = ("no CFG" if spec.scale_of(c) <= 1 else cost["regime"]) if cost else None
                 # the same time as a share of full guidance's (same scale and steps): the host's
                 # speed, which moves absolute times by 10-20 % over minutes on shared machines,
                 # cancels in it
@@ -144,8 +156,8 @@ class SweepResult:
                 full = ref[f"time_{m}_s"].mean() if len(ref) else math.nan
                 d[f"time_{m}_vs_full"] = d[f"time_{m}_s"] / full if full == full and full > 0 else math.nan
             for name in spec.metrics:
-                vals = ok[name].tolist()
-                d[name] = float(sum(v for v in vals if v == v) / max(1, sum(v == v for v in vals))) if vals else math.nan
+                vals = [v for v in ok[name].tolist() if v == v]
+                d[name] = float(sum(vals) / len(vals)) if vals else math.nan  # no value: NaN, never 0
                 d[f"{name}_lo"], d[f"{name}_hi"] = bootstrap_ci(vals, n=n_boot, level=level)
             out.append(d)
         s = pd.DataFrame(out)
@@ -164,6 +176,10 @@ class SweepResult:
         from PIL import Image
 
         f = self.frame
+        for arg, v, have in (("config", config, [c.name for c in self.spec.configs]),
+                             ("prompt", prompt, list(self.spec.prompts)), ("seed", seed, list(self.spec.seeds))):
+            if v is not None and v not in have:
+                raise DlxError(f"argument `{arg}`: {v!r} is not in this sweep; it has {have!r}")
         if config is not None:
             f = f[f.config == config]
         if prompt is not None:

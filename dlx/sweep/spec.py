@@ -164,13 +164,30 @@ class SweepSpec:
         raise DlxError(f"no full-guidance config for scale {key[0]} and {key[1]} steps")  # build_spec adds one
 
     def diff(self, other: "SweepSpec") -> list[str]:
-        """What differs between two specs, one line per top-level key."""
+        """What differs between two specs, one line per top-level key, at the first place the
+        stored and the given value part (an index or key path), so long values stay readable."""
         a, b = self.to_json(), other.to_json()
         out = []
         for k in sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):
-                out.append(f"{k}: stored {_short(b.get(k))}, given {_short(a.get(k))}")
+                where, old, new = _first_difference(b.get(k), a.get(k))
+                out.append(f"{k}{where}: stored {_short(old)}, given {_short(new)}")
         return out
+
+
+def _first_difference(old, new, where: str = ""):
+    """(path, old part, new part) at the first place two JSON values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k):
+                if k in old and k in new:
+                    return _first_difference(old[k], new[k], f"{where}.{k}")
+                return f"{where}.{k}", old.get(k, "(absent)"), new.get(k, "(absent)")
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (x, y) in enumerate(zip(old, new)):
+            if x != y:
+                return _first_difference(x, y, f"{where}[{i}]")
+    return where, old, new
 
 
 def _short(v, n: int = 160) -> str:
@@ -263,6 +280,9 @@ def build_spec(*, prompts=None, seeds=None, pairs=None, cutoffs=None, configs=No
     if len(set(prompts)) != len(prompts):
         raise DlxError(f"argument `prompts` holds duplicates: {sorted({p for p in prompts if prompts.count(p) > 1})}")
     seeds = _number_list("seeds", list(seeds) if seeds is not None else [], lo=0, integer=True)
+    big = [x for x in seeds if x >= 2 ** 63]
+    if big:  # torch.Generator and SQLite both take signed 64-bit seeds
+        raise DlxError(f"argument `seeds` must hold seeds below 2**63; got {big[0]!r}")
     if not seeds:
         raise DlxError(f"argument `seeds` must hold at least one seed; got {seeds!r}")
     if len(set(seeds)) != len(seeds):
@@ -271,6 +291,10 @@ def build_spec(*, prompts=None, seeds=None, pairs=None, cutoffs=None, configs=No
     for k, v in call.items():
         if k in RESERVED:
             raise DlxError(f"pipeline argument `{k}` is set by the sweep per row; give prompts= and seeds= instead")
+        if "prompt" in k and isinstance(v, (list, tuple)):
+            # the sweep batches rows of many configs into one call: a list would be paired with
+            # rows by batch position, not with the prompts
+            raise DlxError(f"pipeline argument `{k}` must be one string shared by every row; got a list of {len(v)}")
         if not (isinstance(v, _JSON_SCALARS) or (isinstance(v, list) and all(isinstance(x, _JSON_SCALARS) for x in v))):
             raise DlxError(f"pipeline argument `{k}` must be a plain value (str, number, bool, None or a list of them) "
                            f"so the sweep can store it; got {type(v).__name__}")
@@ -292,8 +316,14 @@ def build_spec(*, prompts=None, seeds=None, pairs=None, cutoffs=None, configs=No
         rs = _number_list("cutoffs", cutoffs, lo=0, hi=1)
         if not rs:
             raise DlxError(f"argument `cutoffs` must hold at least one ratio in [0, 1]; got {cutoffs!r}")
+        # rounded to 12 decimals: np.linspace(0, 1, 6) and [0, .2, .4, .6, .8, 1] are one grid
+        # (0.6000000000000001 is 0.6), so a resume with either is the same sweep
+        rs = [round(float(r), 12) for r in rs]
         if len(set(rs)) != len(rs):
             raise DlxError(f"argument `cutoffs` holds duplicates: {rs}")
+        if len({_fmt(r) for r in rs}) != len(rs):
+            raise DlxError(f"argument `cutoffs`: {rs} holds ratios too close to tell apart in a config name "
+                           f"({[_fmt(r) for r in rs]}); give ratios that differ in the first 6 digits")
         base = [Config(f"cutoff={_fmt(r)}", [{"type": "CFGCutoff", "ratio": r}], cutoff=r) for r in rs]
     elif configs is not None:
         if isinstance(configs, dict):

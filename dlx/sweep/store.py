@@ -109,6 +109,17 @@ class Store:
             raise DlxError(f"argument `out`: {str(self.out)!r} holds a different sweep; use another folder or "
                            f"the same spec. Differs: " + "; ".join(diff))
 
+    def forget_if_empty(self) -> bool:
+        """Unbind the folder from its spec when it holds no row and no cost yet (a sweep that
+        failed before computing anything, e.g. a model that would not load, leaves the folder
+        free for the corrected call); True if it did."""
+        con = self.con
+        if con.execute("SELECT COUNT(*) FROM rows").fetchone()[0] or con.execute("SELECT COUNT(*) FROM costs").fetchone()[0]:
+            return False
+        with self._tx():
+            con.execute("DELETE FROM meta")
+        return True
+
     def spec(self) -> SweepSpec | None:
         d = self.meta("spec")
         return SweepSpec.from_json(d) if d is not None else None

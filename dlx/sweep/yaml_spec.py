@@ -2,7 +2,7 @@
 
     model: shapes                  # 'shapes', a folder saved by save_pretrained, or a hub id
     dtype: float32                 # optional
-    out: runs/cutoffs
+    out: runs/cutoffs              # relative paths (out, a model folder) are from this file's folder
     prompts: ["a red circle on the left and a blue square on the right"]
     seeds: 8                       # an int n means seeds 0 .. n-1; or a list
     # pairs: [["a red circle", 3], ...]   instead of prompts x seeds
@@ -13,7 +13,8 @@
     steps: [10, 25]
     metrics: [psnr, ssim, adherence]
     call: {num_inference_steps: 25, guidance_scale: 6.0}   # pipeline keyword arguments
-    max_batch: 64                  # optional; also timing: [eager, compiled], timing_batch, keep_previews
+    max_batch: 64                  # optional; also timing: [eager, compiled], timing_batch, keep_previews,
+                                   # retry_failed, share, pad
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from ..errors import DlxError
 __all__ = ["read_yaml", "run_yaml"]
 
 KEYS = {"model", "dtype", "device", "out", "prompts", "seeds", "pairs", "cutoffs", "configs", "guidance_scales", "steps",
-        "metrics", "call", "max_batch", "timing", "timing_batch", "timing_repeats", "keep_previews", "share"}
+        "metrics", "call", "max_batch", "timing", "timing_batch", "timing_repeats", "keep_previews", "share",
+        "retry_failed", "pad"}
+#: dlx.sweep's own settings: never pipeline arguments, so not allowed under `call`
+SWEEP_SETTINGS = KEYS | {"pipe", "networks", "progress"}
 
 
 def _control(name, c):
@@ -64,6 +68,10 @@ def read_yaml(path) -> dict:
     call = kw.pop("call", None) or {}
     if not isinstance(call, dict):
         raise DlxError(f"spec `call` must be a mapping of pipeline arguments; got {call!r}")
+    clash = sorted(set(call) & SWEEP_SETTINGS)
+    if clash:
+        raise DlxError(f"spec `call.{clash[0]}`: {clash} are sweep settings, not pipeline arguments; "
+                       f"put them at the top level of the spec")
     if "pairs" in kw:
         kw["pairs"] = [tuple(x) if isinstance(x, list) else x for x in (kw["pairs"] or [])]
     else:
@@ -94,6 +102,8 @@ def read_yaml(path) -> dict:
 
     _check_model(model, "model")
     kw["pipe"] = model
+    if isinstance(kw.get("out"), str) and not Path(kw["out"]).expanduser().is_absolute():
+        kw["out"] = str(p.parent / Path(kw["out"]).expanduser())  # relative to the file, as `model`
     kw.update(call)
     return kw
 
