@@ -155,6 +155,25 @@ def test_failed_rows_are_stored_and_oom_halves_the_batch(tmp_path, monkeypatch):
     assert (res.frame[res.frame.status == "ok"].batch <= 2).all()
 
 
+def test_after_oom_the_rest_of_the_batch_runs_at_the_lowered_size(tmp_path, monkeypatch):
+    real = engine.run_batch
+    sizes = []
+
+    def small_memory(pipe, spec, rows, **kw):
+        sizes.append(len(rows))
+        if len(rows) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(pipe, spec, rows, **kw)
+
+    monkeypatch.setattr(engine, "run_batch", small_memory)
+    res = dlx.sweep(pipe_for("sd"), prompts=PROMPTS[:1], seeds=[0, 1, 2, 3], cutoffs=[0, 1.0], out=tmp_path,
+                    timing=(), progress=False, share=False, max_batch=8, **CALL)
+    assert (res.frame.status == "ok").all()
+    # 8 fails, 4 fails, then every piece at 2: the second half of the 8 is not tried at 4 again
+    assert sizes == [8, 4, 2, 2, 2, 2]
+    assert [(e["batch"], e["retry_with"]) for e in res.events if e["kind"] == "oom"] == [(8, 4), (4, 2)]
+
+
 def test_store_is_wal_with_one_row_per_key(tmp_path):
     dlx.sweep(pipe_for("sd"), prompts=PROMPTS[:1], seeds=[0], cutoffs=[0.5, 1.0], out=tmp_path, timing=(),
               progress=False, **CALL)

@@ -497,7 +497,13 @@ def _run_batch(pipe, spec, store, batch, mets, refs, state, share, keep_previews
             new = max(1, len(batch) // 2)
             store.event("oom", batch=len(batch), retry_with=new, error=str(e)[:300])
             state["limit"] = min(state["limit"], new)
-            for piece in engine.plan_batches([batch], new):
+            # one piece at a time, each planned at the limit as it is then: a piece that runs out
+            # of memory again lowers it for the rest too, instead of each trying the old size
+            pending = [batch]
+            while pending:
+                piece = engine.plan_batches(pending, state["limit"])[0]
+                ids = {r["row_id"] for r in piece}
+                pending = [u for u in ([r for r in u if r["row_id"] not in ids] for u in pending) if u]
                 _run_batch(pipe, spec, store, piece, mets, refs, state, share, keep_previews, versions, dev, shard, bar)
             return
         err = f"{type(e).__name__}: {e}"
