@@ -84,6 +84,18 @@ def test_a_model_that_fails_to_load_leaves_out_free_for_the_corrected_call(tmp_p
     assert len(_sweep(tmp_path).frame) == 2  # not "holds a different sweep"
 
 
+def test_the_embedded_model_by_name_and_as_loaded_is_one_sweep(tmp_path, monkeypatch):
+    kw = dict(prompts=["a red circle"], seeds=[0], cutoffs=[1.0], metrics=["psnr"], timing=(), progress=False,
+              num_inference_steps=2, guidance_scale=6.0, out=tmp_path)
+    by_name = dlx.sweep("shapes", **kw)
+    monkeypatch.setattr(engine, "run_batch", lambda *a, **k: pytest.fail("a finished sweep must not run rows"))
+    assert dlx.sweep(dlx.zoo.load("shapes"), **kw).frame.equals(by_name.frame)
+    other = dlx.zoo.load("shapes")
+    other.scheduler = type(other.scheduler).from_config(other.scheduler.config, timestep_spacing="leading")
+    with pytest.raises(DlxError, match=r"different sweep.*model"):
+        dlx.sweep(other, **kw)
+
+
 def test_linspace_and_literal_cutoffs_are_one_sweep(tmp_path):
     a = build_spec(prompts=["p"], seeds=[0], cutoffs=np.linspace(0, 1, 6).tolist(), call=CALL)
     b = build_spec(prompts=["p"], seeds=[0], cutoffs=[0, 0.2, 0.4, 0.6, 0.8, 1.0], call=CALL)

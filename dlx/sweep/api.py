@@ -108,11 +108,31 @@ def model_identity(pipe) -> dict:
         name = "shapes"
     sched = getattr(pipe, "scheduler", None)
     conf = {k: v for k, v in dict(getattr(sched, "config", {}) or {}).items() if not k.startswith("_")}
+    if name == "shapes" and type(pipe).__name__ == "StableDiffusionPipeline" and _is_shipped_scheduler(sched, conf):
+        # dlx.zoo.load("shapes") as shipped: the same sweep as dlx.sweep("shapes", ...) at this dtype
+        # (the weights' fingerprint still tells a changed model apart)
+        return {"name": "shapes", "dtype": dtype}
     return {"pipeline": type(pipe).__name__, "name_or_path": name, "dtype": dtype,
             "scheduler": type(sched).__name__,
             # its config too: the same class with another timestep_spacing or beta schedule
             # makes other images (json round trip: tuples become lists, as stored)
             "scheduler_config": json.loads(json.dumps(conf, sort_keys=True, default=str))}
+
+
+def _is_shipped_scheduler(sched, conf: dict) -> bool:
+    """Whether ``sched`` is the embedded model's scheduler as shipped (class and config)."""
+    from .. import zoo
+
+    try:
+        shipped = json.loads((zoo.path("shapes") / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):  # pragma: no cover - the package's own file
+        return False
+    if type(sched).__name__ != shipped.get("_class_name"):
+        return False
+    ref = type(sched).from_config(shipped).config
+    ref = {k: v for k, v in dict(ref).items() if not k.startswith("_")}
+    as_json = lambda d: json.loads(json.dumps(d, sort_keys=True, default=str))  # noqa: E731
+    return as_json(ref) == as_json(conf)
 
 
 def weights_fingerprint(pipe, per_tensor: int = 256) -> str | None:
