@@ -230,6 +230,8 @@ def _check_call(cls, call: dict, *, guidance_scales=None, steps=None) -> dict:
     except (TypeError, ValueError):  # pragma: no cover - not introspectable
         return call
     named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+    if "num_inference_steps" not in named:  # not a diffusers signature (a wrapper passing **kwargs on)
+        return call
     for k in call:
         if k not in named:
             near = difflib.get_close_matches(k, sorted(named), n=1)
