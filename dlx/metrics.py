@@ -204,23 +204,12 @@ def _code_id(fn) -> str:
 
 
 def _weights_id(module) -> str | None:
-    """A short fingerprint of a network's weights (strided samples, as dlx.sweep.weights_fingerprint)."""
-    import hashlib
-
+    """A short fingerprint of a network's weights (``dlx.sweep.weights_fingerprint``)."""
     import torch
 
     if not isinstance(module, torch.nn.Module):
         return None
-    h = hashlib.sha256()
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if t.is_meta:
-            return None
-        flat = t.detach().reshape(-1)
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(flat[:: max(1, flat.numel() // 64)][:64].to(torch.float32).cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    from .sweep.api import weights_fingerprint
 
-
-def finite_mean(xs) -> float:
-    v = [x for x in xs if x is not None and not math.isnan(x)]
-    return sum(v) / len(v) if v else math.nan
+    fp = weights_fingerprint(module)
+    return fp[:16] if fp else None

@@ -107,7 +107,7 @@ def model_identity(pipe) -> dict:
     if name and Path(name).resolve() == zoo.path("shapes").resolve():
         name = "shapes"
     sched = getattr(pipe, "scheduler", None)
-    conf = {k: v for k, v in dict(getattr(sched, "config", {}) or {}).items() if not k.startswith("_")}
+    conf = _public_config(getattr(sched, "config", {}))
     if name == "shapes" and type(pipe).__name__ == "StableDiffusionPipeline" and _is_shipped_scheduler(sched, conf):
         # dlx.zoo.load("shapes") as shipped: the same sweep as dlx.sweep("shapes", ...) at this dtype
         # (the weights' fingerprint still tells a changed model apart)
@@ -115,8 +115,14 @@ def model_identity(pipe) -> dict:
     return {"pipeline": type(pipe).__name__, "name_or_path": name, "dtype": dtype,
             "scheduler": type(sched).__name__,
             # its config too: the same class with another timestep_spacing or beta schedule
-            # makes other images (json round trip: tuples become lists, as stored)
-            "scheduler_config": json.loads(json.dumps(conf, sort_keys=True, default=str))}
+            # makes other images
+            "scheduler_config": conf}
+
+
+def _public_config(config) -> dict:
+    """A diffusers config without its private ``_`` keys, as JSON stores it (tuples as lists)."""
+    conf = {k: v for k, v in dict(config or {}).items() if not k.startswith("_")}
+    return json.loads(json.dumps(conf, sort_keys=True, default=str))
 
 
 def _is_shipped_scheduler(sched, conf: dict) -> bool:
@@ -129,16 +135,14 @@ def _is_shipped_scheduler(sched, conf: dict) -> bool:
         return False
     if type(sched).__name__ != shipped.get("_class_name"):
         return False
-    ref = type(sched).from_config(shipped).config
-    ref = {k: v for k, v in dict(ref).items() if not k.startswith("_")}
-    as_json = lambda d: json.loads(json.dumps(d, sort_keys=True, default=str))  # noqa: E731
-    return as_json(ref) == as_json(conf)
+    return _public_config(type(sched).from_config(shipped).config) == conf
 
 
 def weights_fingerprint(pipe, per_tensor: int = 256) -> str | None:
-    """A fingerprint of a pipeline's weights, compared when a sweep resumes: SHA-256 over every
-    module component's parameters and buffers (by component name, in module order), each tensor's
-    shape, dtype and ``per_tensor`` values taken at an even stride through it (as float32).
+    """A fingerprint of a pipeline's weights (or of one torch module's: a metric's network),
+    compared when a sweep resumes: SHA-256 over every module component's parameters and
+    buffers (by component name, in module order), each tensor's shape, dtype and
+    ``per_tensor`` values taken at an even stride through it (as float32).
 
     A sample, not a full hash, so it stays cheap on a multi-GB model (one small gather per
     tensor, one copy to the host per component): fine-tuned or LoRA-fused weights, another
@@ -147,9 +151,10 @@ def weights_fingerprint(pipe, per_tensor: int = 256) -> str | None:
     cannot be read (offloaded to the ``meta`` device)."""
     import hashlib
 
-    comps = getattr(pipe, "components", None)
+    comps = {"": pipe} if isinstance(pipe, torch.nn.Module) else getattr(pipe, "components", None)
     if not isinstance(comps, dict):
-        raise DlxError(f"argument `pipe` must be a diffusers pipeline (with .components); got {pipe!r}")
+        raise DlxError(f"argument `pipe` must be a diffusers pipeline (with .components) or a torch module; "
+                       f"got {pipe!r}")
     if isinstance(per_tensor, bool) or not isinstance(per_tensor, int) or per_tensor < 1:
         raise DlxError(f"argument `per_tensor` must be a positive int; got {per_tensor!r}")
     h = hashlib.sha256()
@@ -489,18 +494,25 @@ def _run(pipe, spec, store, units, mets, *, max_batch, share, pad, keep_previews
             by_group.setdefault((spec.steps_of(c), None if mix else spec.scale_of(c)), []).append(u)
         with engine.pad_shapes(pipe, shapes, enabled=pad):
             for key, group_units in by_group.items():
-                pending = list(group_units)
-                while pending:
-                    batch = engine.plan_batches(pending, state["limit"])[0]
-                    ids = {r["row_id"] for r in batch}
-                    pending = [[r for r in u if r["row_id"] not in ids] for u in pending]
-                    pending = [u for u in pending if u]
+                for batch in _batches(group_units, state):
                     _run_batch(pipe, spec, store, batch, mets, refs, state, share, keep_previews, versions,
                                dev, shard, bar)
         if pad:
             store.event("shapes", padded_sizes=sorted(shapes.sizes), graphs=len(shapes.sizes))
     finally:
         bar.close()
+
+
+def _batches(units: list[list[dict]], state: dict):
+    """The rows of ``units`` as pipeline-call batches, each planned at ``state["limit"]`` as it
+    is when that batch is due: an out-of-memory error while one runs lowers the limit for the
+    batches after it too."""
+    pending = [u for u in units if u]
+    while pending:
+        batch = engine.plan_batches(pending, state["limit"])[0]
+        ids = {r["row_id"] for r in batch}
+        pending = [u for u in ([r for r in u if r["row_id"] not in ids] for u in pending) if u]
+        yield batch
 
 
 def _run_batch(pipe, spec, store, batch, mets, refs, state, share, keep_previews, versions, dev, shard, bar):
@@ -519,13 +531,7 @@ def _run_batch(pipe, spec, store, batch, mets, refs, state, share, keep_previews
             new = max(1, len(batch) // 2)
             store.event("oom", batch=len(batch), retry_with=new, error=str(e)[:300])
             state["limit"] = min(state["limit"], new)
-            # one piece at a time, each planned at the limit as it is then: a piece that runs out
-            # of memory again lowers it for the rest too, instead of each trying the old size
-            pending = [batch]
-            while pending:
-                piece = engine.plan_batches(pending, state["limit"])[0]
-                ids = {r["row_id"] for r in piece}
-                pending = [u for u in ([r for r in u if r["row_id"] not in ids] for u in pending) if u]
+            for piece in _batches([batch], state):
                 _run_batch(pipe, spec, store, piece, mets, refs, state, share, keep_previews, versions, dev, shard, bar)
             return
         err = f"{type(e).__name__}: {e}"
