@@ -125,7 +125,7 @@ def _demo(args, parser) -> int:
                          cutoffs=args.cutoffs if args.cutoffs is not None else STUDY_CUTOFFS,
                          model=args.model)
         if user:
-            from dlx.sweep.api import _check_device, _check_dtype
+            from dlx.sweep.model import _check_device, _check_dtype
 
             _check_device(args.device)
             _check_dtype(args.dtype)

@@ -77,7 +77,7 @@ def check_study_args(*, prompts, seeds: int, seed: int, steps: int, guidance_sca
     from .zoo.shapes_data import parse
 
     if is_user_model(model):
-        from .sweep.api import _check_model
+        from .sweep.model import _check_model
 
         _check_model(model, "--model")
     for p in prompts:

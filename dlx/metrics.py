@@ -18,7 +18,6 @@ images float tensors (B, 3, H, W) in [0, 1]:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -209,7 +208,7 @@ def _weights_id(module) -> str | None:
 
     if not isinstance(module, torch.nn.Module):
         return None
-    from .sweep.api import weights_fingerprint
+    from .fingerprint import weights_fingerprint
 
     fp = weights_fingerprint(module)
     return fp[:16] if fp else None

@@ -25,7 +25,6 @@ core for the shapes model, see ``bench/bench_preview.py --model shapes``).
 
 from __future__ import annotations
 
-import io
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import PurePath
 
 import torch
 
+from ._io import png_bytes as _png_bytes
 from .errors import DlxError
 from .families import FAMILIES, Family
 
@@ -454,9 +454,7 @@ def png_bytes(image, size: int | None = None) -> bytes:
         image = to_pil(image, size)
     else:
         image = upscale(image, size)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return _png_bytes(image)
 
 
 # --- shared rendering -----------------------------------------------------------------------------

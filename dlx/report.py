@@ -13,10 +13,9 @@ import base64
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from ._io import atomic_write as _atomic_write
 from .errors import DlxError
 
 __all__ = ["strip_image", "strip", "save_gif", "report"]
@@ -117,21 +116,6 @@ def strip(trace, kind: str = "x0", *, samples=None, steps=None, size: int | None
 
     g = gallery(trace, kind=kind, samples=samples, size=size or 128, decoder=decoder)
     return g.strip(steps=steps)
-
-
-def _atomic_write(path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_gif(path, frames, *, labels=None, col_labels=None, size: int = 128, fps: int = 4, title=None) -> Path:
@@ -248,7 +232,7 @@ def _gallery_html(gid: str, kinds, frames, labels, captions, size: int, title: s
     slider = (f"<button class='dlx-play' type='button'>play</button> "
               f"<input class='dlx-step' type='range' min='0' max='{n_steps - 1}' value='{n_steps - 1}' "
               f"style='width:320px' aria-label='step'>") if n_steps > 1 else (
-              f"<input class='dlx-step' type='hidden' min='0' max='0' value='0'>")
+              "<input class='dlx-step' type='hidden' min='0' max='0' value='0'>")
     return (f"<div class='dlx-gal' id='{gid}'><div><b>{html.escape(title)}</b></div>"
             f"<div>{slider} {sel}</div><div class='dlx-label'></div>"
             f"<div class='dlx-grid' style='grid-template-columns:repeat({columns(n_tiles)},{size}px)'>{tiles}</div>"

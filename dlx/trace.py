@@ -21,15 +21,13 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
-import secrets
-import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import _args
+from ._io import atomic_write
 from .errors import DlxError
 
 __all__ = ["Step", "Trace", "FORMAT_VERSION"]
@@ -237,7 +235,7 @@ class Trace:
             text = json.dumps(header, default=_json_default, allow_nan=True)
         except (TypeError, ValueError, RecursionError) as e:
             raise DlxError(f"trace metadata cannot be written as JSON ({type(e).__name__}: {e})") from None
-        _atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata={"dlx.trace": text}))
+        atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata={"dlx.trace": text}))
         return path
 
     @classmethod
@@ -326,74 +324,6 @@ def _dense_cpu(v, what: str) -> torch.Tensor:
     if v.layout != torch.strided:
         v = v.to_dense()
     return v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` a file beside ``path``'s target, flush it to disk, rename it over the target.
-
-    A symlink is followed (its target is replaced; the link stays). An existing file's permission
-    bits are kept, and its owner and group where the system lets us set them; a new file is
-    created with 0o666 less the umask, as ``open()`` creates files.
-    """
-    target = Path(os.path.realpath(path))
-    if target.is_dir():
-        raise DlxError(f"argument `path` names a directory, not a file: {str(path)!r}")
-    mode = owner = None
-    if target.exists():
-        st = os.stat(target)
-        mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            # 0o600 while it is written when the old file's bits are to be restored; else the umask's
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if mode is not None else 0o666)
-            break
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise type(e)(e.errno, f"cannot write the trace file {str(path)!r}: {e.strerror}") from None
-    else:  # pragma: no cover
-        raise DlxError(f"could not create a temporary file beside {str(target)!r}")
-    os.close(fd)
-    try:
-        if mode is None:  # the bits open() gives a new file here: 0o666 less the umask
-            mode = stat.S_IMODE(os.stat(tmp).st_mode)
-        write(str(tmp))
-        if owner is not None and hasattr(os, "chown"):
-            try:  # a file in a shared folder keeps its group (and owner, where we may set it)
-                os.chown(tmp, *owner)
-            except OSError:
-                try:
-                    os.chown(tmp, -1, owner[1])
-                except OSError:
-                    pass
-        os.chmod(tmp, mode)  # after chown, which may clear set-id bits; the writer may set its own
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- files: reading ----------------------------------------------------------------------------

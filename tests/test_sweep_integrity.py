@@ -14,7 +14,7 @@ import torch
 
 import dlx
 from dlx import DlxError
-from dlx.sweep import api, engine
+from dlx.sweep import engine, model
 from dlx.sweep.result import bootstrap_ci
 from dlx.sweep.spec import build_spec
 
@@ -169,11 +169,11 @@ def test_a_misspelt_pipeline_argument_is_refused_with_a_suggestion(tmp_path):
 def test_the_pipelines_own_defaults_fill_scale_and_steps():
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    assert api._check_call(StableDiffusionPipeline, {}) == {}  # 7.5 and 50: the spec stays as it was
-    assert api._check_call(StableDiffusionXLPipeline, {}) == {"guidance_scale": 5.0}
-    assert api._check_call(StableDiffusion3Pipeline, {}) == {"guidance_scale": 7.0, "num_inference_steps": 28}
-    assert api._check_call(StableDiffusionXLPipeline, {"guidance_scale": 3.0}) == {"guidance_scale": 3.0}
-    assert api._check_call(StableDiffusionXLPipeline, {}, guidance_scales=[3, 6]) == {}
+    assert model.check_call(StableDiffusionPipeline, {}) == {}  # 7.5 and 50: the spec stays as it was
+    assert model.check_call(StableDiffusionXLPipeline, {}) == {"guidance_scale": 5.0}
+    assert model.check_call(StableDiffusion3Pipeline, {}) == {"guidance_scale": 7.0, "num_inference_steps": 28}
+    assert model.check_call(StableDiffusionXLPipeline, {"guidance_scale": 3.0}) == {"guidance_scale": 3.0}
+    assert model.check_call(StableDiffusionXLPipeline, {}, guidance_scales=[3, 6]) == {}
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -16,7 +16,9 @@ from __future__ import annotations
 import sys
 import types
 
-from .api import load_pipeline, sweep, weights_fingerprint
+from ..fingerprint import weights_fingerprint
+from .api import sweep
+from .model import load_pipeline
 from .result import SweepResult
 from .spec import Config, SweepSpec
 

@@ -31,7 +31,6 @@ pads the denoiser's batch up to a few sizes (``BUCKETS``) and counts the shapes 
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ import torch
 from ..errors import DlxError
 from ..session import Part, Run
 
-__all__ = ["RowPlans", "plan_batches", "run_batch", "mixes_scales", "pad_shapes", "default_max_batch", "png_bytes"]
+__all__ = ["RowPlans", "plan_batches", "run_batch", "mixes_scales", "pad_shapes", "default_max_batch"]
 
 
 class _RowRun:
@@ -353,21 +352,6 @@ def is_oom(e: BaseException) -> bool:
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
-
-
-def png_bytes(img: torch.Tensor) -> bytes:
-    """(3, H, W) uint8, or float in [0, 1] rounded as diffusers makes its PIL images -> PNG bytes.
-    Lossless at zlib level 1: five times faster to write than Pillow's default 6, files ~20% larger
-    (a sweep writes one PNG per row on its critical path; Pillow releases the GIL while it
-    compresses, so rows are encoded on threads)."""
-    from PIL import Image
-
-    if img.dtype != torch.uint8:
-        img = to_uint8(img)
-    arr = img.cpu().permute(1, 2, 0).contiguous().numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 def to_uint8(img: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import time
 import tempfile
 from pathlib import Path
 
+from .._io import write_bytes
 from ..errors import DlxError
 from .spec import SweepSpec
 
@@ -145,15 +146,7 @@ class Store:
     def write_image(self, row_id: str, png: bytes) -> str:
         """Atomically write a row's PNG; returns its path relative to ``out``."""
         rel = f"images/{row_id}.png"
-        dst = self.out / rel
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{row_id}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(png)
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes(self.out / rel, png, fsync=False)
         return rel
 
     def add_row(self, row: dict) -> None:
