@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from . import _quiet
+from . import _quiet, zoo  # noqa: F401  (zoo: its models register their decoders with dlx.render; light)
 from .errors import DlxError
 
 _quiet.install()  # drops transformers' "requires torchvision ... falling back" line, nothing else
@@ -33,8 +33,8 @@ _LAZY = {
     "Share": "parts",
     "part_from_config": "parts",
     "Preview": "preview",
-    "fit_latent_rgb": "preview",
-    "latents_to_rgb": "preview",
+    "fit_latent_rgb": "render",
+    "latents_to_rgb": "render",
 }
 _SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "trace", "recorder", "session", "parts",
                "sweep", "metrics", "plots", "render", "widgets", "report"}

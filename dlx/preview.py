@@ -2,8 +2,7 @@
 every step, and :class:`PreviewImage`, the lazily rendered image it hands over.
 
 The rendering itself (latent→RGB maps, Flux unpacking, VAE/TAESD decoding, fitting, PNG bytes)
-lives in :mod:`dlx.render`, which imports no part machinery; its names are re-exported here so
-``from dlx.preview import latents_to_rgb`` keeps working.
+lives in :mod:`dlx.render`, on the floor below the parts.
 
 Cost: nothing is copied to the host until a preview is shown: :class:`Preview` hands the user's
 function a :class:`PreviewImage` that holds what the step's preview needs on the device and
@@ -18,45 +17,13 @@ import torch
 
 from .errors import DlxError
 from .families import denoised_as, family_of, prediction_type
-from .render import (  # noqa: F401  (re-exported: the preview API as it was)
-    _KINDS,
-    LATENT_RGB,
-    LatentRGB,
-    _check_fits,
-    _check_sample,
-    _check_size,
-    _check_decoder,
-    _check_taesd,
-    _render,
-    _split_decoder,
-    decoder_for,
-    fit_latent_rgb,
-    latent_rgb,
-    latents_to_rgb,
-    png_bytes,
-    taesd_to_rgb,
-    to_pil,
-    trace_previews,
-    unpack_latents,
-    upscale,
-    vae_to_rgb,
-)
+from .render.decoders import _check_decoder, _check_fits, _check_taesd, _render, _split_decoder, decoder_for
+from .render.images import _check_size, to_pil
+from .render.maps import latent_rgb
+from .render.steps import _KINDS, _check_sample
 from .session import Part, Run
 
-__all__ = [
-    "LatentRGB",
-    "LATENT_RGB",
-    "latent_rgb",
-    "latents_to_rgb",
-    "unpack_latents",
-    "taesd_to_rgb",
-    "vae_to_rgb",
-    "to_pil",
-    "PreviewImage",
-    "Preview",
-    "trace_previews",
-    "fit_latent_rgb",
-]
+__all__ = ["PreviewImage", "Preview"]
 
 
 class PreviewImage:
@@ -130,7 +97,7 @@ class Preview(Part):
     ``kind="x0"`` previews the denoised estimate (needs the denoiser's prediction: attach with
     ``dlx.attach(pipe, Preview(fn))`` or ``dlx.record(pipe, Preview(fn))``); ``kind="latent"``
     previews x_t and also works as a plain ``callback_on_step_end``. ``every=n`` previews every
-    n-th step and the last. ``decoder``/``factors``/``taesd`` as in :func:`trace_previews`; with
+    n-th step and the last. ``decoder``/``factors``/``taesd`` as in :func:`dlx.render.trace_previews`; with
     ``decoder="auto"`` a pipeline whose VAE is known to be small (the ``dlx.zoo`` models) is
     previewed through its own ``pipe.vae``, any other through its family's map.
 

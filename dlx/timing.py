@@ -31,10 +31,9 @@ def regime(trace) -> dict:
     (medians, NaN without such steps), ``saving`` and ``regime`` ("host-bound",
     "denoiser-bound" or "unknown").
     """
-    from .trace import Trace
-
-    if not isinstance(trace, Trace):
-        raise DlxError(f"argument `trace` must be a dlx Trace; got {type(trace).__name__}: {trace!r}")
+    # Read, not imported: this module stands on the ground floor, below the trace it judges.
+    if not (isinstance(getattr(trace, "steps", None), list) and isinstance(getattr(trace, "meta", None), dict)):
+        raise DlxError(f"argument `trace` must be a dlx Trace; got {type(trace).__name__}: {trace!r:.80}")
     steps = trace.steps[1:]
     g = [s.step_ms for s in steps if s.guided and s.step_ms == s.step_ms]  # NaN: not timed
     u = [s.step_ms for s in steps if not s.guided and s.step_ms == s.step_ms]

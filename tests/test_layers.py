@@ -253,7 +253,11 @@ def circles(edges) -> list[str]:
             frontier = nxt
         hops = path + [start]
         text = hops[0] + "".join(f" → {b} ({a.replace('.', '/')}.py:{graph[a][b]})" for a, b in zip(hops, hops[1:]))
-        out.append(text + (f"   [circle group: {', '.join(sorted(group))}]" if len(group) > len(path) else ""))
+        if len(group) > len(path):  # more circles through these modules: every import among them
+            inside = sorted((a, b) for a in group for b in graph[a] if b in group)
+            text += "\n    every import inside this group: " + "; ".join(
+                f"{a} → {b} ({a.replace('.', '/')}.py:{graph[a][b]})" for a, b in inside)
+        out.append(text)
     return sorted(out)
 
 

@@ -11,16 +11,16 @@ import torch
 import dlx
 from dlx import DlxError
 from dlx.families import FAMILIES
-from dlx.preview import (
+from dlx.preview import Preview, PreviewImage
+from dlx.render import (
     LATENT_RGB,
     LatentRGB,
-    Preview,
-    PreviewImage,
     fit_latent_rgb,
     latents_to_rgb,
-    taesd_to_rgb,
     to_pil,
+    trace_previews,
     unpack_latents,
+    vae_to_rgb,
 )
 from dlx.testing import example_inputs, tiny_pipeline
 
@@ -236,30 +236,30 @@ def sd_trace(sd):
 
 def test_trace_previews_one_128_image_per_step(sd_trace):
     for kind in ("x0", "latent"):
-        imgs = sd_trace.previews(kind=kind)
+        imgs = trace_previews(sd_trace, kind=kind)
         assert len(imgs) == len(sd_trace) == 4
         assert all(im.size == (128, 128) and im.mode == "RGB" for im in imgs)
-    x0, lat = sd_trace.previews("x0"), sd_trace.previews("latent")
+    x0, lat = trace_previews(sd_trace, "x0"), trace_previews(sd_trace, "latent")
     assert np.asarray(x0[0]).tolist() != np.asarray(lat[0]).tolist()  # x0 is not x_t
     # Nearest-neighbour enlargement: each 16×16 latent pixel is an 8×8 block of the 128 image.
-    small = sd_trace.previews("x0", size=None)
+    small = trace_previews(sd_trace, "x0", size=None)
     assert small[2].size == (16, 16)
     a = np.asarray(x0[2])
     assert np.array_equal(a, np.asarray(small[2]).repeat(8, 0).repeat(8, 1))
     want = latents_to_rgb(sd_trace.steps[2].x0, "sd15")[0].numpy()
     assert np.array_equal(np.asarray(small[2]), want)
-    assert sd_trace.previews(size=48)[0].size == (48, 48)
+    assert trace_previews(sd_trace, size=48)[0].size == (48, 48)
 
 
 def test_trace_previews_reject_bad_arguments(sd_trace):
     with pytest.raises(DlxError, match="kind"):
-        sd_trace.previews(kind="noise")
+        trace_previews(sd_trace, kind="noise")
     with pytest.raises(DlxError, match="size"):
-        sd_trace.previews(size=0)
+        trace_previews(sd_trace, size=0)
     with pytest.raises(DlxError, match="sample"):
-        sd_trace.previews(sample=1)
+        trace_previews(sd_trace, sample=1)
     with pytest.raises(DlxError, match="no known map"):
-        sd_trace.previews(factors="sd2")
+        trace_previews(sd_trace, factors="sd2")
 
 
 def test_preview_part_hands_every_step_to_fn(sd):
@@ -274,7 +274,7 @@ def test_preview_part_hands_every_step_to_fn(sd):
     assert [im.rendered for _, im in got] == [False] * 4 and "not rendered" in repr(first)
     assert first.tensor.dtype == torch.uint8 and first.tensor.shape == (16, 16, 3)
     assert first.size == (128, 128) and first.converted  # a PIL attribute converts it
-    recorded = trace.previews("x0")
+    recorded = trace_previews(trace, "x0")
     for (_, live_img), rec_img in zip(got, recorded):
         assert np.array_equal(np.asarray(live_img), np.asarray(rec_img))
     assert [(p["type"], p["report"]) for p in trace.meta["parts"]] == [("Preview", {"kind": "x0", "previews": 4})]
@@ -312,7 +312,7 @@ def test_live_previews_survive_reused_denoiser_buffers(kind, batch, sample, cuto
     finally:
         undo()
     assert len(got) == 4 and not got[3].rendered
-    for a, b, c in zip(got, ref, trace.previews(kind, sample=sample)):
+    for a, b, c in zip(got, ref, trace_previews(trace, kind, sample=sample)):
         assert torch.equal(a.tensor, b.tensor) and np.array_equal(np.asarray(a), np.asarray(c))
     assert not torch.equal(got[0].tensor, got[3].tensor)
 
@@ -352,7 +352,7 @@ def test_preview_latent_as_plain_callback(sd, sd_trace):
     got = {}
     sd(**example_inputs("sd", steps=4), callback_on_step_end=Preview(lambda s, im: got.__setitem__(s, im.pil()), kind="latent"))
     assert sorted(got) == [0, 1, 2, 3]
-    for s, rec in enumerate(sd_trace.previews("latent")):
+    for s, rec in enumerate(trace_previews(sd_trace, "latent")):
         assert np.array_equal(np.asarray(got[s]), np.asarray(rec))
     with pytest.raises(DlxError, match="attach"):
         sd(**example_inputs("sd", steps=1), callback_on_step_end=Preview(lambda s, im: None, kind="x0"))
@@ -377,11 +377,11 @@ def test_wrong_channels_for_the_family_names_both():
         flux(**example_inputs("flux", steps=2))
     assert trace.steps[0].latents.shape == (1, 64, 16)
     with pytest.raises(DlxError, match=r"4 channels.*'flux'.*expects 16"):
-        trace.previews()
+        trace_previews(trace)
     with pytest.raises(DlxError, match=r"4 channels.*'sd3'.*expects 16"):
         latents_to_rgb(torch.zeros(1, 4, 8, 8), "sd3")
     # With a 4-channel map the packed latents unpack through the call's height/width (32 → 16×16).
-    imgs = trace.previews(kind="latent", factors="sd15", size=None)
+    imgs = trace_previews(trace, kind="latent", factors="sd15", size=None)
     assert len(imgs) == 2 and imgs[0].size == (16, 16)
     from diffusers import FluxPipeline
 
@@ -399,11 +399,9 @@ def test_taesd_previews(sd, sd_trace):
         ref = taesd.decode(lat / 0.7 + 0.2).sample
     want = ((ref + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)[0].permute(1, 2, 0)
     assert want.shape == (32, 32, 3)  # one upsampling: 16 → 32
-    assert torch.equal(taesd_to_rgb(taesd, lat)[0], want)
-    imgs = sd_trace.previews(kind="latent", factors=taesd, size=None)  # via Trace.previews
+    assert torch.equal(vae_to_rgb(taesd, lat)[0], want)
+    imgs = trace_previews(sd_trace, kind="latent", factors=taesd, size=None)  # a VAE passed as factors=
     assert np.array_equal(np.asarray(imgs[3]), want.numpy())
-    from dlx.preview import trace_previews
-
     assert trace_previews(sd_trace, kind="latent", taesd=taesd)[3].size == (128, 128)
     got = []
     with dlx.attach(sd, Preview(lambda s, im: got.append(im), kind="latent", taesd=taesd, size=None)):

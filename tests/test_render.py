@@ -24,15 +24,6 @@ from dlx.render import (
 from dlx.testing import example_inputs, tiny_pipeline
 
 
-def test_render_imports_no_part_machinery():
-    import subprocess
-    import sys
-
-    code = "import sys, dlx.render; print(sorted(m for m in ('dlx.session', 'dlx._tap', 'dlx.preview') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-
-
 # --- upscaling -------------------------------------------------------------------------------------
 
 
@@ -103,6 +94,43 @@ def test_zoo_models_are_recognised_by_their_folder_on_any_machine():
         decoder_for(None, decoder="taesd")
     with pytest.raises(DlxError, match="decoder"):
         decoder_for(None, decoder=3)
+
+
+def test_a_model_registers_its_own_vae(monkeypatch):
+    from dlx.render import decoders, registry
+
+    monkeypatch.setattr(registry, "_VAES", dict(registry._VAES))
+    monkeypatch.setattr(decoders, "_SMALL_VAES", {})
+    vae = small_vae(str(dlx.zoo.path("shapes")))  # any small VAE will do
+    loads = []
+
+    def load(device, dtype):
+        loads.append((device, dtype))
+        return vae
+
+    dlx.render.register_vae("mine", lambda p: p.name == "my-model", load)
+    assert decoder_for("/models/my-model") == (None, vae)
+    assert decoder_for(r"C:\models\my-model", decoder="vae") == (None, vae)  # Windows paths too
+    assert decoder_for("/models/my-model", decoder="map") == (None, None)
+    assert decoder_for("/models/other") == (None, None)
+    assert small_vae("/models/my-model") is vae and len(loads) == 1  # loaded once per device and dtype
+    assert loads == [(torch.device("cpu"), torch.float32)]
+    with pytest.raises(DlxError, match="`matches`"):
+        dlx.render.register_vae("x", None, load)
+    with pytest.raises(DlxError, match="`name`"):
+        dlx.render.register_vae("", lambda p: True, load)
+
+
+def test_the_zoo_registers_at_import_dlx_without_torch():
+    # A trace of the zoo model read in a fresh process still decodes through its VAE: `import dlx`
+    # lets dlx.zoo register it, and neither imports torch.
+    import subprocess
+    import sys
+
+    code = ("import sys, dlx; from dlx.render.registry import registered_vae; "
+            "print(registered_vae('/elsewhere/dlx/zoo/shapes').name, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["shapes", "False"]
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """dlx.timing: the timing regime judged from a trace's step times (policy beside the timing)."""
 
 import math
-import subprocess
-import sys
 
 import pytest
 
@@ -57,11 +55,3 @@ def test_of_a_real_cpu_run():
     r = regime(t)
     assert r["timer"] == "perf_counter" and r["guided_ms"] > 0 and r["unguided_ms"] > 0
     assert r["regime"] in ("host-bound", "denoiser-bound")
-
-
-def test_the_trace_module_imports_no_view_and_no_policy():
-    """Issue 10, item 7: Trace is data; previews (a view) and the timing policy import lazily."""
-    code = ("import sys, dlx.trace; bad = [m for m in ('dlx.preview', 'dlx.timing', 'PIL', 'pandas') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr

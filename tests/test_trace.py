@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 import dlx
-from dlx.trace import FORMAT_VERSION, Step, Trace
+from dlx.trace import Step, Trace
+from dlx.trace_file import FORMAT_VERSION
 
 from .helpers import bitwise, pipe_for, run
 

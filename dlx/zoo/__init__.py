@@ -9,13 +9,19 @@
     dlx.zoo.adherence([img], ["a red circle on the left and a blue square on the right"])   # DataFrame
 
 Importing this module is light: torch, diffusers, transformers and pandas are imported only
-when a model is loaded or adherence is measured.
+when a model is loaded or adherence is measured. On import each model registers its small VAE
+with the rendering floor (``dlx.render.register_vae``), so previews of its latents decode through
+it (``decoder="auto"``); ``import dlx`` imports this module for that. The scripts that trained and
+measured the models live outside the package, in ``tools/zoo/``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from pathlib import Path
+from pathlib import Path, PurePath
+
+from dlx.render.registry import register_vae
 
 MODELS = ("shapes",)
 _ROOT = Path(__file__).resolve().parent
@@ -99,7 +105,7 @@ def latent_rgb(name: str = "shapes", vae=None, n: int = 32, seed: int = 0):
     import torch
 
     from dlx import _args
-    from dlx.preview import fit_latent_rgb
+    from dlx.render.fit import fit_latent_rgb
     from dlx.zoo.shapes_data import render, sample_scenes
 
     path(name)
@@ -113,3 +119,22 @@ def latent_rgb(name: str = "shapes", vae=None, n: int = 32, seed: int = 0):
         vae = load(name).vae
     images = render(sample_scenes(n, torch.Generator().manual_seed(seed)))
     return fit_latent_rgb(vae, images, name=f"{name}-fitted")
+
+
+# --- what rendering needs: each model's own small VAE ---------------------------------------------
+
+
+def _names_model(name: str, p: PurePath) -> bool:
+    """Whether a pipeline's ``name_or_path`` is a folder ``.../zoo/<name>``: the shipped model, on any
+    machine (a trace recorded elsewhere names that machine's install)."""
+    return p.name == name and p.parent.name == "zoo"
+
+
+def _load_vae(name: str, device, dtype):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(path(name) / "vae"), dtype=dtype, local_files_only=True)
+
+
+for _name in MODELS:
+    register_vae(_name, functools.partial(_names_model, _name), functools.partial(_load_vae, _name))
