@@ -1,10 +1,14 @@
 """The shipped shapes model: loads offline, generates, its metric is right on renders, and a
 small re-measurement agrees with its model card."""
 
+import ast
+import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +16,21 @@ import torch
 import dlx.zoo
 from dlx.errors import DlxError
 from dlx.zoo import shapes_data as sd
-from dlx.zoo.metric import adherence, evaluate_metric
+from dlx.zoo.metric import adherence
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools" / "zoo"  # the scripts that trained and measured the model: outside the package
+SCRIPTS = ("train_shapes", "measure_shapes", "train_classifier", "shapes_tokenizer")
+
+
+#: the scripts run as the card says, from the repository root, with no PYTHONPATH: they find dlx themselves
+_ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1"}
+
+
+def _tool(name, monkeypatch):
+    """A script of tools/zoo imported as its own directory sees it (siblings import each other)."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +88,8 @@ def test_generates_an_image_that_follows_a_prompt(pipe, facts):
     assert df["colour0"].iloc[0]  # a single yellow object is the easiest case
 
 
-def test_metric_is_right_on_fresh_renders():
-    m = evaluate_metric(n=300, seed=4242)
+def test_metric_is_right_on_fresh_renders(monkeypatch):
+    m = _tool("train_classifier", monkeypatch).evaluate_metric(n=300, seed=4242)
     assert m["shape_accuracy"] >= 0.98
     assert m["ok_on_own_caption"] >= 0.98
     assert m["ok_on_mismatched_caption"] <= 0.02
@@ -97,7 +115,7 @@ def test_metric_columns_and_mismatches():
         adherence(imgs[:1], ["a red elephant"])
 
 
-def test_remeasurement_agrees_with_the_card(pipe, facts, tmp_path):
+def test_remeasurement_agrees_with_the_card(pipe, facts, tmp_path, monkeypatch):
     """The first 32 held-out pairs at the recommended scale and at 1.0, with 12 DDIM steps
     instead of the card's 25 (to keep this test near 20 s), as one ``dlx.sweep`` (one batched
     call of all 64 rows, each sample at its own scale, judged on the stored 8-bit PNGs).  The
@@ -107,7 +125,8 @@ def test_remeasurement_agrees_with_the_card(pipe, facts, tmp_path):
     of 255 (48 of 64 images differ somewhere, batch-size rounding), with no verdict flipped,
     so the tolerance was not widened.  Against the card's 200-pair,
     25-step numbers: within 0.2 (sampling error of 32 pairs and the step count)."""
-    from dlx.zoo.measure_shapes import CHECK_PAIRS, CHECK_STEPS
+    tool = _tool("measure_shapes", monkeypatch)
+    CHECK_PAIRS, CHECK_STEPS = tool.CHECK_PAIRS, tool.CHECK_STEPS
 
     m = facts["measured"]
     qc = m["quick_check"]
@@ -139,10 +158,10 @@ def test_remeasurement_agrees_with_the_card(pipe, facts, tmp_path):
     assert got[rec] - got[1.0] >= 0.10, got
 
 
-def test_relation_metric_for_sweeps():
+def test_relation_metric_for_sweeps(monkeypatch):
     """train_shapes.relation, the sweep metric behind the card's "relation" figures: the
     adherence check's relation column as 1.0 / 0.0, NaN where the caption has no relation."""
-    from dlx.zoo.train_shapes import relation
+    relation = _tool("train_shapes", monkeypatch).relation
 
     sc = sd.sample_scenes(4, torch.Generator().manual_seed(9), template_weights={"relation": 1.0})
     imgs, caps = sd.render(sc), sc.captions()
@@ -153,6 +172,43 @@ def test_relation_metric_for_sweeps():
     single = sd.render(sd.sample_scenes(1, torch.Generator().manual_seed(1), template_weights={"single": 1.0}))
     got = relation(single, ["a red circle"])
     assert len(got) == 1 and got[0] != got[0]  # NaN: no relation to judge
+
+
+# --- the training and measuring scripts (tools/zoo) --------------------------------------------------
+
+
+def test_the_card_is_what_the_measuring_script_writes(tmp_path):
+    """The card's one documented command renders it from info.json: its quickest mode
+    (--card-only, run as the card says, from the repository root) writes the shipped card byte for
+    byte, so every figure on it is one of info.json's measured facts."""
+    card = dlx.zoo.path("shapes") / "README.md"
+    assert "`python tools/zoo/measure_shapes.py`" in card.read_text()
+    r = subprocess.run([sys.executable, "tools/zoo/measure_shapes.py", "--card-only", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, env=_ENV)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "README.md").read_text() == card.read_text()
+    assert not (tmp_path / "info.json").exists()  # measured nothing, wrote no facts
+
+
+@pytest.mark.parametrize("script", ["train_shapes", "measure_shapes", "train_classifier"])
+def test_each_script_parses_its_command_line(script):
+    r = subprocess.run([sys.executable, f"tools/zoo/{script}.py", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, env=_ENV)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
+
+
+def test_runtime_code_imports_no_training_script():
+    """dlx.zoo, the adherence metric and the demo's prompts run without tools/zoo: no module of
+    the package imports one of its scripts (also not inside a function)."""
+    found = []
+    for f in sorted((ROOT / "dlx").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{f.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                      if any(part in SCRIPTS for part in n.split("."))]
+    assert not found, found
+    assert not list((ROOT / "dlx" / "zoo").glob("*train*")) and not list((ROOT / "dlx" / "zoo").glob("measure*"))
 
 
 def _copy(tmp_path):

@@ -128,7 +128,7 @@ def _check_taesd(taesd):
 
 
 def _split_decoder(factors, taesd):
-    """A torch module given as ``factors`` is taken as a VAE (``trace.previews(factors=taesd)``)."""
+    """A torch module given as ``factors`` is taken as a VAE (``trace_previews(trace, factors=taesd)``)."""
     if isinstance(factors, torch.nn.Module):
         if taesd is not None:
             raise DlxError("pass a TAESD as `taesd=` or as `factors=`, not both")

@@ -1,16 +1,22 @@
-"""Measure the shipped shapes pipeline on this machine's CPU and write its card's facts.
+"""Measure the shipped shapes pipeline on this machine's CPU and write its model card.
 
-    python -m dlx.zoo.measure_shapes --sweep sweep.json [--n 200] [--threads 2]
+    python tools/zoo/measure_shapes.py [--sweep sweep.json] [--n 200] [--threads 2] [--out DIR]
 
-Writes dlx/zoo/shapes/info.json (the facts `dlx.zoo.info("shapes")` returns) and fills the
-measured numbers into dlx/zoo/shapes/README.md between the MEASURED markers:
+The one command behind the card's figures (run from the repository root). Writes
+dlx/zoo/shapes/info.json (the facts `dlx.zoo.info("shapes")` returns) and renders
+dlx/zoo/shapes/README.md from it:
   - size on disk of the pipeline folder, largest file;
   - CPU time of 25 DDIM steps at 64x64, batch 1, with CFG (median of several runs);
   - adherence at the recommended guidance scale and at 1.0 on the 200 held-out
     (prompt, seed) pairs, float32 on the CPU;
-  - the metric's own accuracy on fresh renders.
-The recommended scale is read from the GPU sweep (--sweep, written by train_shapes) as the
-scale of highest adherence; --scale overrides.
+  - the quick check tests/test_zoo.py repeats, and the metric's own accuracy on fresh renders.
+The recommended scale is the scale of highest adherence in the GPU sweep: the one recorded in
+info.json, or a new one (--sweep, written by train_shapes.py); --scale overrides.
+--timing-only re-times generation and keeps the other facts; --card-only measures nothing and
+renders the card from info.json. --out writes info.json and README.md elsewhere (a check that
+leaves the shipped card alone).
+
+Not part of the dlx package: nothing at runtime imports it.
 """
 
 from __future__ import annotations
@@ -24,9 +30,14 @@ from pathlib import Path
 
 import torch
 
-from dlx.zoo import shapes_data as sd
+import sys
 
-FOLDER = Path(__file__).resolve().parent / "shapes"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # dlx from this checkout, installed or not
+
+import dlx.zoo  # noqa: E402
+from dlx.zoo import shapes_data as sd  # noqa: E402
+
+FOLDER = dlx.zoo.path("shapes")  # the shipped model: measured, and its facts read from here
 
 
 def folder_size(folder: Path) -> tuple[int, int, str]:
@@ -59,7 +70,7 @@ def quick_check(pipe, rec: float) -> dict:
     test runs it."""
     import tempfile
 
-    import dlx.sweep
+    import dlx
 
     pairs = sd.heldout_pairs(200)[:CHECK_PAIRS]
     out = {"pairs": CHECK_PAIRS, "steps": CHECK_STEPS}
@@ -73,9 +84,17 @@ def quick_check(pipe, rec: float) -> dict:
     return out
 
 
+def gpu_sweep(info: dict) -> dict:
+    """The GPU sweep recorded in ``info["measured"]["gpu_sweep"]``, in the form --sweep files have."""
+    g = info["measured"]["gpu_sweep"]
+    return {"n": g["n"], "steps": g["steps"],
+            "scales": {k: {"adherence": a, "by_template": g["by_template"][k]} for k, a in g["scales"].items()}}
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", required=True)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", default=None, help="a GPU sweep written by train_shapes.py (default: the one in info.json)")
+    ap.add_argument("--out", type=Path, default=FOLDER, help="folder to write info.json and README.md (default: the model's)")
     ap.add_argument("--scale", type=float, default=None)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
@@ -83,22 +102,27 @@ def main(argv=None):
     ap.add_argument("--skip-adherence", action="store_true")
     ap.add_argument("--timing-only", action="store_true",
                     help="re-time generation (on a quiet machine) and keep the other measured facts")
+    ap.add_argument("--card-only", action="store_true", help="measure nothing: render the card from info.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.card_only:
+        info = json.loads((FOLDER / "info.json").read_text())
+        (args.out / "README.md").write_text(render_card(info, bars(info)))
+        return
     if args.timing_only:
         return retime(args)
 
-    import dlx.zoo
     from dlx.zoo import metric
-    from dlx.zoo.metric import evaluate_metric
-    from dlx.zoo.train_shapes import measure
+    from train_classifier import evaluate_metric
+    from train_shapes import measure
 
-    sweep = json.loads(Path(args.sweep).read_text())
+    info_path = FOLDER / "info.json"
+    old = json.loads(info_path.read_text()) if info_path.exists() else {}
+    sweep = json.loads(Path(args.sweep).read_text()) if args.sweep else gpu_sweep(old)
     scales = {float(k): v["adherence"] for k, v in sweep["scales"].items()}
     rec = args.scale if args.scale is not None else max(scales, key=lambda s: (scales[s], -s))
     train = json.loads((FOLDER / "train_state.json").read_text())
-    info_path = FOLDER / "info.json"
-    old = json.loads(info_path.read_text()) if info_path.exists() else {}
 
     pipe = dlx.zoo.load("shapes", device="cpu", dtype=torch.float32)
     total, big, big_name = folder_size(FOLDER)
@@ -150,24 +174,21 @@ def main(argv=None):
                    "rel_margin": metric.REL_MARGIN},
         "measured": measured,
     }
-    info_path.write_text(json.dumps(info, indent=1) + "\n")
+    (args.out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
     print(json.dumps(measured, indent=1))
     if not args.skip_adherence:
-        (FOLDER / "README.md").write_text(render_card(info, bars(info)))
+        (args.out / "README.md").write_text(render_card(info, bars(info)))
 
 
 def retime(args):
-    import dlx.zoo
-
-    info_path = FOLDER / "info.json"
-    info = json.loads(info_path.read_text())
+    info = json.loads((FOLDER / "info.json").read_text())
     pipe = dlx.zoo.load("shapes", device="cpu", dtype=torch.float32)
     timing = time_generation(pipe, runs=args.timing_runs, scale=info["recommended_guidance_scale"])
     print("timing", timing, flush=True)
     info["measured"]["cpu_seconds_25_steps_cfg_batch1"] = timing
     info["measured"]["cpu"] = f"{platform.processor() or platform.machine()}, {args.threads} threads"
-    info_path.write_text(json.dumps(info, indent=1) + "\n")
-    (FOLDER / "README.md").write_text(render_card(info, bars(info)))
+    (args.out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+    (args.out / "README.md").write_text(render_card(info, bars(info)))
 
 
 def bars(info: dict) -> str:
@@ -231,7 +252,7 @@ seed): one or two anti-aliased shapes on a plain grey background (dark 0.05-0.30
   classifier-free guidance sharpens p(caption | image) and pulls samples back to the
   caption. This is the mechanism by which CFG helps models trained on web captions, and it
   is why guidance matters for this model (see "How guidance was made to matter").
-- tokenizer: CLIP BPE whose `vocab.json`/`merges.txt` (`dlx/zoo/_tok.py`) make every word
+- tokenizer: CLIP BPE whose `vocab.json`/`merges.txt` (`tools/zoo/shapes_tokenizer.py`) make every word
   of the language one token; `model_max_length` {max_tokens}.
 
 ## Architecture ({size_mb:.1f} MB on disk, fp16 weights; load with `torch_dtype=torch.float32`)
@@ -243,7 +264,7 @@ seed): one or two anti-aliased shapes on a plain grey background (dark 0.05-0.30
 | text_encoder | CLIPTextModel, 4 layers, width 128, 4 heads, 16 positions, vocabulary {vocab} | {p_te:.2f} M |
 | scheduler | DDIMScheduler, v-prediction, scaled-linear betas (0.00085-0.012) rescaled to zero terminal SNR, trailing spacing | |
 
-## Training (`python -m dlx.zoo.train_shapes`)
+## Training (`python tools/zoo/train_shapes.py`, outside the runtime package)
 
 {training}
 
@@ -252,13 +273,13 @@ runs 1-3 used the first language, in the git history before commit 4c42e7b, and 
 first six entries of `SHAPES`, a state of `shapes_data.py` that was not committed on its own):
 
 ```
-python -m dlx.zoo.train_shapes --workdir w4 --init-from <run 3> --unet-minutes 7.3 --mix 0.1,0.8,0.1 --high-t 0.5 --warmup 150 --seed 3 --export r4/shapes
-python -m dlx.zoo.train_shapes --workdir w5 --init-from r4/shapes --unet-minutes 7.0 --mix 0.15,0.7,0.15 --high-t 0.3 --warmup 150 --seed 4 --export r5/shapes
-python -m dlx.zoo.train_shapes --workdir w6 --init-from r5/shapes --unet-minutes 7.3 --mix 0.15,0.7,0.15 --high-t 0.3 --warmup 150 --seed 5 --export r6/shapes
-python -m dlx.zoo.train_shapes --workdir w7 --init-from r6/shapes --unet-minutes 7.6 --mix 0.15,0.7,0.15 --high-t 0.3 --warmup 150 --seed 6 --caption-noise 0.3 --export r7/shapes
-python -m dlx.zoo.train_shapes --sweep-only --export r7/shapes --sweep sweep.json
-python -c "from dlx.zoo.metric import train_classifier; train_classifier(out='dlx/zoo/shapes/adherence_classifier.safetensors')"
-python -m dlx.zoo.measure_shapes --sweep sweep.json
+python tools/zoo/train_shapes.py --workdir w4 --init-from <run 3> --unet-minutes 7.3 --mix 0.1,0.8,0.1 --high-t 0.5 --warmup 150 --seed 3 --export r4/shapes
+python tools/zoo/train_shapes.py --workdir w5 --init-from r4/shapes --unet-minutes 7.0 --mix 0.15,0.7,0.15 --high-t 0.3 --warmup 150 --seed 4 --export r5/shapes
+python tools/zoo/train_shapes.py --workdir w6 --init-from r5/shapes --unet-minutes 7.3 --mix 0.15,0.7,0.15 --high-t 0.3 --warmup 150 --seed 5 --export r6/shapes
+python tools/zoo/train_shapes.py --workdir w7 --init-from r6/shapes --unet-minutes 7.6 --mix 0.15,0.7,0.15 --high-t 0.3 --warmup 150 --seed 6 --caption-noise 0.3 --export r7/shapes
+python tools/zoo/train_shapes.py --sweep-only --export r7/shapes --sweep sweep.json
+python tools/zoo/train_classifier.py --out dlx/zoo/shapes/adherence_classifier.safetensors
+python tools/zoo/measure_shapes.py --sweep sweep.json
 ```
 
 The runs are time-boxed (`--unet-minutes`), so the number of steps, and with it the weights,
@@ -269,6 +290,11 @@ prompt input), rate {dropout}. EMA of UNet and text-encoder weights (decay {ema}
 weights are shipped. Trained on: **{device}**, 2026-11-25 and {train_date} (UTC).
 
 ## Measured ({date})
+
+Every figure of this section and of the bars below is measured on the CPU, and this card and
+`info.json` are rewritten, by one command run from the repository root:
+`python tools/zoo/measure_shapes.py` (it reuses the GPU sweep recorded in `info.json` unless
+`--sweep` names a new one; `--timing-only` re-times generation alone).
 
 | what | value |
 | --- | --- |
@@ -317,7 +343,7 @@ Per image: each pixel takes the nearest of the palette colours and the backgroun
 (median of the border), if within distance {tol} in RGB; for each object of the prompt, the
 largest 8-connected component of its colour (after a 3x3 opening) must have at least
 {min_area} pixels (`colour0`/`colour1`), a small shipped CNN (`adherence_classifier.safetensors`,
-trained with `dlx.zoo.metric.train_classifier` for 1,500 steps of batch 128, seed 7, on masks
+trained with `tools/zoo/train_classifier.py` for 1,500 steps of batch 128, seed 7, on masks
 segmented from fresh, randomly blurred and noised renders) must call its
 mask crop the prompt's shape (`shape0`/`shape1`), and for relation prompts the component
 centroids must stand in the relation by more than {margin} px along its axis

@@ -1,6 +1,6 @@
 """Train the shipped "shapes" text-to-image pipeline (dlx/zoo/shapes/).
 
-    python -m dlx.zoo.train_shapes --workdir ckpt --export out/shapes --vae-seconds 60 \
+    python tools/zoo/train_shapes.py --workdir ckpt --export out/shapes --vae-seconds 60 \
         --unet-minutes 6.5 --sweep out/sweep.json
 
 Stages, all in one process and time-boxed so a run fits a 10-minute GPU lease:
@@ -20,6 +20,9 @@ state).  --init-from <exported pipeline folder> warm-starts the UNet and the tex
 from an exported (fp16) pipeline and keeps its VAE: a resume for when only the exported
 pipeline could be carried between machines (the optimiser moments restart with a short
 warm-up).
+
+Not part of the dlx package: nothing at runtime imports it (tools/zoo/measure_shapes.py and the
+tests do).
 """
 
 from __future__ import annotations
@@ -28,14 +31,17 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from dlx.zoo import shapes_data as sd
-from dlx.zoo._tok import build_vocab_merges, write_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # dlx from this checkout, installed or not
+
+from dlx.zoo import shapes_data as sd  # noqa: E402
+from shapes_tokenizer import build_vocab_merges, write_tokenizer  # noqa: E402
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, sample_size=64,

@@ -1,4 +1,5 @@
-"""Build the CLIP BPE vocabulary and merges for the closed shapes language."""
+"""Build the CLIP BPE vocabulary and merges for the closed shapes language (used by train_shapes.py;
+the shipped model carries the files it wrote in dlx/zoo/shapes/tokenizer/)."""
 
 from __future__ import annotations
 
