@@ -15,6 +15,12 @@ Public API:
 
 Heavy libraries (diffusers, transformers, tokenizers, PIL) are imported inside the functions so
 ``import dlx.testing`` stays cheap.
+
+Over 400 lines, kept as one module on purpose: it holds one idea, a tiny pipeline of each family
+built from configs, and its sections are the steps of that build (tokenizer files, components,
+schedulers, assembly, the call's inputs, an IP-Adapter for it). Tests patch its builder
+(``_build``) and read its tokenizer and UNet settings; split into modules they would have to know
+which step lives where.
 """
 
 from __future__ import annotations
