@@ -86,6 +86,16 @@ class DenoiserCall:
                 f"scale={self.scale!r})")
 
 
+class _Output:
+    """A denoiser output with only ``sample`` (a step whose every sample is zeroed)."""
+
+    def __init__(self, sample):
+        self.sample = sample
+
+    def __getitem__(self, i):
+        return (self.sample,)[i]
+
+
 def _pred_of(out):
     if isinstance(out, tuple):
         return out[0]
@@ -312,6 +322,21 @@ class Tap:
                         run.observe(call)
                 return out
             rows, ev, guided, gpos, lay = self._take(plan, lay, b, n)
+            if not ev:  # every sample zeroed: no evaluation at all
+                if not denoiser:  # a side module's output is not used by the skipped denoiser call
+                    return orig(*_take_rows(args, n, slice(0, 1)), **_take_rows(kwargs, n, slice(0, 1)))
+                run.count(0, cond=True, uncond=plan.mask, zero=plan.zero)
+                den = getattr(pipe, self.family.denoiser)
+                ch = getattr(getattr(den, "config", None), "out_channels", None) or x.shape[1]
+                z = x.new_zeros((b, ch, *x.shape[2:]) if x.ndim == 4 else x[b:].shape)
+                if run.wants_calls:
+                    nan = torch.full_like(z, float("nan"))
+                    call = DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], z, nan, z, plan.mask,
+                                        plan.scale_value())
+                    self._last = (run.step, call, z)
+                    run.observe(call)
+                zz = torch.cat([z, z])
+                return (zz,) if kwargs.get("return_dict", True) is False else _Output(zz)
             out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
             if not denoiser:
                 return out  # side module outputs already have the sub-batch's rows

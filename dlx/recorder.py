@@ -492,15 +492,16 @@ def _meta(pipe, family, call) -> dict:
 
 
 @contextlib.contextmanager
-def record(pipe, *parts: Part, **recorder_kwargs):
+def record(pipe, *parts: Part, per_sample=None, scales=None, **recorder_kwargs):
     """``with dlx.record(pipe, *controls) as trace: pipe(...)`` records one call into ``trace``.
 
-    Extra parts (cutoffs, interrupts, previews) are attached too; keyword arguments go to
-    ``Recorder``. The trace is complete when the call returns (or raises: then
-    ``trace.stop_reason`` names the error).
+    Extra parts (cutoffs, interrupts, previews) are attached too; ``per_sample`` and ``scales``
+    go to ``attach`` (each sample its own controls); other keyword arguments go to ``Recorder``.
+    The trace is complete when the call returns (or raises: then ``trace.stop_reason`` names the
+    error).
     """
     rec = Recorder(pipe, **recorder_kwargs)
-    with attach(pipe, *parts, rec):
+    with attach(pipe, *parts, rec, per_sample=per_sample, scales=scales):
         yield rec.trace
 
 

@@ -101,7 +101,7 @@ def run_batch(pipe, spec, rows: list[dict], *, share: bool = True, extra_parts=(
     call_scale = max(scales)
     ledger = Ledger()  # the run's one record: each row's NFE and guided steps are read from it
     parts = [ledger]
-    if share and len(rows) > 1:
+    if share and len(rows) > 1 and family_of(pipe).share:  # Flux's two calls per step: no sharing
         # the scale is part of the key: rows of different scales differ from the first step
         parts.append(Share([(r["prompt"], r["seed"], s) for r, s in zip(rows, scales)]))
     parts += list(extra_parts)
