@@ -17,11 +17,12 @@ import torch
 
 from .errors import DlxError
 from .families import denoised_as, family_of, prediction_type
+from .protocol import Part
 from .render.decoders import _check_decoder, _check_fits, _check_taesd, _render, _split_decoder, decoder_for
 from .render.images import _check_size, to_pil
 from .render.maps import latent_rgb
 from .render.steps import _KINDS, _check_sample
-from .session import Part, Run
+from .run import Run
 
 __all__ = ["PreviewImage", "Preview"]
 
@@ -191,7 +192,7 @@ class Preview(Part):
 
     def on_loop_start(self, run: Run):
         self._resolve(run.pipe)
-        self._hw, self._vsf = self._layout(run.pipe, run.call_kwargs)
+        self._hw, self._vsf = self._layout(run.pipe, run.call)
         self._what = type(run.pipe).__name__
         if self.kind == "x0":
             self._x0_kind = prediction_type(run.family, run.pipe.scheduler)

@@ -12,10 +12,10 @@ ties the floors together and is left out of the graph.
 Floors, low to high (each may import its own floor and those below):
 
 ground        errors, _args, _io, _quiet, families, _diffusers, fingerprint, timing
-run protocol  session, _tap, parts
+run protocol  config, protocol, run, share, session, _tap
 data          trace and its file format (trace_file)
 rendering     the render package: latent→RGB maps, decoders (a model registers its own), PNG
-parts         guidance, interrupt, recorder, preview
+parts         guidance, interrupt, recorder, preview; parts (part_from_config builds any of them)
 views         labels, plots, widgets, live, report
 applications  sweep/*, metrics, demo, __main__; zoo/* and testing beside them
 
@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FLOORS = [
     ("ground", ["errors", "_args", "_io", "_quiet", "families", "_diffusers", "fingerprint", "timing"]),
-    ("run protocol", ["session", "_tap", "parts"]),
+    ("run protocol", ["config", "protocol", "run", "share", "session", "_tap"]),
     ("data", ["trace", "trace_file"]),
     ("rendering", ["render", "render.*"]),
-    ("parts", ["guidance", "interrupt", "recorder", "preview"]),
+    ("parts", ["guidance", "interrupt", "recorder", "preview", "parts"]),
     ("views", ["labels", "plots", "widgets", "live", "report"]),
     ("applications", ["sweep", "sweep.*", "metrics", "demo", "__main__", "zoo", "zoo.*", "testing", "testing.*"]),
 ]
