@@ -130,7 +130,7 @@ def study(out, *, prompts=None, seeds: int = 4, seed: int = 0, steps: int = 25, 
     return sweep("shapes", prompts=list(prompts or STUDY_PROMPTS), seeds=range(seed, seed + seeds),
                  cutoffs=list(cutoffs if cutoffs is not None else STUDY_CUTOFFS),
                  metrics=["adherence", "psnr", "ssim"], out=out, num_inference_steps=steps, guidance_scale=scale,
-                 timing=("eager",), timing_repeats=timing_repeats, progress=progress, device=device, dtype=dtype)
+                 timing=("eager",), timing_repeats=timing_repeats, progress=progress, device=device, dtype=dtype, keep_previews=True)
 
 
 def write_outputs(res, out) -> dict:

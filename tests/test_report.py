@@ -128,18 +128,53 @@ def test_report_of_several_traces_and_bad_input(traces):
 
 def test_sweep_report(tmp_path):
     pipe = tiny_pipeline("sd")
-    res = dlx.sweep(pipe, prompts=["a red circle"], seeds=[0], cutoffs=[0, 1.0], timing=(), progress=False,
-                    out=tmp_path / "s", keep_previews=True, num_inference_steps=3, height=32, width=32)
+    res = dlx.sweep(pipe, prompts=["a red circle", "a blue square"], seeds=[0, 1], cutoffs=[0, 1.0], timing=(),
+                    progress=False, out=tmp_path / "s", keep_previews=True, num_inference_steps=3, height=32, width=32)
     doc = report.report(res)
-    (g,) = _galleries(doc)
+    gals = _galleries(doc)
+    assert len(gals) == 4  # every prompt-seed group, each with its own slider
+    g = gals[0]
     assert len(g["frames"]["x0"]) == 3 and len(g["frames"]["x0"][0]) == 2  # steps × configs
-    kept = res.previews(res.frame.row_id.iloc[1])[2].numpy()
+    f = res.frame
+    row = f[(f.config == "cutoff=1") & (f.prompt == "a red circle") & (f.seed == 0)].row_id.item()
+    kept = res.previews(row)[2].numpy()
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(g["frames"]["x0"][2][1])))), kept)
-    assert "cutoff=0" in doc and "alt='speed against quality'" in doc
-    # the summary table (wider than a page with a few metrics) scrolls in its own box, not the page
+    # captions per step: CFG on or off at the step shown (cutoff=0 never guides, full guidance always)
+    assert g["captions"][0][0].startswith("cutoff=0 · NFE 3 · CFG off at step 1")
+    assert g["captions"][2][1].startswith("cutoff=1 · NFE 6 · CFG on at step 3")
+    for (prompt, seed) in [("a red circle", 0), ("a red circle", 1), ("a blue square", 0), ("a blue square", 1)]:
+        assert f"prompt {prompt!r} · seed {seed}".replace("'", "&#x27;") in doc
+    # the answer first: the recommendation (where this dlx has one), then speed against quality
+    assert doc.index("Which config?") < doc.index("alt='speed against") < doc.index("Summary (one row per config")
+    if hasattr(res, "recommend"):
+        assert str(res.recommend()) in doc.replace("&#x27;", "'")
+    # key columns "mean [lo, hi]"; the reference shown as such, not as 100 dB
+    assert re.search(r"<td>cutoff=1 \(reference\)</td>|<td>cutoff=1</td>", doc)
+    assert re.search(r"<td>\d+\.\d \[\d+\.\d, \d+\.\d\]</td>", doc)  # psnr of cutoff=0 with its interval
+    # provenance: versions, device, weights, scheduler, steps, scale, resolution, each config's JSON
+    prov = doc[doc.index("<h2>Provenance</h2>"):]
+    import diffusers
+    import torch
+
+    for want in (f"{torch.__version__}", f"{diffusers.__version__}", "transformers", "rows computed on",
+                 "weights fingerprint", "scheduler", "32×32", "torch threads", '"type": "CFGCutoff"'):
+        assert want in prov.replace("&quot;", '"'), want
+    # the full summary table scrolls in its own box, not the page
     assert re.search(r"Summary \(one row per config[^<]*</h2><div class='wide'><table", doc)
     from dlx.demo import write_outputs  # python -m dlx demo writes report.html beside its other files
 
     files = write_outputs(res, tmp_path / "s")
     assert files["report"] == tmp_path / "s" / "report.html" and "<script>" in files["report"].read_text()
     assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:)?//""", doc)
+
+
+def test_sweep_report_without_previews_shows_final_images(tmp_path):
+    pipe = tiny_pipeline("sd")
+    res = dlx.sweep(pipe, prompts=["a red circle"], seeds=[0], cutoffs=[0, 1.0], timing=(), progress=False,
+                    out=tmp_path / "s", num_inference_steps=3, height=32, width=32)
+    doc = report.report(res)
+    (g,) = _galleries(doc)
+    assert g["labels"] == ["final images"] and "run with keep_previews=True" in doc
+    assert g["captions"][0][0].startswith("cutoff=0 · NFE 3 · CFG off at step 3")
+    with pytest.raises(DlxError, match="metric"):
+        report.report(res, metric="fid")

@@ -193,6 +193,35 @@ class SweepResult:
                     out.append(im.convert("RGB"))
         return out
 
+    def provenance(self) -> dict:
+        """What made these rows, as the store recorded it: the versions and devices the rows were
+        computed with, the model's identity and weights fingerprint, the scheduler of the embedded
+        model as shipped, the call, each config's JSON, the measured step costs per timing mode and
+        batch, and when the sweep was created and its rows finished."""
+        store = Store(self.out)
+        try:
+            weights, created = store.meta("weights"), store.meta("created_at")
+        finally:
+            store.close()
+        versions = [json.loads(v) for v in sorted({json.dumps(r["versions"], sort_keys=True)
+                                                     for r in self._rows if r.get("versions")})]
+        finished = sorted(r["finished_at"] for r in self._rows if r.get("finished_at"))
+        model = dict(self.spec.model)
+        if model.get("name") == "shapes" and "scheduler" not in model:
+            from ..zoo import path as zoo_path
+
+            try:
+                conf = json.loads((zoo_path("shapes") / "scheduler" / "scheduler_config.json").read_text())
+                model["scheduler"] = conf.pop("_class_name", None)
+                model["scheduler_config"] = {k: v for k, v in conf.items() if not k.startswith("_")}
+            except (OSError, ValueError):  # pragma: no cover - the package's own file
+                pass
+        return {"versions": versions, "devices": sorted({r["device"] for r in self._rows if r.get("device")}),
+                "model": model, "weights_fingerprint": weights, "call": dict(self.spec.call),
+                "configs": {c.name: c.to_json() for c in self.spec.configs}, "costs": list(self._costs),
+                "timing_batch": self.timing_batch, "created_at": created,
+                "rows_finished": [finished[0], finished[-1]] if finished else None}
+
     def previews(self, row_id: str):
         """Per-step x0 previews of a row, uint8 tensor (steps, 128, 128, 3) (``keep_previews=True``)."""
         from safetensors.torch import load_file
