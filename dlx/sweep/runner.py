@@ -72,11 +72,15 @@ def run(pipe, spec, store, units, mets, *, max_batch, share, pad, keep_previews,
         for u in units:
             c = cfgs[u[0]["config"]]
             by_group.setdefault((spec.steps_of(c), None if mix else spec.scale_of(c)), []).append(u)
+        from .cost import Interleaved
+
+        timer = Interleaved(pipe, spec, store, padded=pad)  # the cost model, timed across the sweep too
         with engine.pad_shapes(pipe, shapes, enabled=pad):
             for key, group_units in by_group.items():
                 for batch in _batches(group_units, state):
                     _run_batch(pipe, spec, store, batch, mets, refs, state, share, keep_previews, versions,
                                dev, shard, bar)
+                    timer.after_batch(*key)
         if pad:
             store.event("shapes", padded_sizes=sorted(shapes.sizes), graphs=len(shapes.sizes))
     finally:
