@@ -254,7 +254,9 @@ class Interleaved:
         self.pipe, self.spec, self.store = pipe, spec, store
         den = getattr(pipe, _family(pipe).denoiser, None)
         self.mode = "compiled" if type(den).__name__ == "OptimizedModule" else "eager"
-        self.batch = store.meta("timing_batch")
+        # a shard's database holds its costs but not the sweep's meta: then the costs' one batch size
+        batches = {c["batch"] for c in store.costs() if c["mode"] == self.mode}
+        self.batch = store.meta("timing_batch", next(iter(batches)) if len(batches) == 1 else None)
         self.models = {(c["steps"], c["scale"]) for c in store.costs()
                        if c["mode"] == self.mode and c["batch"] == self.batch}
         # padded denoiser batches (the sweep's compiled shapes) would time another call than a
@@ -263,7 +265,7 @@ class Interleaved:
             self.models = set()
         self.taken: dict = {}
         self.t0 = time.perf_counter()
-        self.spent = 0.0
+        self.spent = self.last = 0.0
 
     def after_batch(self, steps: int, scale: float | None = None) -> int:
         """Time up to ``PER_GAP`` pairs for the model of (``steps``, ``scale``) (``scale`` None:
@@ -271,7 +273,8 @@ class Interleaved:
         how many were taken."""
         keys = sorted(k for k in self.models if k[0] == steps and (scale is None or k[1] == scale))
         done = 0
-        while keys and done < PER_GAP and self.spent <= OVERHEAD * (time.perf_counter() - self.t0):
+        # the next pair is expected to take as long as the last: take it only if that stays within budget
+        while keys and done < PER_GAP and self.spent + self.last <= OVERHEAD * (time.perf_counter() - self.t0):
             key = min(keys, key=lambda k: self.taken.get(k, 0))
             t = time.perf_counter()
             try:
@@ -282,7 +285,8 @@ class Interleaved:
                 self.models = set()
                 return done
             finally:
-                self.spent += time.perf_counter() - t
+                self.last = time.perf_counter() - t
+                self.spent += self.last
             self.store.add_cost_pair(self.mode, key[0], key[1], self.batch, pair)
             self.taken[key] = self.taken.get(key, 0) + 1
             done += 1
