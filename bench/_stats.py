@@ -1,14 +1,12 @@
 """Statistics shared by the bench/ scripts (run as ``python bench/<script>.py``, so this folder is
-on ``sys.path``)."""
+on ``sys.path``): the interval is dlx's own (``dlx.stats``), so benchmarks and sweeps agree."""
 
 from __future__ import annotations
 
-import random
-import statistics
+from dlx.stats import bootstrap_ci as _bootstrap_ci
 
 
 def bootstrap_ci(xs, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of the median of xs (resampling rounds)."""
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n))
-    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
+    """95% percentile bootstrap interval of the median of xs (resampling rounds):
+    ``dlx.stats.bootstrap_ci(stat="median")``."""
+    return _bootstrap_ci(xs, n=n, seed=seed, stat="median")

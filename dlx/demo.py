@@ -159,25 +159,62 @@ def _report(res, out: Path):
 
 
 def format_summary(res) -> str:
-    """The study's summary as text: per config adherence and fidelity with 95% intervals, NFE,
-    predicted standalone time and the timing regime, then how the sweep compared to a loop."""
+    """The study as text, the answer first: the recommendation (``res.recommend()``), then per
+    config NFE, predicted standalone time and its share of full guidance's with its interval
+    (``*``: the timing never settled), adherence with its Wilson interval and its paired
+    difference to full guidance, PSNR and SSIM against full guidance (the reference itself reads
+    "reference"), the intervals' methods, the timing model, and how the sweep compared to a loop."""
     s = res.summary()
+    has_adh = "adherence" in s.columns
+    has_ps, has_ss = "psnr" in s.columns, "ssim" in s.columns
+    cmp = res.compare(metrics=["adherence"]).set_index("config") if has_adh else None
     lines = []
-    head = (f"{'config':<12} {'NFE':>5} {'time alone':>10} {'vs full':>7}  {'adherence (95% CI)':<22} "
-            f"{'PSNR dB (95% CI)':<20} {'SSIM':>6}")
-    lines.append(head)
-    lines.append("-" * len(head))
+    try:
+        lines += [f"Recommendation: {res.recommend()}", ""]
+    except DlxError as e:  # no metric with a default margin: the table still says everything
+        lines += [f"Recommendation: none ({e})", ""]
+    head = f"{'config':<12} {'NFE':>5} {'time alone':>10}  {'vs full (95% CI)':<19}"
+    if has_adh:
+        head += f"  {'adherence (95% CI)':<20}  {'vs full (95% CI)':<22}"
+    if has_ps:
+        head += f"  {'PSNR dB (95% CI)':<19}"
+    if has_ss:
+        head += f"  {'SSIM':>9}"
+    lines += [head, "-" * len(head)]
+    unsettled = False
     for r in s.itertuples():
         t = getattr(r, "time_eager_s", math.nan)
         share = getattr(r, "time_eager_vs_full", math.nan)
-        adh = f"{r.adherence:6.1%} [{r.adherence_lo:.0%}, {r.adherence_hi:.0%}]" if "adherence" in s else ""
-        ps = f"{r.psnr:5.1f} [{r.psnr_lo:.1f}, {r.psnr_hi:.1f}]"
-        lines.append(f"{r.config:<12} {r.nfe:5.1f} {t:9.3f}s {share:7.0%}  {adh:<22} {ps:<20} {r.ssim:6.3f}")
+        lo, hi = getattr(r, "time_eager_vs_full_lo", math.nan), getattr(r, "time_eager_vs_full_hi", math.nan)
+        mark = "*" if getattr(r, "timing_steady_eager", None) is False else ""
+        unsettled |= bool(mark)
+        vs = (f"{share:.2f} [{lo:.2f}, {hi:.2f}]" if lo == lo else f"{share:.2f}") + mark
+        line = f"{r.config:<12} {r.nfe:5.1f} {t:9.3f}s  {vs:<19}"
+        if has_adh:
+            adh = f"{r.adherence:6.1%} [{r.adherence_lo:.0%}, {r.adherence_hi:.0%}]"
+            c = cmp.loc[r.config]
+            d = ("reference" if c.is_reference else
+                 f"{c.adherence_diff:+.0%} [{c.adherence_diff_lo:+.0%}, {c.adherence_diff_hi:+.0%}]")
+            line += f"  {adh:<20}  {d:<22}"
+        if has_ps:
+            ps = "reference (∞)" if r.is_reference else f"{r.psnr:5.1f} [{r.psnr_lo:.1f}, {r.psnr_hi:.1f}]"
+            line += f"  {ps:<19}"
+        if has_ss:
+            line += f"  {'reference' if r.is_reference else f'{r.ssim:.3f}':>9}"
+        lines.append(line)
+    if unsettled:
+        lines.append("* the timing never settled (the host's speed changed while it was measured): this share is "
+                     "uncertain beyond its interval")
+    methods = s.attrs.get("interval_method", {})
+    lines.append("intervals: " + "; ".join(f"{m}: {v}" for m, v in methods.items())
+                 + (f"; adherence vs full: {cmp.attrs['method']['adherence']}" if has_adh else "")
+                 + f"; time share: {s.attrs.get('time_interval_method', '')}")
     cost = next(iter(res.costs("eager").values()), None)
     if cost is not None:
         lines.append("")
-        lines.append(f"timing ({cost['device_name']}, eager, batch {cost['batch']}, medians of {cost['repeats']} "
-                     f"interleaved runs): guided step {cost['guided_step_ms']:.1f} ms, unguided "
+        n_pairs, between = cost.get("pairs", cost["repeats"]), cost.get("sweep_pairs", 0)
+        lines.append(f"timing ({cost['device_name']}, eager, batch {cost['batch']}, medians of {n_pairs} interleaved "
+                     f"pairs of runs, {between} of them between the sweep's batches): guided step {cost['guided_step_ms']:.1f} ms, unguided "
                      f"{cost['unguided_step_ms']:.1f} ms, fixed {cost['fixed_ms']:.0f} ms -> {cost['regime']}: "
                      f"an unguided step saves {100 * cost['saving']:.0f}%")
         if cost.get("steady") is False:
@@ -186,7 +223,7 @@ def format_summary(res) -> str:
         lines.append("'time alone' is the predicted wall time of one such run by itself (measured costs, not "
                      "the sweep's clock), 'vs full' the same as a share of full guidance's: the host's speed, "
                      "which moves the first, cancels in the second; PSNR/SSIM compare with full guidance "
-                     "(cutoff=1) of the same prompt and seed.")
+                     f"({' / '.join(dict.fromkeys(s.attrs['reference'].values()))}) of the same prompt and seed.")
     f = res.frame
     batches = [e for e in res.events if e["kind"] == "batch"]
     if batches:

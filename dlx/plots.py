@@ -7,7 +7,33 @@ import math
 
 from .errors import DlxError
 
-__all__ = ["speed_quality", "quality_vs_cutoff", "pareto_front", "step_curves", "STEP_CURVES"]
+__all__ = ["speed_quality", "quality_vs_cutoff", "pareto_front", "step_curves", "STEP_CURVES", "config_colors"]
+
+
+def config_colors(names) -> dict:
+    """One colour per name, by position in ``names`` (matplotlib's tab10, then tab20b): pass the
+    same list (all of a sweep's configs, all traces) to every panel and a config keeps its
+    colour across them, whichever subset a panel draws."""
+    from matplotlib import colormaps
+
+    cols = list(colormaps["tab10"].colors) + list(colormaps["tab20b"].colors)
+    out: dict = {}
+    for n in names:
+        if n not in out:
+            out[n] = cols[len(out) % len(cols)]
+    return out
+
+
+def _finite(summary, metric):
+    """Rows whose ``metric`` is finite, and a note on those left out: the reference's PSNR is
+    +inf (identical images), which no axis can show."""
+    import numpy as np
+
+    y = summary[metric].to_numpy(float)
+    keep = np.isfinite(y) | np.isnan(y)
+    left = [str(n) for n, k in zip(summary["config"], keep) if not k]
+    note = f"not drawn: {', '.join(left)} ({metric} = ∞, identical to the reference)" if left else ""
+    return summary[keep], note
 
 
 def _axes(ax, figsize=(5.5, 3.6)):
@@ -63,26 +89,45 @@ def pareto_front(xs, ys, higher_is_better: bool = True) -> list[int]:
     return front
 
 
-def speed_quality(summary, metric: str | None = None, mode: str | None = None, ax=None):
+def speed_quality(summary, metric: str | None = None, mode: str | None = None, ax=None, colors=None):
     """Quality (mean with its interval as error bars) against predicted standalone time per config,
-    with the Pareto front. ``mode``: "eager", "compiled" or "nfe" (x = NFE)."""
+    with the Pareto front. ``mode``: "eager", "compiled" or "nfe" (x = NFE). Time's error bars come
+    from the share's interval (``time_<mode>_vs_full_lo``/``_hi``), scaled to seconds; a timing
+    that never settled (``timing_steady_<mode>`` False) is said in the x label. A config whose
+    value is infinite (the reference's PSNR) is left out and named in the legend. ``colors``:
+    config → colour (default ``config_colors`` of the summary's configs)."""
+    import numpy as np
+
     metric, hib = _pick_metric(summary, metric)
     xcol, xlabel = _pick_time(summary, mode)
+    colors = colors or config_colors(summary["config"])
+    s, note = _finite(summary, metric)
     fig, ax = _axes(ax)
-    x = summary[xcol].to_numpy(float)
-    y = summary[metric].to_numpy(float)
-    lo = summary.get(f"{metric}_lo")
-    hi = summary.get(f"{metric}_hi")
-    if lo is not None and hi is not None:
-        err = [y - lo.to_numpy(float), hi.to_numpy(float) - y]
-        ax.errorbar(x, y, yerr=err, fmt="o", ms=5, capsize=3, color="tab:blue", ecolor="0.6", zorder=3)
-    else:
-        ax.plot(x, y, "o", color="tab:blue", zorder=3)
-    for xi, yi, name in zip(x, y, summary["config"]):
-        ax.annotate(str(name), (xi, yi), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    x = s[xcol].to_numpy(float)
+    y = s[metric].to_numpy(float)
+    lo, hi = s.get(f"{metric}_lo"), s.get(f"{metric}_hi")
+    yerr = (np.abs(np.stack([y - lo.to_numpy(float), hi.to_numpy(float) - y])) if lo is not None and hi is not None
+            else None)
+    xerr = None
+    if xcol.startswith("time_") and f"{xcol[:-2]}_vs_full_lo" in s.columns:
+        share = s[f"{xcol[:-2]}_vs_full"].to_numpy(float)
+        per = np.divide(x, share, out=np.full_like(x, np.nan), where=share > 0)  # the reference's time
+        xerr = np.abs(np.stack([x - s[f"{xcol[:-2]}_vs_full_lo"].to_numpy(float) * per,
+                                s[f"{xcol[:-2]}_vs_full_hi"].to_numpy(float) * per - x]))
+        steady = s.get(f"timing_steady_{xcol[5:-2]}")
+        if steady is not None and (steady == False).any():  # noqa: E712 - a column of True/False/None
+            xlabel += " — timing not settled"
+    for i, name in enumerate(s["config"]):
+        ax.errorbar(x[i:i + 1], y[i:i + 1], yerr=None if yerr is None else yerr[:, i:i + 1],
+                    xerr=None if xerr is None else np.nan_to_num(xerr[:, i:i + 1]), fmt="o", ms=5, capsize=3,
+                    color=colors.get(name, "tab:blue"), ecolor="0.6", zorder=3)
+        ax.annotate(str(name), (x[i], y[i]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = pareto_front(x, y, hib)
     if len(front) > 1:
-        ax.step(x[front], y[front], where="post", color="tab:orange", lw=1.2, zorder=2, label="Pareto front")
+        ax.step(x[front], y[front], where="post", color="0.35", lw=1.2, zorder=2, label="Pareto front")
+    if note:
+        ax.plot([], [], " ", label=note)
+    if len(front) > 1 or note:
         ax.legend(fontsize=7, loc="best")
     level = summary.attrs.get("level", 0.95)
     ax.set_xlabel(xlabel)
@@ -93,11 +138,13 @@ def speed_quality(summary, metric: str | None = None, mode: str | None = None, a
 
 
 def quality_vs_cutoff(summary, metric: str | None = None, ax=None):
-    """Quality (mean and interval) against the CFG cutoff ratio, for configs that have one."""
+    """Quality (mean and interval) against the CFG cutoff ratio, for configs that have one; a
+    config whose value is infinite (the reference's PSNR) is left out and named in the legend."""
     metric, hib = _pick_metric(summary, metric)
     s = summary[summary["cutoff"].notna()].sort_values("cutoff") if "cutoff" in summary.columns else summary.iloc[:0]
     if s.empty:
         raise DlxError("quality_vs_cutoff needs configs with a CFG cutoff ratio (sweep(cutoffs=[...]))")
+    s, note = _finite(s, metric)
     fig, ax = _axes(ax)
     x = s["cutoff"].to_numpy(float)
     y = s[metric].to_numpy(float)
@@ -105,6 +152,9 @@ def quality_vs_cutoff(summary, metric: str | None = None, ax=None):
     if lo is not None and hi is not None:
         ax.fill_between(x, lo.to_numpy(float), hi.to_numpy(float), alpha=0.2, color="tab:blue", lw=0)
     ax.plot(x, y, "o-", color="tab:blue")
+    if note:
+        ax.plot([], [], " ", label=note)
+        ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("CFG cutoff ratio (share of steps guided)")
     ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)")
     ax.grid(alpha=0.3)
@@ -146,14 +196,16 @@ def _named_traces(traces) -> dict:
 
 
 def step_curves(traces, what: str = "cond_uncond_cos", *, reference=None, field: str = "latents",
-                sample: int | None = None, ax=None):
+                sample: int | None = None, ax=None, colors=None):
     """Per-step curves of one or several traces on one axis: ``what`` is a key of
     :data:`STEP_CURVES` (values from ``Trace.to_frame()``; ``"divergence"``: ``field``'s RMS
     difference from ``reference``, a label or a Trace, default the first, by ``Trace.compare``).
 
     ``traces``: a Trace, a list, or a dict label → Trace (the legend's labels). ``sample``: one
     sample's values (``to_frame(per_sample=True)``) instead of the batch mean. Steps where a value
-    was not recorded (no unconditional pass after a cutoff) leave a gap. Returns ``(fig, ax)``.
+    was not recorded (no unconditional pass after a cutoff) leave a gap. Each trace keeps its
+    colour whichever curves a panel draws: ``colors`` (label → colour), default
+    ``config_colors`` of all the traces' labels. Returns ``(fig, ax)``.
     """
     if what not in STEP_CURVES:
         raise DlxError(f"argument `what` must be one of {list(STEP_CURVES)}; got {what!r}")
@@ -199,9 +251,10 @@ def step_curves(traces, what: str = "cond_uncond_cos", *, reference=None, field:
         ylabel = STEP_CURVES[what]
     from matplotlib.ticker import MaxNLocator
 
+    colors = {**config_colors(named), **(colors or {})}
     fig, ax = _axes(ax)
     for k, (x, y) in series.items():
-        ax.plot(x + 1, y, "o-", ms=3, lw=1.3, label=k)  # steps counted from 1, as the galleries label them
+        ax.plot(x + 1, y, "o-", ms=3, lw=1.3, label=k, color=colors[k])  # steps counted from 1, as the galleries label them
     ax.set_xlabel("step (1 = first)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)

@@ -34,12 +34,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 FLOORS = [
-    ("ground", ["errors", "_args", "_io", "_quiet", "families", "_diffusers", "fingerprint", "timing"]),
+    ("ground", ["errors", "_args", "_io", "_quiet", "families", "_diffusers", "fingerprint", "timing", "stats"]),
     ("run protocol", ["config", "protocol", "run", "share", "session", "_tap"]),
     ("data", ["trace", "trace_file"]),
     ("rendering", ["render", "render.*"]),
     ("parts", ["guidance", "interrupt", "recorder", "preview", "parts"]),
-    ("views", ["labels", "plots", "widgets", "live", "report"]),
+    ("views", ["labels", "tiles", "plots", "_notebook", "widgets", "live", "report"]),
     ("applications", ["sweep", "sweep.*", "metrics", "demo", "__main__", "zoo", "zoo.*", "testing", "testing.*"]),
 ]
 

@@ -192,11 +192,13 @@ def test_summary_has_means_and_intervals_and_plot_returns_fig_ax(tmp_path):
                     timing=("eager",), timing_repeats=1, progress=False, **CALL)
     s = res.summary().set_index("config")
     f = res.frame
-    for c in s.index:
+    for c in s.index.drop("cutoff=1"):
         vals = f[f.config == c].psnr
         assert s.loc[c, "psnr"] == pytest.approx(vals.mean())
         assert s.loc[c, "psnr_lo"] <= s.loc[c, "psnr"] <= s.loc[c, "psnr_hi"]
-    assert s.loc["cutoff=1", "psnr"] == 100.0 and s.loc["cutoff=1", "ssim"] == pytest.approx(1.0)
+    # the reference compared with itself: identical images, PSNR +inf (not a 100 dB stand-in)
+    assert s.loc["cutoff=1", "is_reference"] and not s.is_reference.drop("cutoff=1").any()
+    assert s.loc["cutoff=1", "psnr"] == math.inf and s.loc["cutoff=1", "ssim"] == pytest.approx(1.0)
     # predicted standalone time grows with the guided steps; the regime is named
     t = s.time_eager_s
     assert t["cutoff=0"] < t["cutoff=0.5"] < t["cutoff=1"]

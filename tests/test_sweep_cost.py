@@ -90,3 +90,68 @@ def test_the_demo_says_when_the_timing_was_not_steady(tmp_path, monkeypatch):
     assert "still changing while these were measured (31%" in format_summary(res)
     monkeypatch.setattr(type(res), "costs", lambda self, mode="eager": {key: {**c, "steady": True}} if mode == "eager" else {})
     assert "still changing" not in format_summary(res)
+
+
+class _FakeStore:
+    def __init__(self, costs, batch=1):
+        self._costs, self._batch, self.pairs, self.events = costs, batch, [], []
+
+    def costs(self):
+        return self._costs
+
+    def meta(self, key, default=None):
+        return self._batch if key == "timing_batch" else default
+
+    def add_cost_pair(self, mode, steps, scale, batch, pair):
+        self.pairs.append((mode, steps, scale, batch, pair))
+
+    def event(self, kind, **detail):
+        self.events.append((kind, detail))
+
+
+def test_pairs_between_batches_stay_within_their_share_of_the_sweep(monkeypatch):
+    from dlx.sweep.spec import build_spec
+
+    clock = [0.0]
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
+
+    def take_pair(pipe, **kw):
+        clock[0] += 1.0  # a pair takes 1 s of the fake clock
+        return {"guided": [100.0, 90.0], "unguided": [60.0, 50.0]}
+
+    monkeypatch.setattr(cost, "take_pair", take_pair)
+    spec = build_spec(prompts=["a red circle"], seeds=[0], cutoffs=[0, 1.0],
+                      call={"num_inference_steps": 4, "guidance_scale": 5.0})
+    store = _FakeStore([{"mode": "eager", "steps": 4, "scale": 5.0, "batch": 1},
+                        {"mode": "compiled", "steps": 4, "scale": 5.0, "batch": 1}])
+    timer = cost.Interleaved(pipe_for("sd"), spec, store)
+    assert timer.mode == "eager"  # the tiny pipeline is not compiled: its eager model only
+    clock[0] += 30.0  # a batch of 30 s: 10 % of it allows 3 pairs (the most between two batches)
+    assert timer.after_batch(4, 5.0) == 3 and len(store.pairs) == 3
+    clock[0] += 5.0  # 3 s of pairs in 38 s: a fourth would pass 10 % of the sweep's time
+    assert timer.after_batch(4, 5.0) == 0
+    clock[0] += 10.0  # at 48 s one more fits (4 s); a fifth (5 s at 49 s) would not
+    assert timer.after_batch(4, None) == 1
+    assert timer.after_batch(8, 5.0) == 0  # no model for 8 steps
+    assert {p[:4] for p in store.pairs} == {("eager", 4, 5.0, 1)}
+
+    def fails(pipe, **kw):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(cost, "take_pair", fails)
+    clock[0] += 1000.0
+    assert timer.after_batch(4, 5.0) == 0 and store.events[0][0] == "timing_pair_failed"
+    assert timer.after_batch(4, 5.0) == 0 and len(store.events) == 1  # the timing stops; the sweep goes on
+
+
+def test_pairs_refit_the_model_and_say_when_it_drifted():
+    calls = {"guided": [1100.0, 1100.0], "unguided": [600.0, 600.0]}
+    loops = {"guided": [1000.0, 1000.0], "unguided": [500.0, 500.0]}
+    c = {**cost.fit(calls, loops, 10), "steps": 10, "steady": True, "drift": 0.0}
+    assert cost.with_pairs(c, []) == {**c, "pairs": 2, "sweep_pairs": 0}
+    same = cost.with_pairs(c, [{"guided": [1100.0, 1000.0], "unguided": [600.0, 500.0]}] * 2)
+    assert same["steady"] and same["pairs"] == 4 and same["guided_step_ms"] == 100.0
+    slow = cost.with_pairs(c, [{"guided": [2200.0, 2000.0], "unguided": [1200.0, 1000.0]}] * 3)
+    assert not slow["steady"] and slow["drift"] == pytest.approx(1.0) and slow["guided_step_ms"] == 200.0
+    lo, hi = cost.share_ci(same, [0.0, 10.0], 10.0)
+    assert lo == pytest.approx([600 / 1100, 1.0]) and hi == pytest.approx([600 / 1100, 1.0])

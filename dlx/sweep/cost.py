@@ -17,6 +17,13 @@ diffusers on a fast GPU, where cutting CFG saves little); above, denoiser-bound 
 with CUDA graphs). "compiled" measures the same calls with the denoiser compiled
 (``torch.compile(mode="reduce-overhead")``: CUDA graphs); the benchmark validates both against
 standalone runs of every config.
+
+The model is measured across the sweep too: between batches the runner times one more
+interleaved pair at a time (``Interleaved``, at most ``OVERHEAD`` of the sweep's time), and
+``with_pairs`` refits the model from the first measurement's pairs and these. The time share's
+interval (``share_ci``) is a percentile bootstrap over the pairs: each pair's guided and unguided
+calls are drawn together (they ran seconds apart, so the host's speed at that moment cancels in
+their ratio), the model refitted from each resample.
 """
 
 from __future__ import annotations
@@ -27,32 +34,27 @@ import time
 
 import torch
 
-from ..session import Part
+from .. import _diffusers as D
+from ..families import family_of
+from ..guidance import CFGCutoff
+from ..recorder import Ledger
+from ..session import attach
+from ..stats import percentile_bootstrap
+from ..timing import HOST_BOUND_BELOW
+from .engine import _device_of
 
-__all__ = ["measure", "predict_ms", "compiled"]
+__all__ = ["measure", "predict_ms", "compiled", "take_pair", "Interleaved", "pairs_of", "with_pairs", "share_ci"]
 
 MODES = ("eager", "compiled")
-
-
-class _Clock(Part):
-    runs_last = True
-
-    def __init__(self):
-        self.step_ms: list[float] = []
-
-    def on_run_end(self, run, error):
-        self.step_ms = run.step_ms()
 
 
 @contextlib.contextmanager
 def compiled(pipe):
     """The pipeline's denoiser compiled with ``mode="reduce-overhead"`` inside the block (as it
     is, when the user compiled it already)."""
-    from ..families import family_of
-
     name = family_of(pipe).denoiser
     den = getattr(pipe, name)
-    if type(den).__name__ == "OptimizedModule":
+    if D.is_compiled(den):
         yield pipe
         return
     setattr(pipe, name, torch.compile(den, mode="reduce-overhead"))
@@ -65,11 +67,9 @@ def compiled(pipe):
 @contextlib.contextmanager
 def eager(pipe):
     """The pipeline's denoiser uncompiled inside the block (``_orig_mod`` of a compiled one)."""
-    from ..families import family_of
-
     name = family_of(pipe).denoiser
     den = getattr(pipe, name)
-    if type(den).__name__ != "OptimizedModule":
+    if not D.is_compiled(den):
         yield pipe
         return
     setattr(pipe, name, den._orig_mod)
@@ -80,25 +80,21 @@ def eager(pipe):
 
 
 def _device(pipe):
-    from .engine import _device_of
-
     return _device_of(pipe)
 
 
 def timed_call(pipe, kwargs: dict, parts=()) -> tuple[float, float]:
     """(call ms, loop ms) of one call with ``parts`` attached; the device synchronised around it."""
-    import dlx
-
     dev = _device(pipe)
-    clock = _Clock()
+    ledger = Ledger()  # the run's one record: its step times are the loop time
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
-    with dlx.attach(pipe, *parts, clock):
+    with attach(pipe, *parts, ledger):
         pipe(**kwargs)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    return (time.perf_counter() - t0) * 1e3, float(sum(clock.step_ms))
+    return (time.perf_counter() - t0) * 1e3, float(sum(ledger.record.step_ms))
 
 
 def standalone_kwargs(call: dict, prompt: str, seed: int, steps: int, scale: float, batch: int = 1) -> dict:
@@ -182,9 +178,7 @@ def kind_parts(kind: str) -> list:
     config (``dlx.attach(pipe, CFGCutoff(r))``), so the control's own host work is priced too
     (2026-12-03, the embedded model compiled: a bare full-CFG call was 2-3 % faster than the
     same call with ``CFGCutoff(1.0)`` attached)."""
-    import dlx
-
-    return [dlx.CFGCutoff(ratio=1 if kind == "guided" else 0)]
+    return [CFGCutoff(ratio=1 if kind == "guided" else 0)]
 
 
 def fit(calls: dict, loops: dict, steps: int) -> dict:
@@ -200,7 +194,7 @@ def fit(calls: dict, loops: dict, steps: int) -> dict:
         "guided_step_ms": g, "unguided_step_ms": u, "fixed_ms": fixed,
         "full_ms": med["guided"], "none_ms": med["unguided"],
         "calls_ms": calls, "loops_ms": loops,
-        "saving": saving, "regime": "host-bound" if saving < 0.10 else "denoiser-bound",
+        "saving": saving, "regime": "host-bound" if saving < HOST_BOUND_BELOW else "denoiser-bound",
     }
 
 
@@ -216,3 +210,122 @@ def _where(pipe) -> dict:
 def predict_ms(cost: dict, guided_steps: float, steps: int) -> float:
     """Predicted standalone wall time of a run that guides ``guided_steps`` of ``steps``."""
     return cost["fixed_ms"] + guided_steps * cost["guided_step_ms"] + (steps - guided_steps) * cost["unguided_step_ms"]
+
+
+# --- across the sweep --------------------------------------------------------------------------------
+
+def take_pair(pipe, *, call: dict, prompt: str, seed: int, steps: int, scale: float, batch: int = 1) -> dict:
+    """One more interleaved pair of standalone calls, as ``measure`` times them: ``{"guided":
+    [call ms, loop ms], "unguided": [call ms, loop ms]}``."""
+    kw = standalone_kwargs(call, prompt, seed, steps, scale, batch)
+    return {k: list(timed_call(pipe, kw, kind_parts(k) if scale > 1 else [])) for k in KINDS}
+
+
+#: the most of a sweep's wall time that pairs taken between its batches may use
+OVERHEAD = 0.10
+#: the most pairs taken between two batches
+PER_GAP = 3
+
+
+class Interleaved:
+    """Pairs of timed standalone calls between a sweep's batches, stored beside the cost model
+    they extend (``store.add_cost_pair``). Only the mode the pipeline runs in is timed (eager,
+    or compiled when the user compiled the denoiser: compiling another copy mid-sweep would cost
+    more than it tells), only where ``measure`` fitted that model at the store's ``timing_batch``,
+    and at most ``OVERHEAD`` of the time since the sweep began. A pair that fails (out of memory)
+    stops the timing, never the sweep."""
+
+    def __init__(self, pipe, spec, store, padded: bool = False):
+        self.pipe, self.spec, self.store = pipe, spec, store
+        den = getattr(pipe, _family(pipe).denoiser, None)
+        self.mode = "compiled" if D.is_compiled(den) else "eager"
+        # a shard's database holds its costs but not the sweep's meta: then the costs' one batch size
+        batches = {c["batch"] for c in store.costs() if c["mode"] == self.mode}
+        self.batch = store.meta("timing_batch", next(iter(batches)) if len(batches) == 1 else None)
+        self.models = {(c["steps"], c["scale"]) for c in store.costs()
+                       if c["mode"] == self.mode and c["batch"] == self.batch}
+        # padded denoiser batches (the sweep's compiled shapes) would time another call than a
+        # user's: leave the timing alone where padding would change the standalone call's batch
+        if padded and self.batch and any(D.buckets(n) != n for n in (self.batch, 2 * self.batch)):
+            self.models = set()
+        self.taken: dict = {}
+        self.t0 = time.perf_counter()
+        self.spent = self.last = 0.0
+
+    def after_batch(self, steps: int, scale: float | None = None) -> int:
+        """Time up to ``PER_GAP`` pairs for the model of (``steps``, ``scale``) (``scale`` None:
+        a mixed-scale call's, the least timed of its scales) while within ``OVERHEAD``; returns
+        how many were taken."""
+        keys = sorted(k for k in self.models if k[0] == steps and (scale is None or k[1] == scale))
+        done = 0
+        # the next pair is expected to take as long as the last: take it only if that stays within budget
+        while keys and done < PER_GAP and self.spent + self.last <= OVERHEAD * (time.perf_counter() - self.t0):
+            key = min(keys, key=lambda k: self.taken.get(k, 0))
+            t = time.perf_counter()
+            try:
+                pair = take_pair(self.pipe, call=self.spec.call, prompt=self.spec.prompts[0],
+                                 seed=self.spec.seeds[0], steps=key[0], scale=key[1], batch=self.batch)
+            except Exception as e:  # noqa: BLE001 - the sweep's rows matter more than one more pair
+                self.store.event("timing_pair_failed", mode=self.mode, error=f"{type(e).__name__}: {e}"[:300])
+                self.models = set()
+                return done
+            finally:
+                self.last = time.perf_counter() - t
+                self.spent += self.last
+            self.store.add_cost_pair(self.mode, key[0], key[1], self.batch, pair)
+            self.taken[key] = self.taken.get(key, 0) + 1
+            done += 1
+        return done
+
+
+def _family(pipe):
+    return family_of(pipe)
+
+
+def pairs_of(cost: dict) -> list[dict]:
+    """The pairs ``measure`` fitted ``cost`` from, as ``{kind: [call ms, loop ms]}``."""
+    calls, loops = cost.get("calls_ms") or {}, cost.get("loops_ms") or {}
+    n = min((len(calls.get(k, [])) for k in KINDS), default=0)
+    return [{k: [calls[k][i], loops[k][i]] for k in KINDS} for i in range(n)]
+
+
+def with_pairs(cost: dict, extra: list[dict]) -> dict:
+    """``cost`` refitted from its own pairs and ``extra`` (pairs taken across the sweep):
+    medians over all of them; ``steady`` only where the first measurement was and the older and
+    newer halves of all the pairs still agree within ``STEADY`` (``drift`` then covers them all).
+    ``pairs`` counts the pairs behind the model, ``sweep_pairs`` those taken between batches."""
+    pairs = pairs_of(cost) + [{k: list(p[k]) for k in KINDS} for p in extra]
+    out = {**cost, "pairs": len(pairs), "sweep_pairs": len(extra)}
+    if not extra or not pairs:
+        return out
+    calls = {k: [p[k][0] for p in pairs] for k in KINDS}
+    loops = {k: [p[k][1] for p in pairs] for k in KINDS}
+    d = drift(pairs)
+    out.update(fit(calls, loops, cost["steps"]), drift=max(d, float(cost.get("drift", 0.0))),
+               steady=bool(cost.get("steady", True)) and d <= STEADY)
+    return out
+
+
+def share_ci(cost: dict, guided, reference_guided: float, level: float = 0.95, n_boot: int = 2000,
+             seed: int = 0):
+    """Percentile bootstrap interval (lo, hi arrays) of the predicted time share
+    ``predict(k) / predict(k_ref)`` for each mean guided-step count k in ``guided``, the pairs of
+    ``cost`` (``pairs_of`` its refitted calls) resampled and the model refitted (medians) each
+    time; NaN where fewer than two pairs were timed."""
+    import numpy as np
+
+
+    P = np.array([[p[k][j] for k in KINDS for j in (0, 1)] for p in pairs_of(cost)], dtype=float).reshape(-1, 4)
+    n_steps = cost["steps"]
+    k = np.asarray(guided, dtype=float)
+
+    def statistic(idx):
+        d = P[idx]  # (B, n, 4): guided call, guided loop, unguided call, unguided loop
+        g = np.median(d[..., 1], axis=1) / n_steps
+        u = np.median(d[..., 3], axis=1) / n_steps
+        f = np.median(np.concatenate([d[..., 0] - d[..., 1], d[..., 2] - d[..., 3]], axis=1), axis=1)
+        t = f[:, None] + k[None, :] * g[:, None] + (n_steps - k[None, :]) * u[:, None]
+        t_ref = f + reference_guided * g + (n_steps - reference_guided) * u
+        return t / t_ref[:, None]
+
+    return percentile_bootstrap(len(P), statistic, n=n_boot, seed=seed, level=level)

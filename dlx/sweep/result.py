@@ -1,38 +1,73 @@
-"""A sweep's results, read back from its folder: the frame, the summary with 95% CIs, the plot.
+"""A sweep's results, read back from its folder: frame, summary, paired comparison, recommendation.
 
 ``SweepResult(out)`` opens a finished (or partly finished) sweep folder without any model:
-``frame`` has one row per (config, prompt, seed), ``summary()`` one per config with each
-metric's mean and 95% bootstrap interval across prompts × seeds, NFE and the predicted
-standalone wall time with its timing regime; ``plot()`` draws speed against quality.
+``frame`` has one row per (config, prompt, seed); ``summary()`` one per config with each metric's
+mean and interval (Wilson for yes/no metrics, a cluster bootstrap over prompts then seeds for
+the rest: ``dlx.stats``), NFE and the predicted standalone time with its interval and regime;
+``compare()`` the paired difference of every config to full guidance on the same prompts and
+seeds; ``recommend()`` the cheapest config that is non-inferior within a margin; ``plot()``
+speed against quality.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DlxError
+from ..stats import bootstrap_ci, mean_ci, paired_diff_ci
 from .spec import SweepSpec
 from .store import DB, Store
 
-__all__ = ["SweepResult", "bootstrap_ci"]
+__all__ = ["SweepResult", "Recommendation", "DEFAULT_MARGINS", "bootstrap_ci"]
+
+#: What ``recommend`` asks of a config when no ``margin`` is given. For a metric judged per image
+#: (adherence, CLIP score) the margin is the largest loss against full guidance that still counts
+#: as "no worse": the paired difference's interval must stay above −margin. For a metric that
+#: already compares with the full-guidance image (PSNR, SSIM, LPIPS) there is nothing to
+#: subtract, and the margin is a threshold the interval's worse bound must clear.
+#:
+#: * adherence 0.05: five percentage points of images that follow the caption, a loss a reader
+#:   of a paper would notice but one that an ablation may accept; it needs about 75 pairs for
+#:   a config that loses nothing to qualify (Wilson's bound at n/n is z²/(n + z²)).
+#: * clip 1.0: one point of CLIP score (100·cos, where matching captions score in the
+#:   twenties and thirties): a loss small beside the differences between models papers report.
+#: * psnr 30 dB: the threshold image coding commonly takes for a close reproduction of its
+#:   reference; identical images are +inf.
+#: * ssim 0.90: the same idea on structure (1 is identical).
+#: * lpips 0.10: a small perceptual distance (0 is identical); lower is better, so the
+#:   interval's upper bound must stay under it.
+DEFAULT_MARGINS = {"adherence": 0.05, "clip": 1.0, "psnr": 30.0, "ssim": 0.90, "lpips": 0.10}
+
+#: metrics that are a yes/no per image (their intervals are for proportions)
+BINARY_METRICS = ("adherence",)
 
 
-def bootstrap_ci(values, n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (resampling the values with replacement); NaNs
-    are left out, and fewer than two values give (nan, nan)."""
-    import numpy as np
+@dataclass(frozen=True, eq=False)
+class Recommendation:
+    """What ``SweepResult.recommend`` found: ``config`` (None: none qualifies), the ``metric``,
+    ``margin``, timing ``mode`` and ``level`` it was judged by, the config's ``reference``, one
+    plain ``sentence`` (also ``str(rec)``) and the ``table`` of candidates (difference or value
+    with interval, time share, NFE, ``non_inferior``), cheapest first."""
 
-    v = np.asarray([x for x in values if x == x], dtype=float)
-    if len(v) < 2:  # no spread can be estimated from one value
-        return math.nan, math.nan
-    if np.all(v == v[0]):
-        return float(v[0]), float(v[0])
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n, len(v)))].mean(axis=1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+    config: str | None
+    metric: str
+    margin: float
+    mode: str
+    sentence: str
+    table: object
+    level: float = 0.95
+    reference: str | None = None
+
+    def __str__(self):
+        return self.sentence
+
+    def _repr_html_(self):
+        import html
+
+        return f"<p><b>{html.escape(self.sentence)}</b></p>" + self.table.to_html(index=False, float_format="%.3g")
 
 
 class SweepResult:
@@ -47,6 +82,7 @@ class SweepResult:
             self.spec: SweepSpec = store.spec()
             self._rows = store.rows()
             self._costs = store.costs()
+            self._pairs = store.cost_pairs()
             #: the batch size the predicted standalone times are for (the last sweep call's
             #: ``timing_batch``; costs measured for other batch sizes stay in the store)
             self.timing_batch = store.meta("timing_batch", min((c["batch"] for c in self._costs), default=1))
@@ -55,6 +91,7 @@ class SweepResult:
         finally:
             store.close()
         self._frame = None
+        self._cost_cache: dict = {}
 
     def __repr__(self):
         n = len(self.spec.rows())
@@ -70,10 +107,21 @@ class SweepResult:
         return len(self._rows) >= len(self.spec.rows())
 
     def costs(self, mode: str = "eager") -> dict:
-        """The measured cost model per (steps, scale) for ``mode`` ("eager" or "compiled") at
-        ``timing_batch``."""
-        return {(c["steps"], c["scale"]): c for c in self._costs
-                if c["mode"] == mode and c["batch"] == self.timing_batch}
+        """The cost model per (steps, scale) for ``mode`` ("eager" or "compiled") at
+        ``timing_batch``: measured before the rows and refitted with the pairs timed between
+        batches (``cost.with_pairs``: ``pairs``, ``sweep_pairs``, ``steady``, ``drift``)."""
+        if mode not in self._cost_cache:
+            from .cost import with_pairs
+
+            out = {}
+            for c in self._costs:
+                if c["mode"] != mode or c["batch"] != self.timing_batch:
+                    continue
+                key = (c["mode"], c["steps"], c["scale"], c["batch"])
+                extra = [p for p in self._pairs if (p["mode"], p["steps"], p["scale"], p["batch"]) == key]
+                out[(c["steps"], c["scale"])] = with_pairs(c, extra)
+            self._cost_cache[mode] = out
+        return dict(self._cost_cache[mode])
 
     @property
     def timing_modes(self) -> list[str]:
@@ -124,26 +172,108 @@ class SweepResult:
                 "image", "batch", "device"]
         return pd.DataFrame(out, columns=cols)
 
-    def summary(self, level: float = 0.95, n_boot: int = 2000):
-        """One row per config: rows ok/failed, NFE, predicted standalone time (``time_<mode>_s``),
-        that time as a share of the full-guidance config's (``time_<mode>_vs_full``) and the
-        timing regime per mode, and for each metric its mean and bootstrap interval (``<metric>_lo``/``_hi``)
-        across prompts × seeds."""
-        import pandas as pd
+    # -- what each metric is ---------------------------------------------------------------------------
+    def _is_reference_metric(self, name: str) -> bool:
+        """Whether ``name`` compares each image with the full-guidance image (PSNR, SSIM, LPIPS)."""
+        return bool(self.metric_info.get(name, {}).get("reference", name in ("psnr", "ssim", "lpips")))
 
+    def _is_binary(self, name: str, frame=None) -> bool:
+        """Whether ``name`` is a yes/no metric: declared so (``binary`` in its info, or adherence),
+        or a per-image metric whose every stored value is 0 or 1."""
+        info = self.metric_info.get(name, {})
+        if "binary" in info:
+            return bool(info["binary"])
+        if name in BINARY_METRICS:
+            return True
+        if self._is_reference_metric(name):
+            return False
+        f = self.frame if frame is None else frame
+        vals = [v for v in f[name].tolist() if v == v]
+        return bool(vals) and all(v in (0.0, 1.0) for v in vals)
+
+    def _values(self, name: str, g):
+        """A config's values of metric ``name`` (ok rows), PSNR of identical images held at the
+        metrics' cap so a mean stays finite (only the reference itself is shown as +inf)."""
+        import numpy as np
+
+        v = g[name].to_numpy(dtype=float)
+        if name == "psnr":
+            from ..metrics import PSNR_CAP
+
+            v = np.where(np.isposinf(v), PSNR_CAP, v)
+        return v
+
+    @staticmethod
+    def _identical(name: str, v) -> float:
+        """The value of a reference metric for the reference itself: PSNR of identical images is
+        +inf; others (SSIM 1, LPIPS 0, a user's) as computed."""
+        if name == "psnr":
+            return math.inf
+        vals = [x for x in v if x == x]
+        return float(sum(vals) / len(vals)) if vals else math.nan
+
+    def _check_level(self, level, n_boot=2000):
         if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
             raise DlxError(f"argument `level` must be a confidence level in (0, 1), e.g. 0.95; got {level!r}")
         if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
             raise DlxError(f"argument `n_boot` must be a positive int; got {n_boot!r}")
+
+    def _shares(self, ok, level: float, n_boot: int) -> dict:
+        """Per (config, mode): (share, lo, hi, steady) of the predicted standalone time as a share
+        of its full-guidance reference's (``cost.share_ci``: bootstrap over the timed pairs)."""
+        from .cost import share_ci
+
+        spec = self.spec
+        out = {}
+        for m in self.timing_modes:
+            costs = self.costs(m)
+            for c in spec.configs:
+                cost = costs.get((spec.steps_of(c), spec.scale_of(c)))
+                g = ok[ok.config == c.name]
+                r = ok[ok.config == spec.reference_of(c).name]
+                t, tr = g[f"time_{m}_s"].mean(), r[f"time_{m}_s"].mean()
+                share = t / tr if len(g) and len(r) and tr == tr and tr > 0 else math.nan
+                lo = hi = math.nan
+                if cost is not None and share == share:
+                    los, his = share_ci(cost, [g.guided_steps.mean()], float(r.guided_steps.mean()), level=level,
+                                        n_boot=n_boot)
+                    lo, hi = float(los[0]), float(his[0])
+                steady = bool(cost.get("steady", True)) if cost is not None else None
+                out[c.name, m] = (share, lo, hi, steady)
+        return out
+
+    # -- tables -----------------------------------------------------------------------------------------
+    def summary(self, level: float = 0.95, n_boot: int = 2000):
+        """One row per config: rows ok/failed, ``is_reference`` (the full-guidance config other
+        configs are compared with), NFE, predicted standalone time (``time_<mode>_s``), that time
+        as a share of the reference's (``time_<mode>_vs_full``, with its interval
+        ``time_<mode>_vs_full_lo``/``_hi``: a bootstrap over the timed pairs), whether the timing
+        settled (``timing_steady_<mode>``) and the regime per mode, and for each metric its mean,
+        interval (``<metric>_lo``/``_hi``) and count (``<metric>_n``).
+
+        Intervals (``attrs["interval_method"]`` names each metric's): yes/no metrics (adherence)
+        Wilson's, on the effective n where seeds cluster in prompts; others a cluster bootstrap
+        over prompts then seeds (a plain one over seeds with one prompt). The reference's PSNR,
+        SSIM and LPIPS compare it with itself: PSNR is +inf there (identical images), never a
+        stand-in number. ``attrs["reference"]``: the reference config per (scale, steps)."""
+        import pandas as pd
+
+        self._check_level(level, n_boot)
         f = self.frame
         spec = self.spec
+        ok_all = f[f.status == "ok"]
+        shares = self._shares(ok_all, level, n_boot)
+        binary = {name: self._is_binary(name, f) for name in spec.metrics}
+        methods: dict = {name: [] for name in spec.metrics}
         out = []
         for c in spec.configs:
             g = f[f.config == c.name]
             ok = g[g.status == "ok"]
+            is_ref = spec.reference_of(c).name == c.name
             d = {"config": c.name, "cutoff": c.cutoff if c.cutoff is not None else math.nan,
-                 "guidance_scale": spec.scale_of(c), "steps": spec.steps_of(c), "rows": len(g),
-                 "failed": int((g.status != "ok").sum()), "nfe": ok.nfe.mean() if len(ok) else math.nan}
+                 "guidance_scale": spec.scale_of(c), "steps": spec.steps_of(c), "is_reference": is_ref,
+                 "rows": len(g), "failed": int((g.status != "ok").sum()),
+                 "nfe": ok.nfe.mean() if len(ok) else math.nan}
             for m in self.timing_modes:
                 d[f"time_{m}_s"] = ok[f"time_{m}_s"].mean() if len(ok) else math.nan
                 cost = self.costs(m).get((spec.steps_of(c), spec.scale_of(c)))
@@ -152,18 +282,202 @@ class SweepResult:
                 # the same time as a share of full guidance's (same scale and steps): the host's
                 # speed, which moves absolute times by 10-20 % over minutes on shared machines,
                 # cancels in it
-                ref = f[(f.config == spec.reference_of(c).name) & (f.status == "ok")]
-                full = ref[f"time_{m}_s"].mean() if len(ref) else math.nan
-                d[f"time_{m}_vs_full"] = d[f"time_{m}_s"] / full if full == full and full > 0 else math.nan
+                share, lo, hi, steady = shares[c.name, m]
+                d[f"time_{m}_vs_full"] = share
+                d[f"time_{m}_vs_full_lo"], d[f"time_{m}_vs_full_hi"] = lo, hi
+                d[f"timing_steady_{m}"] = steady
             for name in spec.metrics:
-                vals = [v for v in ok[name].tolist() if v == v]
-                d[name] = float(sum(vals) / len(vals)) if vals else math.nan  # no value: NaN, never 0
-                d[f"{name}_lo"], d[f"{name}_hi"] = bootstrap_ci(vals, n=n_boot, level=level)
+                v = self._values(name, ok)
+                n = int((v == v).sum())
+                if is_ref and self._is_reference_metric(name):
+                    mean = lo = hi = self._identical(name, v) if n else math.nan
+                else:
+                    mean, lo, hi, how = mean_ci(v, ok.prompt.to_numpy(), binary=binary[name], level=level,
+                                                n_boot=n_boot)
+                    if n:
+                        methods[name].append(how)
+                d[name], d[f"{name}_lo"], d[f"{name}_hi"], d[f"{name}_n"] = mean, lo, hi, n
             out.append(d)
         s = pd.DataFrame(out)
         s.attrs["higher_is_better"] = {k: v.get("higher_is_better", True) for k, v in self.metric_info.items()}
         s.attrs["level"] = level
+        s.attrs["interval_method"] = {k: " / ".join(dict.fromkeys(v)) or "none (no values)"
+                                      for k, v in methods.items()}
+        s.attrs["reference"] = {(spec.scale_of(c), spec.steps_of(c)): spec.reference_of(c).name
+                                for c in spec.configs}
+        s.attrs["time_interval_method"] = "percentile bootstrap over the timed (guided, unguided) pairs"
         return s
+
+    def compare(self, reference: str | None = None, level: float = 0.95, metrics=None, n_boot: int = 2000):
+        """Every config against a reference on the same (prompt, seed) pairs: one row per config
+        (the reference included, ``is_reference``), with ``reference``, ``n_pairs`` (pairs where
+        both rows are ok), ``nfe``, the time share of full guidance with its interval and
+        ``timing_steady_<mode>`` per timing mode (as in ``summary``), and per metric
+        ``<m>_diff``, ``<m>_diff_lo``, ``<m>_diff_hi``, ``<m>_n``.
+
+        ``reference``: a config name; default each config's full-guidance config of the same
+        scale and steps. For a per-image metric (adherence, CLIP, a user's) ``<m>_diff`` is the
+        mean paired difference config − reference with its interval: a cluster bootstrap of the
+        per-pair differences over prompts then seeds (over seeds with one prompt); for a yes/no
+        metric Newcombe's paired score interval (1998, method 10) on the effective n where pairs
+        cluster by prompt, because a bootstrap of differences that are all 0 (both configs pass
+        every image) gives [0, 0], claiming certainty 16 images cannot give, where Newcombe's
+        gives about ±0.19. A metric that already compares with the full-guidance image (PSNR,
+        SSIM, LPIPS) is not differenced again: its ``<m>_diff`` columns hold the config's own
+        mean and interval (as in ``summary``; the reference's PSNR is +inf).
+        ``attrs["method"]`` names each metric's interval, ``attrs["kind"]`` says which of the
+        two a metric is ("paired difference" or "against the reference image")."""
+        import numpy as np
+        import pandas as pd
+
+        self._check_level(level, n_boot)
+        spec = self.spec
+        names = [c.name for c in spec.configs]
+        if reference is not None and reference not in names:
+            raise DlxError(f"argument `reference`: {reference!r} is not a config of this sweep; it has {names!r}")
+        if metrics is None:
+            metrics = list(spec.metrics)
+        elif isinstance(metrics, str):
+            metrics = [metrics]
+        for m in metrics:
+            if m not in spec.metrics:
+                raise DlxError(f"argument `metrics`: {m!r} is not a metric of this sweep; it has {list(spec.metrics)!r}")
+        f = self.frame
+        ok = f[f.status == "ok"]
+        summ = self.summary(level=level, n_boot=n_boot).set_index("config")
+        binary = {m: self._is_binary(m, f) for m in metrics}
+        kind = {m: "against the reference image" if self._is_reference_metric(m) else "paired difference"
+                for m in metrics}
+        methods: dict = {m: [] for m in metrics}
+        out = []
+        for c in spec.configs:
+            ref = reference or spec.reference_of(c).name
+            g = ok[ok.config == c.name].set_index(["prompt", "seed"])
+            r = ok[ok.config == ref].set_index(["prompt", "seed"])
+            common = g.index.intersection(r.index)
+            d = {"config": c.name, "is_reference": c.name == ref, "reference": ref, "n_pairs": len(common),
+                 "nfe": summ.loc[c.name, "nfe"]}
+            for mode in self.timing_modes:
+                for col in (f"time_{mode}_vs_full", f"time_{mode}_vs_full_lo", f"time_{mode}_vs_full_hi",
+                            f"timing_steady_{mode}"):
+                    d[col] = summ.loc[c.name, col]
+            for m in metrics:
+                if kind[m] == "against the reference image":
+                    val, lo, hi, n = (summ.loc[c.name, k] for k in (m, f"{m}_lo", f"{m}_hi", f"{m}_n"))
+                    methods[m].append(summ.attrs["interval_method"][m])
+                elif c.name == ref:
+                    x = self._values(m, g.loc[common]) if len(common) else np.array([])
+                    val = lo = hi = 0.0 if (x == x).any() else math.nan
+                    n = int((x == x).sum())
+                else:
+                    x, y = self._values(m, g.loc[common]), self._values(m, r.loc[common])
+                    prompts = np.array([p for p, _ in common], dtype=object)
+                    val, lo, hi, how = paired_diff_ci(x, y, prompts, binary=binary[m], level=level, n_boot=n_boot)
+                    n = int(((x == x) & (y == y)).sum())
+                    if n:
+                        methods[m].append(how)
+                d[f"{m}_diff"], d[f"{m}_diff_lo"], d[f"{m}_diff_hi"], d[f"{m}_n"] = val, lo, hi, n
+            out.append(d)
+        cmp = pd.DataFrame(out)
+        cmp.attrs["method"] = {m: " / ".join(dict.fromkeys(v)) or "none (no pairs)" for m, v in methods.items()}
+        cmp.attrs["kind"] = kind
+        cmp.attrs["level"] = level
+        cmp.attrs["higher_is_better"] = {m: bool(self.metric_info.get(m, {}).get("higher_is_better", True))
+                                         for m in metrics}
+        cmp.attrs["time_interval_method"] = summ.attrs["time_interval_method"]
+        return cmp
+
+    def recommend(self, metric: str | None = None, margin: float | None = None, mode: str | None = None,
+                  level: float = 0.95) -> Recommendation:
+        """The cheapest config (predicted time share of full guidance in ``mode``, then NFE)
+        that is non-inferior to its full-guidance reference on ``metric`` at ``level``, or None
+        with a plain sentence saying that none is, and which came closest.
+
+        Non-inferior: for a per-image metric, the paired difference's interval (``compare``)
+        stays within ``margin`` on the worse side (lower bound >= −margin where higher is better,
+        upper bound <= margin where lower is); for a metric that compares with the reference
+        image, the interval's worse bound clears ``margin`` as a threshold (PSNR lower bound >=
+        30 dB). Defaults: ``metric`` adherence, else CLIP, else another per-image metric, else
+        SSIM, PSNR, LPIPS; ``margin`` from ``DEFAULT_MARGINS`` (adherence 0.05, clip 1.0, psnr 30,
+        ssim 0.90, lpips 0.10; why each, in its comment), required for other metrics; ``mode``
+        "eager" where timed, else the first timed mode, else "nfe" (order by NFE only).
+        Candidates are the configs cheaper than their reference (share below 1, or fewer NFE)."""
+        import pandas as pd
+
+        self._check_level(level)
+        mets = list(self.spec.metrics)
+        if not mets:
+            raise DlxError("this sweep has no metrics: recommend needs one to judge the configs by")
+        if metric is None:
+            per_image = [m for m in mets if not self._is_reference_metric(m)]
+            order = ["adherence", "clip"] + per_image + ["ssim", "psnr", "lpips"] + mets
+            metric = next(m for m in order if m in mets)
+        if metric not in mets:
+            raise DlxError(f"argument `metric`: {metric!r} is not a metric of this sweep; it has {mets!r}")
+        if margin is None:
+            if metric not in DEFAULT_MARGINS:
+                raise DlxError(f"argument `margin`: {metric!r} has no default margin; pass one (the largest loss "
+                               f"against full guidance that still counts as no worse)")
+            margin = DEFAULT_MARGINS[metric]
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise DlxError(f"argument `margin` must be a finite number; got {margin!r}")
+        modes = self.timing_modes
+        if mode is None:
+            mode = "eager" if "eager" in modes else (modes[0] if modes else "nfe")
+        if mode not in [*modes, "nfe"]:
+            raise DlxError(f"argument `mode` must be one of {[*modes, 'nfe']}; got {mode!r}")
+        cmp = self.compare(level=level, metrics=[metric])
+        hib = cmp.attrs["higher_is_better"][metric]
+        absolute = cmp.attrs["kind"][metric] == "against the reference image"
+        if not absolute and margin < 0:
+            raise DlxError(f"argument `margin` is a largest acceptable loss, >= 0; got {margin!r}")
+        nfe_of = dict(zip(cmp.config, cmp.nfe))
+        rows = []
+        for r in cmp.itertuples(index=False):
+            if r.is_reference:
+                continue
+            share = getattr(r, f"time_{mode}_vs_full") if mode != "nfe" else math.nan
+            ref_nfe = nfe_of.get(r.reference, math.nan)
+            cheaper = share < 1 if share == share else r.nfe < ref_nfe
+            if not cheaper:
+                continue
+            val, lo, hi = (getattr(r, f"{metric}_diff{k}") for k in ("", "_lo", "_hi"))
+            if absolute:
+                ok = (lo >= margin) if hib else (hi <= margin)
+            else:
+                ok = (lo >= -margin) if hib else (hi <= margin)
+            rows.append({"config": r.config, "reference": r.reference, "n_pairs": r.n_pairs, "nfe": r.nfe,
+                         "reference_nfe": ref_nfe, "time_share": share,
+                         "time_share_lo": getattr(r, f"time_{mode}_vs_full_lo") if mode != "nfe" else math.nan,
+                         "time_share_hi": getattr(r, f"time_{mode}_vs_full_hi") if mode != "nfe" else math.nan,
+                         "timing_steady": getattr(r, f"timing_steady_{mode}") if mode != "nfe" else None,
+                         metric: val, f"{metric}_lo": lo, f"{metric}_hi": hi, "non_inferior": bool(ok)})
+        table = pd.DataFrame(rows, columns=["config", "reference", "n_pairs", "nfe", "reference_nfe", "time_share",
+                                            "time_share_lo", "time_share_hi", "timing_steady", metric,
+                                            f"{metric}_lo", f"{metric}_hi", "non_inferior"])
+        if len(table):
+            table = table.assign(_s=table.time_share.fillna(math.inf)).sort_values(["_s", "nfe"], kind="stable")
+            table = table.drop(columns="_s").reset_index(drop=True)
+        table.attrs.update(method=cmp.attrs["method"][metric], kind=cmp.attrs["kind"][metric], level=level)
+        picked = table[table.non_inferior]
+        method = table.attrs["method"]
+        if len(picked):
+            p = picked.iloc[0]
+            sentence = (f"{p.config} is the cheapest config {_rule(metric, margin, hib, absolute, level, p.reference)}: "
+                        f"{_value_text(metric, p, absolute)} over {p.n_pairs} prompt-seed pairs ({method}); "
+                        f"it takes {_cost_text(p, mode, level)}.")
+            return Recommendation(p.config, metric, float(margin), mode, sentence, table, level, p.reference)
+        refs = " or ".join(dict.fromkeys(cmp.reference[cmp.is_reference])) or " or ".join(dict.fromkeys(cmp.reference))
+        if not len(table):
+            sentence = f"No config is cheaper than full guidance ({refs}): there is nothing to recommend over it."
+        else:
+            worse = table[f"{metric}_lo"] if hib else -table[f"{metric}_hi"]
+            b = table.loc[worse.fillna(-math.inf).idxmax()]  # closest: the best bound on the worse side
+            sentence = (f"No config cheaper than full guidance is {_rule(metric, margin, hib, absolute, level, refs)}"
+                        f": keep full guidance. Closest: {b.config}, {_value_text(metric, b, absolute)} over "
+                        f"{b.n_pairs} prompt-seed pairs ({method}), at {_cost_text(b, mode, level)}; more seeds "
+                        f"narrow the interval.")
+        return Recommendation(None, metric, float(margin), mode, sentence, table, level, None)
 
     def plot(self, ax=None, *, metric: str | None = None, mode: str | None = None):
         """Speed against quality (``dlx.plots.speed_quality``): returns (fig, ax)."""
@@ -230,3 +544,27 @@ class SweepResult:
         if not p.is_file():
             raise DlxError(f"no previews for row {row_id!r} in {str(self.out)!r}; run the sweep with keep_previews=True")
         return load_file(str(p))["x0"]
+
+
+def _rule(metric: str, margin: float, hib: bool, absolute: bool, level: float, ref: str) -> str:
+    if absolute:
+        return (f"whose {metric} against full guidance ({ref}) stays {'>=' if hib else '<='} {margin:g} at "
+                f"{level:.0%} (the interval's {'lower' if hib else 'upper'} bound)")
+    return f"non-inferior to full guidance ({ref}) on {metric} within {margin:g} at {level:.0%}"
+
+
+def _cost_text(r, mode: str, level: float) -> str:
+    nfe = f"{r.nfe:.3g} NFE against {r.reference_nfe:.3g}"
+    if mode == "nfe" or r.time_share != r.time_share:
+        return nfe
+    ci = (f", {level:.0%} CI {r.time_share_lo:.2f}-{r.time_share_hi:.2f}" if r.time_share_lo == r.time_share_lo
+          else "")
+    unsettled = "; timing not settled" if r.timing_steady is False else ""
+    return f"{r.time_share:.2f} of full guidance's time ({mode}{ci}{unsettled}) and {nfe}"
+
+
+def _value_text(metric: str, r, absolute: bool) -> str:
+    v, lo, hi = r[metric], r[f"{metric}_lo"], r[f"{metric}_hi"]
+    if absolute:
+        return f"{metric} {v:.3g} [{lo:.3g}, {hi:.3g}]"
+    return f"{metric} difference {v:+.3f} [{lo:+.3f}, {hi:+.3f}]"

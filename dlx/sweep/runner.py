@@ -13,6 +13,7 @@ from .. import _diffusers as D
 from .._io import atomic_write, png_bytes
 from ..families import family_of
 from . import engine
+from .cost import Interleaved
 
 __all__ = ["units", "measure_costs", "run"]
 
@@ -71,11 +72,13 @@ def run(pipe, spec, store, units, mets, *, max_batch, share, pad, keep_previews,
         for u in units:
             c = cfgs[u[0]["config"]]
             by_group.setdefault((spec.steps_of(c), None if mix else spec.scale_of(c)), []).append(u)
+        timer = Interleaved(pipe, spec, store, padded=pad)  # the cost model, timed across the sweep too
         with D.pad_batch(getattr(pipe, family_of(pipe).denoiser), shapes, enabled=pad):
             for key, group_units in by_group.items():
                 for batch in _batches(group_units, state):
                     _run_batch(pipe, spec, store, batch, mets, refs, state, share, keep_previews, versions,
                                dev, shard, bar)
+                    timer.after_batch(*key)
         if pad:
             store.event("shapes", padded_sizes=sorted(shapes.sizes), graphs=len(shapes.sizes))
     finally:

@@ -35,6 +35,8 @@ CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT
     kind TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS costs (mode TEXT, steps INTEGER, scale REAL, batch INTEGER, value TEXT NOT NULL,
     PRIMARY KEY (mode, steps, scale, batch));
+CREATE TABLE IF NOT EXISTS cost_pairs (id INTEGER PRIMARY KEY AUTOINCREMENT, mode TEXT, steps INTEGER, scale REAL,
+    batch INTEGER, at TEXT NOT NULL, value TEXT NOT NULL);
 """
 ROW_COLUMNS = ("row_id", "config", "prompt", "seed", "status", "error", "nfe", "evaluations", "guided_steps",
                "metrics", "image", "batch", "call_ms", "device", "versions", "shard", "finished_at")
@@ -188,6 +190,19 @@ class Store:
         return [{"mode": m, "steps": n, "scale": s, "batch": b, **json.loads(v)} for m, n, s, b, v in
                 self.con.execute("SELECT mode, steps, scale, batch, value FROM costs")]
 
+    def add_cost_pair(self, mode: str, steps: int, scale: float, batch: int, pair: dict) -> None:
+        """One more (guided, unguided) pair of timed calls, taken between batches
+        (``cost.Interleaved``), for the cost model of (mode, steps, scale, batch)."""
+        with self._tx():
+            self.con.execute("INSERT INTO cost_pairs (mode, steps, scale, batch, at, value) VALUES (?, ?, ?, ?, ?, ?)",
+                             (mode, steps, scale, batch, now(), json.dumps(pair, sort_keys=True)))
+
+    def cost_pairs(self) -> list[dict]:
+        """The pairs taken between batches, in the order taken: mode, steps, scale, batch, at and
+        the pair (``{"guided": [call ms, loop ms], "unguided": [...]}``)."""
+        return [{"mode": m, "steps": n, "scale": s, "batch": b, "at": at, **json.loads(v)} for m, n, s, b, at, v in
+                self.con.execute("SELECT mode, steps, scale, batch, at, value FROM cost_pairs ORDER BY id")]
+
     # -- merging shards -----------------------------------------------------------------------------
     def merge_from(self, other: Path) -> int:
         """Copy rows, events and costs of another store's database (a shard); returns rows added."""
@@ -199,6 +214,9 @@ class Store:
                 con.execute(f"INSERT OR IGNORE INTO rows SELECT {', '.join(ROW_COLUMNS)} FROM shard.rows")
                 con.execute("INSERT INTO events (at, kind, detail) SELECT at, kind, detail FROM shard.events")
                 con.execute("INSERT OR IGNORE INTO costs SELECT * FROM shard.costs")
+                if con.execute("SELECT 1 FROM shard.sqlite_master WHERE name='cost_pairs'").fetchone():
+                    con.execute("INSERT INTO cost_pairs (mode, steps, scale, batch, at, value) "
+                                "SELECT mode, steps, scale, batch, at, value FROM shard.cost_pairs")
         finally:
             con.execute("DETACH DATABASE shard")
         return con.execute("SELECT COUNT(*) FROM rows").fetchone()[0] - before
