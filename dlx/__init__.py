@@ -29,6 +29,7 @@ _LAZY = {
     "GuidanceSchedule": "guidance",
     "AdaptiveCutoff": "guidance",
     "IPAdapterCutoff": "guidance",
+    "Guider": "guiders",
     "Interrupt": "interrupt",
     "Share": "parts",
     "part_from_config": "parts",
@@ -36,7 +37,7 @@ _LAZY = {
     "fit_latent_rgb": "preview",
     "latents_to_rgb": "preview",
 }
-_SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "trace", "recorder", "session", "parts",
+_SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "guiders", "trace", "recorder", "session", "parts",
                "sweep", "metrics", "plots", "render", "widgets", "report"}
 
 # ``dlx.sweep`` is a callable module: ``dlx.sweep(pipe, ...)`` runs a sweep (dlx/sweep/__init__.py)

@@ -162,11 +162,11 @@ def default_config(part: Part) -> dict:
 
 
 def _registry() -> dict:
-    from . import guidance, interrupt, recorder
+    from . import guidance, guiders, interrupt, recorder
 
     reg = {c.__name__: c for c in (guidance.CFGCutoff, guidance.GuidanceInterval, guidance.GuidanceSchedule,
                                     guidance.AdaptiveCutoff, guidance.IPAdapterCutoff, interrupt.Interrupt,
-                                    recorder.Recorder, Share)}
+                                    recorder.Recorder, Share, guiders.Guider)}
     try:
         from . import preview
 

@@ -29,6 +29,7 @@ CONTROLS = {
     "GuidanceInterval": ("start", "stop"),
     "GuidanceSchedule": ("schedule", "low", "high"),
     "AdaptiveCutoff": ("threshold",),
+    "Guider": ("guider", "config"),  # a diffusers guider: class name and register_to_config values
 }
 #: pipeline arguments the sweep sets per row or per call: not accepted as pass-through kwargs
 RESERVED = ("prompt", "generator", "latents", "output_type", "callback_on_step_end",
@@ -43,6 +44,8 @@ def control_config(part) -> dict:
     name = type(part).__name__
     if name not in CONTROLS:
         raise DlxError(f"sweep configs take the controls {', '.join(CONTROLS)}; got {part!r}")
+    if name == "Guider":
+        return {"type": name, **part.config()["args"]}
     d = {"type": name}
     for k in CONTROLS[name]:
         v = getattr(part, k, None)
