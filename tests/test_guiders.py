@@ -323,3 +323,92 @@ def test_every_covered_guider_is_a_combination_guider_and_perturbation_ones_are_
             assert name in msg and fam.name in msg
     assert "skip_guidance_layers" in guider_support(FAMILIES["sd3"], "SkipLayerGuidance")
     assert math.isfinite(1.0)
+
+
+# -- on the pipelines (through the core's seam: Guide.rule / Guide.zero) ----------------------------
+
+from .helpers import bitwise, pipe_for, run  # noqa: E402
+
+BATCH_TOL = dict(rtol=1e-5, atol=1e-4)  # a sample alone vs in a batch: the denoiser at another batch size
+
+
+def _with(pipe, family, parts, **kw):
+    with dlx.attach(pipe, *parts):
+        return run(pipe, family, **kw)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_guider_cfg_at_the_call_scale_is_the_pipelines_cfg_bitwise(family):
+    pipe = pipe_for(family)
+    ref = run(pipe, family, steps=4, guidance_scale=5.0)
+    out = _with(pipe, family, [dlx.Guider(G.ClassifierFreeGuidance(guidance_scale=5.0))], steps=4, guidance_scale=5.0)
+    assert bitwise(out, ref)
+    apg = dlx.Guider(G.AdaptiveProjectedGuidance(guidance_scale=5.0, eta=1.0, adaptive_projected_guidance_rescale=0.0))
+    assert bitwise(_with(pipe, family, [apg], steps=4, guidance_scale=5.0), ref)
+
+
+def test_guider_scale_is_its_own_not_the_calls():
+    pipe = pipe_for("sd")
+    a = _with(pipe, "sd", [dlx.Guider(G.ClassifierFreeGuidance(guidance_scale=3.0))], steps=4, guidance_scale=9.0)
+    assert bitwise(a, run(pipe, "sd", steps=4, guidance_scale=3.0))
+
+
+def test_mixed_guiders_in_one_batch_equal_each_sample_alone():
+    pipe = pipe_for("sd")
+    gs = [G.AdaptiveProjectedGuidance(guidance_scale=6.0, eta=0.0, adaptive_projected_guidance_momentum=-0.5),
+          G.ClassifierFreeZeroStarGuidance(guidance_scale=6.0, zero_init_steps=1),
+          G.TangentialClassifierFreeGuidance(guidance_scale=6.0, start=0.25)]
+    batch = _with(pipe, "sd", [dlx.Guider(gs)], steps=4, guidance_scale=6.0, batch=3)
+    for j, g in enumerate(gs):
+        alone = _with(pipe, "sd", [dlx.Guider(g)], steps=4, guidance_scale=6.0, batch=3)[j]
+        torch.testing.assert_close(batch[j], alone, **BATCH_TOL)
+
+
+def test_composition_with_a_cutoff_is_the_guider_inside_the_window():
+    pipe = pipe_for("sd")
+    apg = G.AdaptiveProjectedGuidance(guidance_scale=6.0, eta=0.0)
+    part = dlx.Guider(apg)
+    with dlx.record(pipe, part, dlx.CFGCutoff(0.5)) as trace:
+        a = run(pipe, "sd", steps=4, guidance_scale=6.0)
+    assert part.report["guided_steps"] == [[0, 1]] and trace.nfe == [6.0]
+    # the same as the guider's own window [0, 0.5): int(0.5·4) = 2 steps either way
+    b = _with(pipe, "sd", [dlx.Guider(G.AdaptiveProjectedGuidance(guidance_scale=6.0, eta=0.0, stop=0.5))],
+              steps=4, guidance_scale=6.0)
+    assert bitwise(a, b)
+
+
+def test_zero_init_steps_evaluate_nothing_and_count_no_nfe():
+    pipe = pipe_for("sd")
+    part = dlx.Guider(G.ClassifierFreeZeroStarGuidance(guidance_scale=5.0, zero_init_steps=1))
+    with dlx.record(pipe, part) as trace:
+        run(pipe, "sd", steps=4)
+    assert part.report["zero_steps"] == [[0]]
+    assert trace.nfe == [6.0], "step 0: no evaluation; steps 1-3: two each"
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(guidance_scale=1.0), "guidance_scale > 1"),
+    (dict(guidance_rescale=0.7), "guidance_rescale"),
+])
+def test_calls_a_guider_cannot_act_on_are_refused_before_the_loop(kw, match):
+    pipe = pipe_for("sd")
+    with pytest.raises(DlxError, match=match):
+        _with(pipe, "sd", [dlx.Guider(G.ClassifierFreeGuidance())], steps=2, **kw)
+
+
+def test_a_schedule_beside_a_guider_is_refused():
+    pipe = pipe_for("sd")
+    with pytest.raises(DlxError, match="GuidanceSchedule"):
+        _with(pipe, "sd", [dlx.Guider(G.ClassifierFreeGuidance()), dlx.GuidanceSchedule("linear")], steps=2)
+
+
+@pytest.mark.parametrize("family,guider", [
+    ("sd3", lambda: G.SkipLayerGuidance(skip_layer_guidance_layers=[0])),
+    ("sd", lambda: G.PerturbedAttentionGuidance(perturbed_guidance_layers=[0])),
+])
+def test_perturbation_guiders_are_refused_naming_guider_and_family(family, guider):
+    pipe = pipe_for(family)
+    g = guider()
+    with pytest.raises(DlxError) as e:
+        _with(pipe, family, [dlx.Guider(g)], steps=2)
+    assert type(g).__name__ in str(e.value) and f"on {family} pipelines" in str(e.value)
