@@ -18,7 +18,9 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "attach": "session",
-    "Part": "session",
+    "Part": "protocol",
+    "Guide": "protocol",
+    "RunInfo": "protocol",
     "Recorder": "recorder",
     "record": "recorder",
     "Trace": "trace",
@@ -31,13 +33,13 @@ _LAZY = {
     "IPAdapterCutoff": "guidance",
     "Guider": "guiders",
     "Interrupt": "interrupt",
-    "Share": "parts",
+    "Share": "share",
     "part_from_config": "parts",
     "Preview": "preview",
     "fit_latent_rgb": "preview",
     "latents_to_rgb": "preview",
 }
-_SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "guiders", "trace", "recorder", "session", "parts",
+_SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "guiders", "trace", "recorder", "session", "parts", "protocol",
                "sweep", "metrics", "plots", "render", "widgets", "report"}
 
 # ``dlx.sweep`` is a callable module: ``dlx.sweep(pipe, ...)`` runs a sweep (dlx/sweep/__init__.py)

@@ -15,11 +15,17 @@ which no registry hook sees. dlx saves what the module's ``__dict__`` held and p
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
 __all__ = [
     "GUIDANCE_SCALE", "INTERRUPT", "SKIP_LAYER_SCALE", "callback_tensor_inputs", "swap_class",
     "set_guidance_scale", "set_interrupt", "saved_flags", "restore_flags", "cache_context_names",
     "rescale_noise_cfg", "ip_adapter_processors", "is_stochastic", "scheduler_order",
-    "replace_forward", "restore_attribute", "skip_layer_scale", "MISSING",
+    "replace_forward", "restore_attribute", "skip_layer_scale", "MISSING", "cfg_on", "is_compiled",
+    "pad_batch",
 ]
 
 #: the pipeline's guidance scale behind ``pipe.guidance_scale`` (diffusers' cutoff callbacks set it)
@@ -58,6 +64,17 @@ def restore_flags(pipe, saved: dict) -> None:
             pipe.__dict__.pop(k, None)
         else:
             pipe.__dict__[k] = v
+
+
+def cfg_on(pipe) -> bool:
+    """Whether the pipeline runs classifier-free guidance now (re-read each step: a callback may
+    end it mid-run, as diffusers' cutoff callbacks do)."""
+    return bool(getattr(pipe, "do_classifier_free_guidance", False))
+
+
+def is_compiled(module) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
+    return type(module).__name__ == "OptimizedModule"
 
 
 def set_guidance_scale(pipe, value: float) -> None:
@@ -127,3 +144,67 @@ def is_stochastic(scheduler, call: dict) -> bool:
     eta = call.get("eta")
     return "DDIM" in name and isinstance(eta, (int, float)) and eta > 0
 
+
+# -- batch padding for compiled denoisers (CUDA graphs: one graph per batch shape) ---------------
+def buckets(n: int) -> int:
+    """The padded size of a denoiser batch of n: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ..."""
+    b = 1
+    while True:
+        for c in (b, b + b // 2) if b >= 2 else (b,):
+            if c >= n:
+                return c
+        b *= 2
+
+
+@dataclass
+class ShapeLog:
+    """The padded batch sizes a denoiser saw (one CUDA graph each)."""
+
+    sizes: set = field(default_factory=set)
+
+
+def map_batch(obj, n: int, fn):
+    """``fn(t)`` for every tensor in ``obj`` (nested in lists, tuples, dicts) whose leading dim is
+    ``n``: the one walker over a denoiser call's arguments (the tap's row selection, padding)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj) if obj.ndim > 0 and obj.shape[0] == n else obj
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(map_batch(o, n, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: map_batch(v, n, fn) for k, v in obj.items()}
+    return obj
+
+
+@contextlib.contextmanager
+def pad_batch(den, log: ShapeLog | None = None, enabled: bool = True):
+    """Pad every call of the denoiser ``den`` up to ``buckets(n)`` (repeating its last row), so a
+    compiled denoiser with CUDA graphs sees few shapes; the extra outputs are dropped. ``log``
+    collects the padded sizes seen (one CUDA graph each). Restores the denoiser on exit."""
+    if not enabled:
+        yield log
+        return
+    saved: list = []
+    inner = den.forward
+    log = log if log is not None else ShapeLog()
+
+    def forward(*args, **kwargs):
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("sample", kwargs.get("hidden_states"))
+        n = x.shape[0]
+        m = buckets(n)
+        log.sizes.add(m)
+        if m == n:
+            return inner(*args, **kwargs)
+        grow = lambda t: torch.cat([t, t[-1:].expand(m - n, *t.shape[1:])])  # noqa: E731
+        out = inner(*map_batch(list(args), n, grow), **map_batch(kwargs, n, grow))
+        if isinstance(out, tuple):
+            return (out[0][:n].clone(), *out[1:])
+        if isinstance(out, torch.Tensor):
+            return out[:n].clone()
+        out.sample = out.sample[:n].clone()
+        return out
+
+    replace_forward(den, "forward", forward, saved)
+    try:
+        yield log
+    finally:
+        restore_attribute(*saved.pop())

@@ -86,6 +86,16 @@ class DenoiserCall:
                 f"scale={self.scale!r})")
 
 
+class _Output:
+    """A denoiser output with only ``sample`` (a step whose every sample is zeroed)."""
+
+    def __init__(self, sample):
+        self.sample = sample
+
+    def __getitem__(self, i):
+        return (self.sample,)[i]
+
+
 def _pred_of(out):
     if isinstance(out, tuple):
         return out[0]
@@ -105,15 +115,9 @@ def _with_pred(out, pred):
 
 def _take_rows(obj, n: int, idx):
     """Rows ``idx`` of every tensor in ``obj`` whose leading dim is the doubled batch ``n``."""
-    if isinstance(obj, torch.Tensor):
-        if obj.ndim > 0 and obj.shape[0] == n:
-            return obj[idx] if isinstance(idx, slice) else obj.index_select(0, idx.to(obj.device))
-        return obj
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_take_rows(o, n, idx) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _take_rows(v, n, idx) for k, v in obj.items()}
-    return obj
+    if isinstance(idx, slice):
+        return D.map_batch(obj, n, lambda t: t[idx])
+    return D.map_batch(obj, n, lambda t: t.index_select(0, idx.to(t.device)))
 
 
 def _batch_tensors(obj, n: int) -> list:
@@ -218,14 +222,17 @@ class Tap:
     # -- batch-doubled CFG (SD, SDXL, SD3, ControlNet) ------------------------------------------
     def _take(self, plan, lay, b: int, n: int):
         """Rows of the doubled batch to evaluate this step (cached for side modules), as
-        (rows, guided samples evaluated, their positions among the evaluated samples, layout)."""
+        (rows, evaluated samples, guided samples evaluated, their positions among the evaluated
+        samples, layout). Samples with ``plan.zero`` are not evaluated at all."""
         run = self.run
         cached = self._rows
         if cached is not None and cached[0] == run.step:
             return cached[1]
         reps = range(b) if lay is None else lay.reps
-        guided = [r for r in reps if plan.mask[r]]
-        if lay is None:
+        zero = plan.zero
+        ev = [r for r in reps if not zero[r]] if zero else list(reps)
+        guided = [r for r in ev if plan.mask[r]]
+        if lay is None and not zero:
             if not guided:
                 rows = slice(b, n)  # a view: bitwise the same rows diffusers' own cutoff keeps
             elif len(guided) == b:
@@ -234,12 +241,47 @@ class Tap:
                 rows = torch.tensor(guided + list(range(b, n)), dtype=torch.long)
             gpos = guided
         else:
-            rows = torch.tensor(guided + [b + r for r in reps], dtype=torch.long)
-            pos = {r: i for i, r in enumerate(reps)}
+            rows = torch.tensor(guided + [b + r for r in ev], dtype=torch.long)
+            pos = {r: i for i, r in enumerate(ev)}
             gpos = [pos[r] for r in guided]
-        res = (rows, guided, gpos, lay)
+        res = (rows, ev, guided, gpos, lay)
         self._rows = (run.step, res)
         return res
+
+    def _combine(self, plan, c, u_sub, guided, gpos, like):
+        """The guided predictions of the evaluated samples: CFG ``u + s·(c − u)`` (and the
+        pipeline's ``guidance_rescale``) for samples without a rule, ``rule.combine`` for the
+        others, one call per distinct rule with its samples' rows. ``c``: conditional predictions
+        of the evaluated samples; ``u_sub``: unconditional ones of ``guided`` (in that order)."""
+        run = self.run
+        k, m = len(guided), c.shape[0]
+        g = c.clone()
+        rescale = float(getattr(run.pipe, "guidance_rescale", 0.0) or 0.0)
+        by_rule: dict = {}
+        for i, r in enumerate(guided):
+            rule = plan.rule[r] if plan.rule else None
+            by_rule.setdefault(id(rule), (rule, []))[1].append(i)
+        for rule, idx in by_rule.values():
+            if len(idx) == k:
+                u = u_sub
+                # every sample guided: a slice, else an index (a host-to-device copy)
+                at = slice(0, m) if k == m else torch.tensor(gpos, device=like.device)
+            else:
+                u = u_sub.index_select(0, torch.tensor(idx, device=like.device))
+                at = torch.tensor([gpos[i] for i in idx], device=like.device)
+            samples = tuple(guided[i] for i in idx)
+            s = plan.scale_rows(samples, like)
+            cc = c[at]
+            if rule is None:
+                val = u + s * (cc - u)
+                if rescale > 0:
+                    # the pipeline would rescale against the conditional prediction (per
+                    # sample); on [g, g] its own rescale is then the identity
+                    val = D.rescale_noise_cfg(val, cc, rescale)
+            else:
+                val = rule.combine(run, run.step, samples, cc, u, s)
+            g[at] = val
+        return g
 
     def _wrap_batch(self, orig, denoiser: bool):
         run = self.run
@@ -252,7 +294,7 @@ class Tap:
             x = _first_tensor(args, kwargs)
             n = x.shape[0]
             # read every call: a callback may end CFG mid-run (diffusers' cutoff callbacks do)
-            cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
+            cfg = D.cfg_on(pipe)
             if not run.loop_started:  # a ControlNet runs before the UNet: the loop starts there
                 run.loop_start(x, n // 2 if cfg and n % 2 == 0 else n, _timestep_of(args, kwargs))
             b = run.batch
@@ -279,31 +321,46 @@ class Tap:
                         self._last = (run.step, call, c)
                         run.observe(call)
                 return out
-            rows, guided, gpos, lay = self._take(plan, lay, b, n)
+            rows, ev, guided, gpos, lay = self._take(plan, lay, b, n)
+            if not ev:  # every sample zeroed: no evaluation at all
+                if not denoiser:  # a side module's output is not used by the skipped denoiser call
+                    return orig(*_take_rows(args, n, slice(0, 1)), **_take_rows(kwargs, n, slice(0, 1)))
+                run.count(0, cond=True, uncond=plan.mask, zero=plan.zero)
+                den = getattr(pipe, self.family.denoiser)
+                ch = getattr(getattr(den, "config", None), "out_channels", None) or x.shape[1]
+                z = x.new_zeros((b, ch, *x.shape[2:]) if x.ndim == 4 else x[b:].shape)
+                if run.wants_calls:
+                    nan = torch.full_like(z, float("nan"))
+                    call = DenoiserCall(run.step, _timestep_of(args, kwargs), x[b:], z, nan, z, plan.mask,
+                                        plan.scale_value())
+                    self._last = (run.step, call, z)
+                    run.observe(call)
+                zz = torch.cat([z, z])
+                return (zz,) if kwargs.get("return_dict", True) is False else _Output(zz)
             out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
             if not denoiser:
                 return out  # side module outputs already have the sub-batch's rows
             pred = _pred_of(out)
-            k = len(guided)
-            m = b if lay is None else len(lay.reps)
-            run.count(k + m, cond=True, uncond=plan.mask)
+            k, m = len(guided), len(ev)
+            run.count(k + m, cond=True, uncond=plan.mask, zero=plan.zero)
             c = pred[k:]
-            if k == 0:
-                g = c
-            else:
-                u_sub = pred[:k]
-                # every sample guided: a slice, else an index (a host-to-device copy)
-                gidx = slice(0, m) if k == m else torch.tensor(gpos, device=pred.device)
-                s = plan.scale_rows(guided, pred)
-                g = c.clone()
-                g[gidx] = u_sub + s * (c[gidx] - u_sub)
-                rescale = float(getattr(pipe, "guidance_rescale", 0.0) or 0.0)
-                if rescale > 0:
-                    # the pipeline would rescale against the conditional prediction (per
-                    # sample); on [g, g] its own rescale is then the identity
-                    g[gidx] = D.rescale_noise_cfg(g[gidx], c[gidx], rescale)
+            u_sub = pred[:k]
+            g = self._combine(plan, c, u_sub, guided, gpos, pred) if k else c
             u = None
-            if lay is not None:  # every sample gets its group's result
+            if plan.zero:  # unevaluated samples: prediction 0 (an extra zero row, indexed)
+                pos = {r: i for i, r in enumerate(ev)}
+                src = tuple(m if plan.zero[j] else pos[lay.reps[lay.expand[j]] if lay is not None else j]
+                            for j in range(b))
+                ex = self._index(src, pred.device)
+                pad = lambda t: torch.cat([t, t.new_zeros((1, *t.shape[1:]))])  # noqa: E731
+                if run.wants_calls and k:
+                    u_ev = torch.full_like(c, float("nan"))
+                    u_ev[torch.tensor(gpos, device=pred.device)] = u_sub
+                    u = pad(u_ev).index_select(0, ex)
+                    u[torch.tensor([not v for v in plan.mask], device=pred.device)] = float("nan")
+                c = pad(c).index_select(0, ex)
+                g = pad(g).index_select(0, ex) if k else c
+            elif lay is not None:  # every sample gets its group's result
                 ex = self._index(lay.expand, pred.device)
                 c = c.index_select(0, ex)
                 g = g.index_select(0, ex) if k else c
@@ -313,6 +370,7 @@ class Tap:
                     u = pred[:k].index_select(0, ux)
                     u[torch.tensor([not v for v in plan.mask], device=pred.device)] = float("nan")
             elif run.wants_calls and k:
+                gidx = slice(0, m) if k == m else torch.tensor(gpos, device=pred.device)
                 u = torch.full_like(c, float("nan"))
                 u[gidx] = u_sub
             if run.wants_calls:
@@ -411,14 +469,36 @@ class Tap:
                 u = torch.full_like(c, float("nan"))
                 u[rows.to(c.device)] = u_sub
             run.count(len(guided) if not plan.passthrough else b, cond=False, uncond=plan.mask)
+            s = plan.default
+            if u is None:
+                g = c
+            elif plan.passthrough:
+                g = u + s * (c - u)
+            else:  # unguided rows of u are NaN: they keep the conditional prediction
+                g = torch.where(torch.isnan(u), c, u + s * (c - u))
+            if plan.rule or plan.zero:
+                # A rule's (or a zero) prediction g_j reaches the pipeline exactly when both halves
+                # carry it: the conditional output it already holds is overwritten in place, and
+                # the negative one returned as g too (g + s·(g − g) = g).
+                cond_seen = c.clone() if run.wants_calls else c
+                if plan.rule and guided:
+                    g_rows = self._combine(plan, c[rows.to(c.device)], u_sub, guided, list(range(len(guided))), c)
+                    g = g.clone()
+                    g[rows.to(c.device)] = g_rows
+                if plan.zero:
+                    g = g.clone()
+                    g[torch.tensor(plan.zero, device=c.device)] = 0
+                changed = [j for j in range(b) if (plan.rule and plan.rule[j] is not None and plan.mask[j])
+                           or (plan.zero and plan.zero[j])]
+                at = torch.tensor(changed, device=c.device)
+                c[at] = g[at]
+                neg = _pred_of(out)
+                if neg is c:
+                    neg = c.clone()
+                    out = _with_pred(out, neg)
+                neg[at] = g[at]
+                c = cond_seen
             if run.wants_calls:
-                s = plan.default
-                if u is None:
-                    g = c
-                elif plan.passthrough:
-                    g = u + s * (c - u)
-                else:  # unguided rows of u are NaN: they keep the conditional prediction
-                    g = torch.where(torch.isnan(u), c, u + s * (c - u))
                 run.observe(DenoiserCall(step, _timestep_of(args, kwargs), x, c, u, g, plan.mask, s))
                 self._pending_cond = None
             return out

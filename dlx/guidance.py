@@ -34,9 +34,12 @@ import warnings
 
 import torch
 
+from . import _diffusers as D
 from ._tap import DenoiserCall
 from .errors import DlxError
-from .session import Guide, Part, Run
+from .protocol import Guide, Part, RunInfo
+
+Run = RunInfo  # what a control reads (the run of a whole call exposes the same names)
 
 __all__ = ["CFGCutoff", "GuidanceInterval", "GuidanceSchedule", "AdaptiveCutoff", "IPAdapterCutoff", "boundary"]
 
@@ -140,19 +143,17 @@ class _Control(Part):
         """Whether this control planned to guide some sample on some step of the run."""
         return self._masks is None or any(any(m) for m in self._masks)
 
-    def on_run_end(self, run: Run, error):
-        plans = run.plans
-        ran = [i for i, p in enumerate(plans) if p is not None and p.any_guided]
-        if run.nfe is not None:
-            self.report["nfe"] = list(run.nfe)
-            if run.num_steps:
-                self.report["nfe_full_cfg"] = 2.0 * run.num_steps
+    def on_run_end(self, run, error):
+        rec = run.record  # the run's one record: what ran, per step and sample
+        ran = rec.guided_steps_run()
+        if rec.steps:
+            self.report["nfe"] = list(rec.nfe)
+            self.report["nfe_full_cfg"] = 2.0 * rec.num_steps
         self.report["guided_steps_run"] = ran
         self.report["last_guided_step"] = ran[-1] if ran else None
-        if run.batch:
-            per = [[i for i, p in enumerate(plans) if p is not None and p.mask[j]] for j in range(run.batch)]
-            self.report["last_guided_step_per_sample"] = [g[-1] if g else None for g in per]
-        if error is None and run.loop_started and not run.cfg_seen and self._planned():
+        if rec.batch:
+            self.report["last_guided_step_per_sample"] = rec.last_guided_step_per_sample()
+        if error is None and run.loop_started and not rec.cfg_seen and self._planned():
             self.report["acted"] = False
             warnings.warn(
                 f"{type(self).__name__}: no step of this call was guided, so it could not act (the call "
@@ -316,13 +317,13 @@ class GuidanceSchedule(_Control):
         return 2 * default - low if w == 0 else low + (default - low) / w
 
     def on_loop_start(self, run: Run):
-        if run.family.cfg == "batch" and not getattr(run.pipe, "do_classifier_free_guidance", False):
+        if run.family.cfg == "batch" and not D.cfg_on(run.pipe):
             raise DlxError(
                 f"GuidanceSchedule needs the call's guidance_scale > 1 (got {run.pipe.guidance_scale!r}) so "
                 "that the pipeline builds the unconditional batch"
             )
         n, b = run.num_steps, run.batch
-        default = run.default_scale()
+        default = run.call_scale()
         scales = []
         if callable(self.schedule):
             for i in range(n):

@@ -53,7 +53,7 @@ import torch
 from .errors import DlxError
 from .families import PERTURBATION_GUIDERS, guider_support
 from .guidance import GuidanceSchedule
-from .session import Guide, Part, Run
+from .protocol import Guide, Part
 
 __all__ = ["Guider", "COMBINATION", "guider_from_config"]
 
@@ -243,10 +243,10 @@ class _Rule:
     def reset(self) -> None:
         self.running = {}
 
-    def set_state(self, run: Run, step: int) -> None:
+    def set_state(self, run, step: int) -> None:
         self.guider.set_state(step, run.num_steps, run.t_of(step))
 
-    def combine(self, run: Run, step: int, samples, cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
+    def combine(self, run, step: int, samples, cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
         """The guided predictions of ``samples`` (the plan's ``scale`` is not read: a guider
         guides at its own ``guidance_scale``)."""
         g = self.guider
@@ -363,14 +363,14 @@ class Guider(Part):
         return {"type": "Guider", "args": {"guider": names[0], "config": cfgs[0]}}
 
     # -- checks before the call ----------------------------------------------------------------
-    def on_run_start(self, run: Run):
+    def on_run_start(self, run):
         self.report = {}
         fam = run.family
         for g in self.guiders:
             why = guider_support(fam, type(g).__name__)
             if why is not None:
                 raise DlxError(why)
-        if any(isinstance(p, GuidanceSchedule) for p in run.parts):
+        if any(isinstance(p, GuidanceSchedule) for p in getattr(run, "parts", ())):
             raise DlxError("a Guider guides at its guider's own guidance_scale; GuidanceSchedule sets plain CFG's "
                            "scale and would be ignored: attach one or the other (schedule a guider by its windows)")
         call = run.call
@@ -397,7 +397,7 @@ class Guider(Part):
                     f"a Guider needs the pipeline's unconditional batch: call {type(run.pipe).__name__} with "
                     f"guidance_scale > 1 (got {s!r}); the guider's own guidance_scale is the one it guides at")
 
-    def on_loop_start(self, run: Run):
+    def on_loop_start(self, run):
         b = run.batch
         if self.per_sample and len(self.guiders) != b:
             raise DlxError(f"argument `guider` has {len(self.guiders)} guiders (one per sample) but the run has "
@@ -434,20 +434,22 @@ class Guider(Part):
         self.report["guidance_scale"] = [self._rules[k].guider.config.get("guidance_scale",
                                          self._rules[k].guider.config.get("guidance_scales")) for k in self._per]
 
-    def guidance(self, run: Run, step: int):
+    def guidance(self, run, step: int):
         guides = self._guides
         return guides[step] if step < len(guides) else None
 
-    def unguided_after(self, run: Run, step: int) -> bool:
+    def unguided_after(self, run, step: int) -> bool:
         return step >= self._last
 
-    def on_run_end(self, run: Run, error):
+    def on_run_end(self, run, error):
         for r in self._rules:
             r.reset()
-        if run.batch and self._steps:
-            plans = run.plans
-            self.report["guided_steps"] = [
-                [i for i, p in enumerate(plans) if p is not None and p.mask[j]] for j in range(run.batch)]
-            self.report["zero_steps"] = [[i for i, (_, z) in enumerate(self._steps) if z[j]] for j in range(run.batch)]
-        if run.nfe is not None:
-            self.report["nfe"] = list(run.nfe)
+        rec = getattr(run, "record", None)  # the run's one record: what ran, per step and sample
+        if rec is None or not rec.steps:
+            return
+        b = len(rec.steps[0].guided)
+        self.report["guided_steps"] = [[i for i, st in enumerate(rec.steps) if st.guided[j]] for j in range(b)]
+        if len(self._steps) and len(self._steps[0][1]) == b:
+            self.report["zero_steps"] = [[i for i, (_, z) in enumerate(self._steps[:len(rec.steps)]) if z[j]]
+                                         for j in range(b)]
+        self.report["nfe"] = list(rec.nfe)

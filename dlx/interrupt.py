@@ -10,7 +10,8 @@ import torch
 
 from . import _diffusers as D
 from .errors import DlxError
-from .session import Part, Run
+from .protocol import Part
+from .run import Run
 
 __all__ = ["Interrupt"]
 

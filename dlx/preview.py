@@ -41,7 +41,8 @@ from .render import (  # noqa: F401  (re-exported: the preview API as it was)
     upscale,
     vae_to_rgb,
 )
-from .session import Part, Run
+from .protocol import Part
+from .run import Run
 
 __all__ = [
     "LatentRGB",
@@ -224,7 +225,7 @@ class Preview(Part):
 
     def on_loop_start(self, run: Run):
         self._resolve(run.pipe)
-        self._hw, self._vsf = self._layout(run.pipe, run.call_kwargs)
+        self._hw, self._vsf = self._layout(run.pipe, run.call)
         self._what = type(run.pipe).__name__
         if self.kind == "x0":
             self._x0_kind = prediction_type(run.family, run.pipe.scheduler)

@@ -14,10 +14,13 @@ from . import _args
 from ._tap import DenoiserCall
 from .errors import DlxError
 from .families import BATCHED_X0, check_tensor_inputs, denoised_as, denoised_steps, family_of, prediction_type, sigma_at
-from .session import Part, Run, attach
+from . import _diffusers as D
+from .protocol import Part
+from .run import Run
+from .session import attach
 from .trace import Step, Trace
 
-__all__ = ["Recorder", "record"]
+__all__ = ["Ledger", "Recorder", "record"]
 
 _KEEP = ("latents", "x0", "cond", "uncond", "embeds")
 _STORAGE = ("cpu", "device")
@@ -154,7 +157,7 @@ class Recorder(Part):
         self._reset()
         self._ip_procs = run.ip_processors
         if self.downsample and not self.family.packed:  # before any model work, where the call says the size
-            hw = _latent_hw(run.pipe, run.call_kwargs)
+            hw = _latent_hw(run.pipe, run.call)
             if hw is not None:
                 _check_downsample(self.downsample, (0, 0, *hw), "latent")
 
@@ -207,22 +210,18 @@ class Recorder(Part):
         calls[step] = keep
 
     def on_step_end(self, run: Run, step, timestep, callback_kwargs):
-        plans = run.plans
-        plan = plans[step] if step < len(plans) else None
-        kept = self._calls.get(step, _NOTHING)
         lat = callback_kwargs.get("latents")
-        if plan is not None:
-            mask, scale = list(plan.mask), list(plan.scale)
+        kept = self._calls.get(step, _NOTHING)
+        r = run.step_record(step)  # the run's own record of this step: the one truth of its counts
+        if r.guided:
+            mask, scale, nfe = list(r.guided), list(r.scale), list(r.nfe)
         else:  # no denoiser call in this step (cannot happen in diffusers' loops)
             n = lat.shape[0] if lat is not None else (run.batch or 1)
-            mask, scale = [False] * n, [math.nan] * n
-        sn = run.step_nfe
-        nfe = list(sn[step]) if step < len(sn) and sn[step] else [math.nan] * len(mask)
-        se = run.step_evaluations
+            mask, scale, nfe = [False] * n, [math.nan] * n, [math.nan] * n
         s = Step(
             index=int(step), timestep=run.t_of(step), sigma=run.sigma(step),
             guidance_scale=scale, cfg_active=mask, nfe=nfe,
-            evaluations=int(se[step]) if step < len(se) else 0,
+            evaluations=int(r.evaluations),
             ip_adapter_scale=self._ip_scale.get(step),
             conditioning=self._conditioning(callback_kwargs),
             latents=self._store(lat) if (self._keep_latents and lat is not None) else None,
@@ -237,7 +236,7 @@ class Recorder(Part):
         self._deferred_x0(run)
         self._calls = {}
         self._finish(run.pipe, run.call, run, error)
-        for s, v in zip(self.trace.steps, run.step_ms()):
+        for s, v in zip(self.trace.steps, run.record.step_ms):
             s.step_ms = float(v)
         self.trace.meta["call_timing"] = run.call_timing()  # after the one wait: no extra sync
 
@@ -273,7 +272,7 @@ class Recorder(Part):
         fam = self.family
         lat = callback_kwargs.get("latents")
         if fam.cfg == "batch":
-            cfg_active = bool(getattr(pipe, "do_classifier_free_guidance", False))
+            cfg_active = D.cfg_on(pipe)
             gscale = float(pipe.guidance_scale)
         else:
             cfg_active, gscale = False, math.nan
@@ -335,8 +334,9 @@ class Recorder(Part):
         if run is not None:
             t.meta["batch"] = run.batch
             t.meta["num_steps"] = run.num_steps
-            t.meta["nfe"] = list(run.nfe) if run.nfe is not None else None
-            t.meta["evaluations"] = int(run.evaluations)
+            rec = run.record
+            t.meta["nfe"] = list(rec.nfe) if rec.steps else None
+            t.meta["evaluations"] = int(rec.evaluations)
             t.meta["stop_reason"] = run.stop_reason or (
                 f"error: {type(error).__name__}: {error}" if error is not None else "completed"
             )
@@ -492,13 +492,28 @@ def _meta(pipe, family, call) -> dict:
 
 
 @contextlib.contextmanager
-def record(pipe, *parts: Part, **recorder_kwargs):
+def record(pipe, *parts: Part, per_sample=None, scales=None, **recorder_kwargs):
     """``with dlx.record(pipe, *controls) as trace: pipe(...)`` records one call into ``trace``.
 
-    Extra parts (cutoffs, interrupts, previews) are attached too; keyword arguments go to
-    ``Recorder``. The trace is complete when the call returns (or raises: then
-    ``trace.stop_reason`` names the error).
+    Extra parts (cutoffs, interrupts, previews) are attached too; ``per_sample`` and ``scales``
+    go to ``attach`` (each sample its own controls); other keyword arguments go to ``Recorder``.
+    The trace is complete when the call returns (or raises: then ``trace.stop_reason`` names the
+    error).
     """
     rec = Recorder(pipe, **recorder_kwargs)
-    with attach(pipe, *parts, rec):
+    with attach(pipe, *parts, rec, per_sample=per_sample, scales=scales):
         yield rec.trace
+
+
+class Ledger(Part):
+    """A recorder that keeps only the run's one record (``run.record``: per step and sample, who
+    was guided, at which scale, denoiser evaluations, step times): what a sweep's rows and the
+    cost model are built from. No tensors, no host work per step."""
+
+    runs_last = True
+
+    def __init__(self):
+        self.record = None
+
+    def on_run_end(self, run, error):
+        self.record = run.record

@@ -260,7 +260,7 @@ def test_trace_records_part_configs_and_every_call_argument():
     with dlx.record(pipe, dlx.CFGCutoff(ratio=[0.5, 1.0])) as trace:
         run(pipe, "sd", steps=4, num_images_per_prompt=2, generator=_gens([7, 8]), guidance_rescale=0.3, eta=0.0)
     parts = trace.meta["parts"]
-    assert parts[0]["type"] == "CFGCutoff" and parts[0]["args"] == {"ratio": [0.5, 1.0], "compat": "dlx"}
+    assert parts[0]["type"] == "CFGCutoff" and parts[0]["args"] == {"ratio": [0.5, 1.0]}  # compat="dlx" is the default: left out
     assert dlx.part_from_config(parts[0]).config() == {k: parts[0][k] for k in ("type", "args")}
     call = trace.meta["call"]
     assert call["num_inference_steps"] == 4 and call["guidance_scale"] == 5.0 and call["guidance_rescale"] == 0.3

@@ -13,6 +13,7 @@ from PIL import Image
 
 import dlx
 from dlx import DlxError
+from dlx import _diffusers as D
 from dlx.sweep import engine
 from dlx.sweep.spec import build_spec
 
@@ -279,7 +280,7 @@ def test_keep_previews_stores_per_step_x0_previews(tmp_path):
 def test_padding_the_denoiser_batch_to_few_shapes_keeps_results(tmp_path):
     # Under CUDA graphs each denoiser batch size is a graph; pad=True pads to buckets (here on the
     # CPU, eager: the results must not change beyond batch-size rounding, and the sizes are logged).
-    assert [engine.buckets(n) for n in (1, 2, 3, 5, 7, 9, 13, 20, 40, 50, 96, 97)] == \
+    assert [D.buckets(n) for n in (1, 2, 3, 5, 7, 9, 13, 20, 40, 50, 96, 97)] == \
         [1, 2, 3, 6, 8, 12, 16, 24, 48, 64, 96, 128]
     pipe = pipe_for("sd")
     kw = dict(prompts=PROMPTS, seeds=[0], cutoffs=[0, 0.5, 1.0], timing=(), progress=False, share=False, **CALL)

@@ -17,7 +17,7 @@ from dlx import DlxError
 from dlx.families import scale_changes_inputs
 from dlx.metrics import psnr
 from dlx.sweep import engine
-from dlx.sweep.spec import build_spec
+from dlx.sweep.spec import Config, build_spec
 
 from .helpers import pipe_for
 
@@ -123,16 +123,17 @@ def test_a_schedule_reads_its_own_rows_scale_not_the_calls(monkeypatch):
                                "constant": dlx.GuidanceSchedule("constant")})
     rows = spec.rows()
     cfgs = {c.name: c for c in spec.configs}
-    seen = {}
-    real = engine.RowPlans.on_run_end
+    made = {}
+    real = Config.parts
 
-    def keep(self, run, error):
-        real(self, run, error)
-        for j, ps in enumerate(self.rows):
-            seen[rows[j]["config"]] = ps[0].report.get("scales") if ps else None
+    def keep(self):  # the fresh control instances each row runs with
+        ps = real(self)
+        made[self.name] = ps
+        return ps
 
-    monkeypatch.setattr(engine.RowPlans, "on_run_end", keep)
+    monkeypatch.setattr(Config, "parts", keep)
     out = engine.run_batch(pipe, spec, rows)
+    seen = {name: ps[0].report.get("scales") for name, ps in made.items() if ps}
     assert out["call_scale"] == 6.0
     # low 1, default high = 1 + (s - 1) / mean(0, 1/4, 1/2, 3/4): the mean of the schedule over
     # the 4 steps is the row's own scale s
@@ -217,8 +218,8 @@ def test_share_keys_hold_the_scale(monkeypatch):
     pipe = pipe_for("sd")
     spec = build_spec(prompts=PROMPTS[:1], seeds=[0], cutoffs=[0, 1.0], guidance_scales=[3.0, 6.0], call=CALL)
     keys = []
-    real = engine._share_part
-    monkeypatch.setattr(engine, "_share_part", lambda k: keys.append(k) or real(k))
+    real = dlx.Share.__init__
+    monkeypatch.setattr(dlx.Share, "__init__", lambda self, k: keys.append(k) or real(self, k))
     engine.run_batch(pipe, spec, spec.rows())
     (k,) = keys
     assert len(set(k)) == 2 and {s for _, _, s in k} == {3.0, 6.0}

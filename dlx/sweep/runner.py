@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .. import _diffusers as D
 from .._io import atomic_write, png_bytes
+from ..families import family_of
 from . import engine
 
 __all__ = ["units", "measure_costs", "run"]
@@ -45,10 +47,7 @@ def measure_costs(pipe, spec, store, todo, batch, repeats):
 
 
 def _is_compiled(pipe) -> bool:
-    from ..families import family_of
-
-    den = getattr(pipe, family_of(pipe).denoiser)
-    return type(den).__name__ == "OptimizedModule"
+    return D.is_compiled(getattr(pipe, family_of(pipe).denoiser))
 
 
 def run(pipe, spec, store, units, mets, *, max_batch, share, pad, keep_previews, progress, shard):
@@ -61,7 +60,7 @@ def run(pipe, spec, store, units, mets, *, max_batch, share, pad, keep_previews,
     cfgs = {c.name: c for c in spec.configs}
     versions = _versions()
     state = {"limit": limit}
-    shapes = engine.ShapeLog()
+    shapes = D.ShapeLog()
     total = sum(len(u) for u in units)
     bar = tqdm(total=total, unit="row", desc="sweep", disable=not progress)
     try:
@@ -72,7 +71,7 @@ def run(pipe, spec, store, units, mets, *, max_batch, share, pad, keep_previews,
         for u in units:
             c = cfgs[u[0]["config"]]
             by_group.setdefault((spec.steps_of(c), None if mix else spec.scale_of(c)), []).append(u)
-        with engine.pad_shapes(pipe, shapes, enabled=pad):
+        with D.pad_batch(getattr(pipe, family_of(pipe).denoiser), shapes, enabled=pad):
             for key, group_units in by_group.items():
                 for batch in _batches(group_units, state):
                     _run_batch(pipe, spec, store, batch, mets, refs, state, share, keep_previews, versions,

@@ -1,7 +1,8 @@
 """What a sweep computes: named configs × prompts × seeds, as data that can be stored and compared.
 
-A ``Config`` is a name, the guidance controls one row runs with (as JSON: ``{"type":
-"CFGCutoff", "ratio": 0.4}``), and the call's guidance scale and step count. A ``SweepSpec`` is
+A ``Config`` is a name, the guidance controls one row runs with (each as ``part.config()``, the
+one serialisation of a part: ``{"type": "CFGCutoff", "args": {"ratio": 0.4}}``), and the call's
+guidance scale and step count. A ``SweepSpec`` is
 the grid plus the pipeline keyword arguments every row shares and the metrics asked for. Both are
 plain dataclasses with a canonical JSON form: the store keeps it, a resumed sweep compares it
 key by key, and every result row carries its config (nothing needs re-running to regroup).
@@ -20,17 +21,14 @@ import numbers
 from dataclasses import asdict, dataclass, field
 
 from ..errors import DlxError
+from ..guidance import CFGCutoff
+from ..parts import part_from_config
+from ..protocol import Part
+from ..run import overrides
+from ..share import Share
 
 __all__ = ["Config", "SweepSpec", "build_spec", "control_config", "control_from_config", "row_key"]
 
-#: controls a config may use, with the keyword arguments that rebuild them
-CONTROLS = {
-    "CFGCutoff": ("ratio", "step", "sigma", "compat"),
-    "GuidanceInterval": ("start", "stop"),
-    "GuidanceSchedule": ("schedule", "low", "high"),
-    "AdaptiveCutoff": ("threshold",),
-    "Guider": ("guider", "config"),  # a diffusers guider: class name and register_to_config values
-}
 #: pipeline arguments the sweep sets per row or per call: not accepted as pass-through kwargs
 RESERVED = ("prompt", "generator", "latents", "output_type", "callback_on_step_end",
             "callback_on_step_end_tensor_inputs", "num_images_per_prompt", "return_dict", "prompt_embeds",
@@ -39,38 +37,34 @@ _JSON_SCALARS = (str, int, float, bool, type(None))
 
 
 def control_config(part) -> dict:
-    """JSON description of a guidance control: ``{"type": "CFGCutoff", "ratio": 0.4}`` (its
-    constructor arguments, flat: the sweep's own stable format, stored in the spec)."""
-    name = type(part).__name__
-    if name not in CONTROLS:
-        raise DlxError(f"sweep configs take the controls {', '.join(CONTROLS)}; got {part!r}")
-    if name == "Guider":
-        return {"type": name, **part.config()["args"]}
-    d = {"type": name}
-    for k in CONTROLS[name]:
-        v = getattr(part, k, None)
-        if callable(v):
-            raise DlxError(f"a sweep stores its configs as data; {name}({k}=<callable>) cannot be stored: "
-                           f"use a named schedule ('linear', 'cosine', 'constant')")
-        if v is not None and not (name == "CFGCutoff" and k == "compat" and v == "dlx"):
-            d[k] = v
-    return d
+    """A control's configuration for a sweep spec: ``part.config()``, the one serialisation of a
+    part (``{"type": "CFGCutoff", "args": {"ratio": 0.4}}``), refused where it cannot be rebuilt
+    (a callable schedule) or where the part is not a control."""
+    if not isinstance(part, Part) or not overrides(part, "guidance") or isinstance(part, Share):
+        raise DlxError(f"sweep configs take guidance controls (CFGCutoff, GuidanceInterval, GuidanceSchedule, "
+                       f"AdaptiveCutoff, ...); got {part!r}")
+    cfg = part.config()
+    if cfg.get("rebuildable", True) is False:
+        raise DlxError(f"a sweep stores its configs as data; {type(part).__name__}{cfg['args']} cannot be stored "
+                       f"(it holds a callable or an object): use a named schedule ('linear', 'cosine', 'constant')")
+    return _canon(cfg)
 
 
 def control_from_config(cfg: dict):
-    """Rebuild a control from ``control_config``'s JSON."""
-    import dlx
+    """Rebuild a control from its configuration (``part_from_config``; the flat form of stores
+    written before it, ``{"type": "CFGCutoff", "ratio": 0.4}``, is read too)."""
+    return part_from_config(cfg)
 
-    if not isinstance(cfg, dict) or cfg.get("type") not in CONTROLS:
-        raise DlxError(f"a control config must be a dict with `type` one of {list(CONTROLS)}; got {cfg!r}")
-    kw = {k: v for k, v in cfg.items() if k != "type"}
-    unknown = [k for k in kw if k not in CONTROLS[cfg["type"]]]
-    if unknown:
-        raise DlxError(f"control {cfg['type']} has no argument(s) {unknown}; it takes {list(CONTROLS[cfg['type']])}")
-    cls = getattr(dlx, cfg["type"])
-    if cfg["type"] == "GuidanceSchedule":
-        return cls(kw.pop("schedule", "linear"), **kw)
-    return cls(**kw)
+
+def upgrade(cfg: dict) -> dict:
+    """A stored control configuration in today's form: the flat form becomes ``{"type", "args"}``
+    with arguments at their defaults left out, so a resume compares like with like."""
+    if isinstance(cfg, dict) and "args" not in cfg and isinstance(cfg.get("type"), str):
+        try:
+            return control_config(part_from_config(cfg))
+        except DlxError:
+            return cfg  # compared as it is; the resume says what differs
+    return cfg
 
 
 def _canon(obj):
@@ -81,10 +75,10 @@ def _canon(obj):
 def is_full_guidance(controls: list[dict]) -> bool:
     """Whether a config guides every step at the call's scale (the fidelity reference)."""
     for c in controls:
-        t = c.get("type")
-        if t == "CFGCutoff" and c.get("ratio") == 1 and c.get("compat", "dlx") == "dlx":
+        t, a = c.get("type"), c.get("args", {})
+        if t == "CFGCutoff" and a.get("ratio") == 1 and a.get("compat", "dlx") == "dlx":
             continue
-        if t == "GuidanceInterval" and c.get("start", 0) == 0 and c.get("stop", 1) == 1:
+        if t == "GuidanceInterval" and a.get("start", 0) == 0 and a.get("stop", 1) == 1:
             continue
         return False
     return True
@@ -129,7 +123,8 @@ class SweepSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> "SweepSpec":
-        return cls(configs=[Config(**c) for c in d["configs"]], prompts=d["prompts"], seeds=d["seeds"],
+        configs = [Config(**{**c, "controls": [upgrade(x) for x in c.get("controls", [])]}) for c in d["configs"]]
+        return cls(configs=configs, prompts=d["prompts"], seeds=d["seeds"],
                    call=d["call"], metrics=d["metrics"], model=d.get("model", {}),
                    pairs=[tuple(p) for p in d["pairs"]] if d.get("pairs") is not None else None)
 
@@ -229,12 +224,10 @@ def _fmt(v: float) -> str:
 
 
 def _as_controls(name: str, value) -> list[dict]:
-    from ..session import Part
-
     if value is None:
         return []
     if isinstance(value, dict):
-        return [_canon(control_config(control_from_config(value)))]  # validates by building it
+        return [control_config(control_from_config(value))]  # validates by building it
     if isinstance(value, Part):
         return [control_config(value)]
     if isinstance(value, (list, tuple)):
@@ -327,7 +320,7 @@ def build_spec(*, prompts=None, seeds=None, pairs=None, cutoffs=None, configs=No
         if len({_fmt(r) for r in rs}) != len(rs):
             raise DlxError(f"argument `cutoffs`: {rs} holds ratios too close to tell apart in a config name "
                            f"({[_fmt(r) for r in rs]}); give ratios that differ in the first 6 digits")
-        base = [Config(f"cutoff={_fmt(r)}", [{"type": "CFGCutoff", "ratio": r}], cutoff=r) for r in rs]
+        base = [Config(f"cutoff={_fmt(r)}", [control_config(CFGCutoff(ratio=r))], cutoff=r) for r in rs]
     elif configs is not None:
         if isinstance(configs, dict):
             items = list(configs.items())
@@ -341,7 +334,8 @@ def build_spec(*, prompts=None, seeds=None, pairs=None, cutoffs=None, configs=No
             if not isinstance(name, str) or not name:
                 raise DlxError(f"argument `configs`: names must be non-empty strings; got {name!r}")
             ctrls = _as_controls(name, value)
-            cut = next((c["ratio"] for c in ctrls if c["type"] == "CFGCutoff" and "ratio" in c and len(ctrls) == 1), None)
+            cut = next((c["args"]["ratio"] for c in ctrls
+                        if c["type"] == "CFGCutoff" and "ratio" in c["args"] and len(ctrls) == 1), None)
             base.append(Config(name, ctrls, cutoff=cut))
     else:
         raise DlxError("give `cutoffs=[...]` (CFG cutoff ratios) or `configs={name: controls}`: the grid is empty")
@@ -376,8 +370,9 @@ def build_spec(*, prompts=None, seeds=None, pairs=None, cutoffs=None, configs=No
         c.parts()
         steps_c = spec.steps_of(c)
         for ctl in c.controls:
-            if ctl["type"] == "CFGCutoff" and ctl.get("step") is not None and ctl["step"] >= steps_c:
-                raise DlxError(f"config {c.name!r}: CFGCutoff step={ctl['step']} must be less than its "
+            step = ctl["args"].get("step")
+            if ctl["type"] == "CFGCutoff" and step is not None and max(step if isinstance(step, list) else [step]) >= steps_c:
+                raise DlxError(f"config {c.name!r}: CFGCutoff step={step} must be less than its "
                                f"{steps_c} steps")
             if ctl["type"] == "GuidanceSchedule" and spec.scale_of(c) <= 1:
                 # a standalone call refuses it too (the schedule needs CFG on): say so before any work

@@ -1,0 +1,324 @@
+"""The run protocol: what a part is, what it may read, what it returns, and the one record of a run.
+
+A *part* is anything attached to a pipeline call with ``dlx.attach`` (``dlx.session``): recorders,
+previews, interrupts, and *controls*, the parts that decide guidance. This module holds only
+values and the base class, so every floor above can import it:
+
+* ``Part``: the base class; its hooks are the events of a run, documented where declared.
+* ``RunInfo``: the small frozen value a control reads (steps, batch, schedule, family, the
+  scale each sample runs at). ``Run`` (``dlx.run``) exposes the same names, so a control reads
+  them from whichever it is handed.
+* ``Guide``: a control's per-sample plan for one step; ``combine`` merges the guides of every
+  control of a sample, by one rule, into a ``Plan``.
+* ``StepRecord`` / ``RunRecord``: what ran, step by step and per sample (who was guided, at which
+  scale, denoiser evaluations, wall time). It is written once, by the run, and everything that
+  reports a number reads it: the ``Trace``, the controls' ``report``, the sweep's rows and its
+  cost model.
+
+Writing a control takes one short class (``docs/custom_control.md`` shows one, tested)::
+
+    class EveryOther(dlx.Part):
+        '''Guide only the even steps.'''
+        def guidance(self, run, step):
+            return dlx.Guide(mask=[step % 2 == 0] * run.batch)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+
+from .config import default_config
+from .errors import DlxError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .families import Family
+
+__all__ = ["Part", "Guide", "Plan", "Layout", "RunInfo", "StepRecord", "RunRecord", "combine", "REGISTRY"]
+
+#: every Part subclass by class name (``dlx.part_from_config`` rebuilds from it)
+REGISTRY: dict[str, type] = {}
+
+
+class Guide(NamedTuple):
+    """A control's plan for one step, one entry per sample (None: no opinion on that field).
+
+    ``mask[j]``: sample j is guided (its unconditional pass runs). ``scale[j]``: its guidance
+    scale. ``rule[j]``: how its guided prediction is formed: None is CFG, ``u + s·(c − u)`` (with
+    the pipeline's ``guidance_rescale``), else an object with ``combine(run, step, samples, cond,
+    uncond, scale) -> Tensor`` (a guidance method, e.g. ``dlx.Guider``). ``zero[j]``: sample j
+    gets no denoiser evaluation at this step and a prediction of exactly 0 (CFG-Zero*'s zero-init).
+    """
+
+    mask: Sequence[bool] | None = None
+    scale: Sequence[float] | None = None
+    rule: Sequence[Any] | None = None
+    zero: Sequence[bool] | None = None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a control may read about the run it steers (known from the first denoiser call on).
+
+    ``scales`` holds the guidance scale each sample runs at when no control sets one: the call's
+    scale, or (a sweep's per-sample rows) the row's own. ``call_scale()`` is a sample's when the
+    batch has one sample or all agree.
+    """
+
+    pipe: Any
+    family: "Family"
+    call: dict
+    num_steps: int
+    batch: int
+    timesteps: tuple[float, ...]
+    sigmas: tuple[float, ...]
+    scales: tuple[float, ...]
+
+    def sigma(self, step: int) -> float:
+        """Noise level σ of loop step ``step`` (NaN past the end)."""
+        s = self.sigmas
+        return s[step] if step < len(s) else float("nan")
+
+    def t_of(self, step: int) -> float:
+        """Scheduler timestep of loop step ``step`` (NaN past the end)."""
+        t = self.timesteps
+        return float(t[step]) if step < len(t) else float("nan")
+
+    def call_scale(self) -> float:
+        """The scale the samples run at (the first sample's where they differ)."""
+        return self.scales[0]
+
+    def sample(self, j: int) -> "RunInfo":
+        """The run as sample ``j`` alone sees it (batch 1, its own scale): what a per-sample
+        control is handed."""
+        return replace(self, batch=1, scales=(self.scales[j],))
+
+
+class Part:
+    """Base of everything that can be attached (``dlx.attach``).
+
+    Events, in order (override what you need):
+
+    ====================  ==========================================================================
+    ``on_run_start(run)``  before the pipeline call: ``run.pipe``, ``run.family``, ``run.call``.
+    ``on_loop_start(run)`` at the first denoiser call, before it runs: ``num_steps``, ``batch``,
+                           ``timesteps``, ``sigmas`` are known. Check per-sample arguments here.
+    ``guidance(run, step)`` (controls) once per step, before the denoiser: a ``Guide`` or None.
+    ``on_denoiser(run, call)`` (``wants_calls``) after each denoiser evaluation (``DenoiserCall``).
+    ``on_step_end(run, step, timestep, callback_kwargs)`` after the scheduler step, as diffusers'
+                           ``callback_on_step_end``: return the (possibly changed) dict.
+    ``on_run_end(run, error)`` in ``finally``; ``run.record`` holds what ran.
+    ====================  ==========================================================================
+
+    ``__call__`` has diffusers' ``callback_on_step_end`` signature: inside an attached call it is
+    ``on_step_end``; as a plain callback it is ``on_plain_step_end``.
+    """
+
+    #: callback tensors the part reads at step end (checked against the pipeline before the call)
+    tensor_inputs: list[str] = []
+    #: the part's step end runs after the other parts' and the caller's callback, its run end last
+    runs_last: bool = False
+    #: the part wants ``DenoiserCall`` events through ``on_denoiser``
+    wants_calls: bool = False
+    #: the part sets guidance scales (at most one such part per sample)
+    sets_scale: bool = False
+    #: the part sets the guidance rule (``Guide.rule``; at most one such part per sample)
+    sets_rule: bool = False
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if not cls.__name__.startswith("_"):
+            REGISTRY[cls.__name__] = cls
+
+    def on_run_start(self, run) -> None:
+        """Before the pipeline call."""
+
+    def on_loop_start(self, run) -> None:
+        """At the first denoiser call, before it runs: steps, batch and schedule are known."""
+
+    def guidance(self, run, step: int) -> Guide | None:
+        """The per-sample plan of ``step`` (controls); None: no opinion."""
+        return None
+
+    def unguided_after(self, run, step: int) -> bool:
+        """True when this part guides no sample at any step after ``step`` (lets the run take the
+        pipeline out of CFG for the tail). Only controls that know it say True."""
+        return False
+
+    def on_denoiser(self, run, call) -> None:
+        """After each denoiser evaluation (parts with ``wants_calls``)."""
+
+    def on_step_end(self, run, step: int, timestep, callback_kwargs: dict) -> dict:
+        """After the scheduler step; return ``callback_kwargs`` (changed or not)."""
+        return callback_kwargs
+
+    def on_run_end(self, run, error: BaseException | None) -> None:
+        """In ``finally``; ``error`` is what the call raised (None: it returned)."""
+
+    def on_plain_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """Used as a plain ``callback_on_step_end`` (not attached)."""
+        raise DlxError(
+            f"{type(self).__name__} acts inside the denoiser and must be attached: "
+            f"`with dlx.attach(pipe, {type(self).__name__}(...)): pipe(...)`"
+        )
+
+    def config(self) -> dict:
+        """``{"type": ..., "args": {...}}``: the part's constructor arguments as JSON, the one
+        serialisation of a part (traces, sweep specs and stores, labels); ``dlx.part_from_config``
+        rebuilds it. ``"rebuildable": False`` where an argument is a callable or an object."""
+        return default_config(self)
+
+    def __call__(self, pipe, step, timestep, callback_kwargs):
+        session = type(pipe).__dict__.get("_dlx_session")
+        run = session.run if session is not None else None
+        if run is not None and self in run.parts:
+            return self.on_step_end(run, step, timestep, callback_kwargs)
+        return self.on_plain_step_end(pipe, step, timestep, callback_kwargs)
+
+
+@dataclass(eq=False)
+class Plan:
+    """Guidance for one step: per-sample mask, scale, rule and zero flags, and the pipeline's own
+    scale. Treat as immutable: a run reuses one plan for every step whose guidance does not change."""
+
+    mask: tuple[bool, ...]
+    scale: tuple[float, ...]
+    default: float  # the pipeline's own scale
+    rule: tuple = ()  # per sample: None (CFG) or a rule object; () when every sample is CFG
+    zero: tuple[bool, ...] = ()  # per sample: no evaluation, prediction 0; () when none
+
+    @functools.cached_property
+    def passthrough(self) -> bool:
+        """Every sample guided by CFG at the pipeline's scale: the pipeline's own CFG does the step."""
+        return (all(self.mask) and all(s == self.default for s in self.scale) and not self.rule
+                and not self.zero)
+
+    @functools.cached_property
+    def any_guided(self) -> bool:
+        return any(self.mask)
+
+    def scale_rows(self, rows, like: "torch.Tensor"):
+        import torch
+
+        vals = [self.scale[i] for i in rows]
+        if all(v == vals[0] for v in vals):
+            return vals[0]
+        return torch.tensor(vals, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.ndim - 1)))
+
+    def scale_value(self):
+        """The scale as a float when uniform, else a per-sample CPU tensor (for parts reading calls)."""
+        import torch
+
+        if all(s == self.scale[0] for s in self.scale):
+            return self.scale[0]
+        return torch.tensor(self.scale, dtype=torch.float32)
+
+    def key(self) -> tuple:
+        return (self.mask, self.scale, self.default, tuple(id(r) for r in self.rule), self.zero)
+
+    def sample_key(self, j: int) -> tuple:
+        """What makes sample j's step differ from another's (``dlx.Share`` groups on it)."""
+        return (self.mask[j], self.scale[j], id(self.rule[j]) if self.rule else None,
+                self.zero[j] if self.zero else False)
+
+
+def combine(batch: int, default_scales: Sequence[float], guides: Sequence[tuple[int | None, Guide]],
+            default: float) -> Plan:
+    """The one rule that merges controls' guides into a step's plan.
+
+    ``guides`` holds (sample, guide) pairs: sample None for a guide about the whole batch (one
+    entry per sample in each field), else a guide about that one sample (fields of length 1). A
+    sample is guided where every guide guides it (masks AND); a zero flag from any guide zeroes it
+    (ORs); scale and rule come from the (at most one) guide that sets them, else the sample's
+    default scale and CFG."""
+    mask = [True] * batch
+    scale = list(default_scales)
+    rule: list = [None] * batch
+    zero = [False] * batch
+    any_rule = any_zero = False
+    for j, g in guides:
+        if g is None:
+            continue
+        idx = range(batch) if j is None else (j,)
+        for k, i in enumerate(idx):
+            if g.mask is not None:
+                mask[i] = mask[i] and bool(g.mask[k])
+            if g.scale is not None:
+                scale[i] = float(g.scale[k])
+            if g.rule is not None and g.rule[k] is not None:
+                rule[i] = g.rule[k]
+                any_rule = True
+            if g.zero is not None and g.zero[k]:
+                zero[i] = True
+                any_zero = True
+    if any_zero:
+        mask = [m and not z for m, z in zip(mask, zero)]
+    return Plan(tuple(mask), tuple(scale), default, tuple(rule) if any_rule else (), tuple(zero) if any_zero else ())
+
+
+class Layout(NamedTuple):
+    """Which samples a step evaluates when ``dlx.Share`` groups equal ones: ``reps`` (one sample
+    per group, ascending) and ``expand`` (for each sample, the position of its group in ``reps``)."""
+
+    reps: tuple[int, ...]
+    expand: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What ran at one step, per sample: ``guided`` (the unconditional pass ran), ``scale``,
+    ``nfe`` (nominal denoiser evaluations: 1 conditional + 1 unconditional where guided),
+    ``evaluations`` (sample-rows the denoiser really computed: fewer under ``dlx.Share``) and
+    ``ms`` (the step's wall time; NaN where unknown)."""
+
+    guided: tuple[bool, ...]
+    scale: tuple[float, ...]
+    nfe: tuple[float, ...]
+    evaluations: int
+    ms: float
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The one record of a run: a ``StepRecord`` per step that ran, and how the run ended. Every
+    count a trace, a control's report, a sweep row or the cost model shows is read from here."""
+
+    batch: int
+    num_steps: int
+    steps: tuple[StepRecord, ...] = ()
+    stop_reason: str | None = None
+    switched_at: int | None = None
+    cfg_seen: bool = False
+    step_ms: tuple[float, ...] = field(default=())
+
+    @functools.cached_property
+    def nfe(self) -> list[float]:
+        """Per sample: nominal denoiser evaluations over the run."""
+        out = [0.0] * self.batch
+        for s in self.steps:
+            out = [a + b for a, b in zip(out, s.nfe)]
+        return out
+
+    @functools.cached_property
+    def guided_steps(self) -> list[int]:
+        """Per sample: how many steps guided it."""
+        return [sum(1 for s in self.steps if s.guided[j]) for j in range(self.batch)]
+
+    @property
+    def evaluations(self) -> int:
+        """Sample-rows the denoiser computed over the run."""
+        return sum(s.evaluations for s in self.steps)
+
+    def guided_steps_run(self) -> list[int]:
+        """Steps on which some sample was guided."""
+        return [i for i, s in enumerate(self.steps) if any(s.guided)]
+
+    def last_guided_step_per_sample(self) -> list[int | None]:
+        out = []
+        for j in range(self.batch):
+            g = [i for i, s in enumerate(self.steps) if s.guided[j]]
+            out.append(g[-1] if g else None)
+        return out
