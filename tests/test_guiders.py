@@ -337,7 +337,7 @@ def _with(pipe, family, parts, **kw):
         return run(pipe, family, **kw)
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
 def test_guider_cfg_at_the_call_scale_is_the_pipelines_cfg_bitwise(family):
     pipe = pipe_for(family)
     ref = run(pipe, family, steps=4, guidance_scale=5.0)
