@@ -31,6 +31,7 @@ _LAZY = {
     "GuidanceSchedule": "guidance",
     "AdaptiveCutoff": "guidance",
     "IPAdapterCutoff": "guidance",
+    "Guider": "guiders",
     "Interrupt": "interrupt",
     "Share": "share",
     "part_from_config": "parts",
@@ -38,7 +39,7 @@ _LAZY = {
     "fit_latent_rgb": "render",
     "latents_to_rgb": "render",
 }
-_SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "trace", "recorder", "session", "parts", "protocol",
+_SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "guiders", "trace", "recorder", "session", "parts", "protocol",
                "sweep", "metrics", "plots", "render", "widgets", "report"}
 
 # ``dlx.sweep`` is a callable module: ``dlx.sweep(pipe, ...)`` runs a sweep (dlx/sweep/__init__.py)

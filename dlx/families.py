@@ -15,7 +15,7 @@ import torch
 
 from .errors import DlxError
 
-__all__ = ["Family", "FAMILIES", "family_of", "scale_changes_inputs"]
+__all__ = ["Family", "FAMILIES", "family_of", "scale_changes_inputs", "guider_support"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,10 @@ class Family:
         skip-layer guidance (its term is added to every sample once CFG is on).
         ``guidance_rescale > 0`` does not: ``rescale_noise_cfg`` takes a sample's combined and
         conditional predictions only, and the tap applies it per sample.
+      * ``perturbation_guiders``: the ``diffusers.guiders`` that need an extra perturbed forward
+        pass (``PERTURBATION_GUIDERS``) and that dlx runs on the family; ``guider_support`` says
+        why one does not. The combination-rule guiders (``dlx.guiders.COMBINATION``: CFG, APG,
+        APG-Mix, CFG-Zero*, TCFG, FDG, MAMBO-G) run on every family, through the tap.
     """
 
     name: str
@@ -62,6 +66,7 @@ class Family:
     cfg_switch: tuple[str, ...] = ()
     cfg_switch_also: tuple[str, ...] = ()
     scale_only_combines: bool = True
+    perturbation_guiders: tuple[str, ...] = ()  # none yet: the tap runs no third, perturbed pass
 
 
 FAMILIES: dict[str, Family] = {
@@ -176,6 +181,34 @@ def scale_changes_inputs(pipe, call: dict) -> str | None:
     if call.get("skip_guidance_layers") is not None:
         return "skip-layer guidance adds its term to every sample whenever the call runs CFG"
     return None
+
+
+#: diffusers.guiders that need an extra forward pass with modified attention or layers, and why
+#: dlx does not run them on a family whose ``perturbation_guiders`` lacks them
+PERTURBATION_GUIDERS = {
+    "PerturbedAttentionGuidance": "a third, attention-perturbed pass per step (PAG, arXiv 2403.17377)",
+    "SmoothedEnergyGuidance": "a third pass with blurred attention queries (SEG, arXiv 2408.00760)",
+    "SkipLayerGuidance": "a third pass with transformer layers skipped (skip-layer guidance)",
+    "AutoGuidance": "a third pass of a weaker model (AutoGuidance, arXiv 2406.02507)",
+}
+#: what works instead, per (family, guider)
+_INSTEAD = {
+    ("sd3", "SkipLayerGuidance"): " On SD3, call the pipeline with its own skip-layer guidance "
+                                  "(skip_guidance_layers=[7, 8, 9], skip_layer_guidance_scale=2.8): dlx observes it.",
+    ("sd", "PerturbedAttentionGuidance"): " diffusers' StableDiffusionPAGPipeline runs PAG itself (not a dlx family).",
+    ("sdxl", "PerturbedAttentionGuidance"): " diffusers' StableDiffusionXLPAGPipeline runs PAG itself (not a dlx family).",
+}
+
+
+def guider_support(family: Family, name: str) -> str | None:
+    """None when a ``dlx.Guider`` of the diffusers guider class ``name`` runs on ``family``, else
+    why not (an error message naming the guider and the family)."""
+    need = PERTURBATION_GUIDERS.get(name)
+    if need is None or name in family.perturbation_guiders:
+        return None
+    return (f"{name} is not supported on {family.name} pipelines: it needs {need}, which dlx's denoiser "
+            f"tap does not run yet (it evaluates the conditional and unconditional rows only)."
+            f"{_INSTEAD.get((family.name, name), '')}")
 
 
 def check_tensor_inputs(pipe, names) -> list[str]:

@@ -63,6 +63,7 @@ ENTRY = {
     "GuidanceInterval": (dlx.GuidanceInterval, lambda: dict(start=0.0, stop=1.0)),
     "GuidanceSchedule": (dlx.GuidanceSchedule, lambda: dict(schedule="linear", low=1.0)),
     "AdaptiveCutoff": (dlx.AdaptiveCutoff, lambda: dict(threshold=0.99)),
+    "Guider": (dlx.Guider, lambda: dict(guider="ClassifierFreeGuidance", config=None)),
     "IPAdapterCutoff": (dlx.IPAdapterCutoff, lambda: dict(ratio=0.5)),
     "Interrupt": (dlx.Interrupt, lambda: dict(after_step=1)),
     "Share": (dlx.Share, lambda: dict(keys=["a"])),
@@ -191,6 +192,13 @@ BAD = [
     bad("GuidanceSchedule", "high", NAN, "nan"),
     bad("GuidanceSchedule", "high", INF, "inf"),
     bad("GuidanceSchedule", "high", "1", "type"),
+    # Guider(guider, config)
+    bad("Guider", "guider", None, "none"),
+    bad("Guider", "guider", "NoSuchGuidance", "unknown"),
+    bad("Guider", "guider", [], "empty"),
+    bad("Guider", "guider", 5, "type"),
+    bad("Guider", "config", 5, "type"),
+    bad("Guider", "config", {"no_such_arg": 1}, "unknown-arg"),
     # AdaptiveCutoff(threshold)
     bad("AdaptiveCutoff", "threshold", 0.0, "zero"),
     bad("AdaptiveCutoff", "threshold", 1.5, "above"),

@@ -25,7 +25,7 @@ def test_the_table_holds_only_fields_something_reads():
     assert [f.name for f in dataclasses.fields(Family)] == [
         "name", "pipelines", "denoiser", "cfg", "conditioning", "latent_format", "prediction", "packed",
         "extra_doubled_modules", "timestep_scale", "scale_schedules", "share", "cfg_switch", "cfg_switch_also",
-        "scale_only_combines"]
+        "scale_only_combines", "perturbation_guiders"]
 
 
 def test_capabilities():

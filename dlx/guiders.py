@@ -1,0 +1,455 @@
+"""diffusers' guidance methods (``diffusers.guiders``) on every classic pipeline: ``dlx.Guider``.
+
+diffusers 0.42 ships APG, CFG-Zero*, tangential CFG, frequency-decoupled and magnitude-aware
+guidance as guider classes, but only its modular pipelines call them. ``dlx.Guider(guider)``
+runs one on a ``StableDiffusionPipeline``, SDXL, SD3, ControlNet or Flux (true CFG) pipeline:
+the denoiser tap evaluates each sample's conditional and unconditional predictions and the
+guider's own ``forward`` combines them, with its state set per step (``set_state``). The maths
+is diffusers' code, not a copy; the few places where diffusers 0.42.1 is broken are wrapped
+and named below (``_Rule``, ``Guider.guidance``).
+
+What dlx decides (a researcher comparing methods needs each one stated):
+
+* **Scale.** A guider guides at its *own* ``guidance_scale`` (its config is the record). The
+  call's ``guidance_scale`` only has to be > 1 so that the pipeline builds the unconditional
+  batch (Flux: ``true_cfg_scale > 1`` and a negative prompt); otherwise the call is refused
+  before it starts. A ``GuidanceSchedule`` in the same block is refused (it sets plain CFG's
+  scale, which a guider does not read).
+* **Rescale.** The guider's own ``guidance_rescale`` applies (inside its ``forward``). A call
+  with ``guidance_rescale > 0`` is refused: give the rescale to the guider, so that one is applied.
+* **Window.** The guider's ``start``/``stop`` keep diffusers' rule: step i is guided when
+  ``int(start·N) ≤ i < int(stop·N)`` (floor). That differs from dlx's windows
+  (``GuidanceInterval``, ``CFGCutoff``: ``⌊r·N + ½⌋``, round half up) and from diffusers'
+  cutoff callbacks (which guide steps ``0 … ⌊r·N⌋``, one step more). Outside its window a guider
+  needs one pass: the unconditional rows are not evaluated and the sample's prediction is the
+  conditional one (diffusers' ``forward`` would also put it through its ``guidance_rescale``,
+  a no-op up to rounding). ``report["guided_steps"]`` lists the steps per sample.
+* **Composition** by the core's one rule: a sample is guided where every control guides it, so
+  ``[dlx.Guider(apg), dlx.CFGCutoff(0.4)]`` is APG inside the cutoff's window (and inside the
+  guider's own). At most one attached part sets the combination rule (``sets_rule``).
+* **Per sample.** ``Guider([g0, g1, ...])`` gives each sample of the batch its own guider (one
+  per sample, as the other controls take lists). A guider with state (APG's and
+  AdaptiveProjectedMix's momentum) keeps it per sample and starts afresh every run.
+* **CFG-Zero*'s zero-init steps** (``step < zero_init_steps``) run no denoiser pass at all:
+  the prediction is exactly 0 and NFE counts 0 (diffusers 0.42.1 runs both passes there).
+
+Only combination-rule guiders run (``COMBINATION``). The perturbation guiders (PAG, SEG,
+skip-layer guidance, AutoGuidance) need an extra forward pass with modified attention or
+layers that the tap does not run: a ``Guider`` of one is refused before the call, naming the
+guider and the family (``dlx.families.guider_support``). SD3's own skip-layer guidance works
+through the pipeline's ``skip_guidance_layers`` argument (the tap observes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import numbers
+import sys
+
+import torch
+
+from .errors import DlxError
+from .families import PERTURBATION_GUIDERS, guider_support
+from .guidance import GuidanceSchedule
+from .protocol import Guide, Part
+
+__all__ = ["Guider", "COMBINATION", "guider_from_config"]
+
+#: the diffusers.guiders classes a ``Guider`` runs: rules on (cond, uncond) of one sample
+COMBINATION = (
+    "ClassifierFreeGuidance",
+    "AdaptiveProjectedGuidance",
+    "AdaptiveProjectedMixGuidance",
+    "ClassifierFreeZeroStarGuidance",
+    "TangentialClassifierFreeGuidance",
+    "FrequencyDecoupledGuidance",
+    "MagnitudeAwareGuidance",
+)
+
+# -- every touch of diffusers.guiders internals (diffusers 0.42.1), in one place -----------------
+# tests/test_guiders.py checks each exists, so a diffusers that moves one fails loudly there.
+_GUIDER_LOGGER = "diffusers.guiders.guider_utils"  # warns "experimental" on every construction
+
+
+@contextlib.contextmanager
+def _quiet_construction():
+    """diffusers logs an "experimental feature" warning each time a guider is built; the user saw
+    it when building theirs, and dlx's private copies would repeat it on every run."""
+    logger = logging.getLogger(_GUIDER_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _guider_classes() -> dict:
+    import diffusers.guiders as G
+
+    return {name: getattr(G, name) for name in dir(G)
+            if isinstance(getattr(G, name), type) and issubclass(getattr(G, name), G.BaseGuidance)
+            and name != "BaseGuidance"}
+
+
+def _module_of(guider):
+    return sys.modules[type(guider).__module__]
+
+
+def _has_momentum(guider) -> bool:
+    return type(guider).__name__ in ("AdaptiveProjectedGuidance", "AdaptiveProjectedMixGuidance") and \
+        guider.config.get("adaptive_projected_guidance_momentum") is not None
+
+
+def _needs_uncond(guider) -> bool:
+    """diffusers' one answer to "how many passes at this step" (after ``set_state``)."""
+    return guider.num_conditions >= 2
+
+
+def _zero_init(guider) -> bool:
+    """CFG-Zero*'s zero-init step (after ``set_state``): diffusers' ``forward`` returns zeros there
+    (checked before its window), yet its ``num_conditions`` asks for both passes (0.42.1)."""
+    return (type(guider).__name__ == "ClassifierFreeZeroStarGuidance" and guider._enabled
+            and guider._step < guider.zero_init_steps)
+
+
+def _fdg_mixed_levels(guider) -> bool:
+    """FDG with some levels guided and others not at this step (after ``set_state``)."""
+    on = [guider._is_fdg_enabled_for_level(i) for i in range(guider.levels)]
+    return any(on) and not all(on)
+
+
+def _fdg_forward(guider, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """FrequencyDecoupledGuidance.forward with a level switched off (diffusers 0.42.1 fault: its
+    disabled-level branch appends ``pred_cond_freq``, a variable of the *previous* level: an
+    UnboundLocalError when level 0 is off, a shape error or a wrong level otherwise; the fix
+    was closed unmerged). Its own building blocks (pyramid, projection, rescale), the loop
+    written as diffusers intends it: a switched-off level keeps the conditional prediction's."""
+    m = _module_of(guider)
+    pc = m.build_laplacian_pyramid_func(cond, guider.levels)
+    pu = m.build_laplacian_pyramid_func(uncond, guider.levels)
+    out = []
+    params = zip(guider.guidance_scales, guider.parallel_weights, guider.guidance_rescale)
+    for level, (scale, weight, rescale) in enumerate(params):
+        c, u = pc[level], pu[level]
+        if not guider._is_fdg_enabled_for_level(level):
+            out.append(c)
+            continue
+        shift = c - u
+        if not math.isclose(weight, 1.0):
+            par, orth = m.project(shift, c, guider.upcast_to_double)
+            shift = weight * par + orth
+        pred = (c if guider.use_original_formulation else u) + scale * shift
+        if guider.guidance_rescale_space == "freq" and rescale > 0.0:
+            pred = m.rescale_noise_cfg(pred, c, rescale)
+        out.append(pred)
+    pred = m.build_image_from_pyramid(out)
+    if guider.guidance_rescale_space == "data" and guider.guidance_rescale[0] > 0.0:
+        pred = m.rescale_noise_cfg(pred, cond, guider.guidance_rescale[0])
+    return pred
+
+
+def _identity_apg_as_cfg(guider):
+    """APG whose projection is the identity (``eta`` 1, no momentum, no norm threshold): the
+    update is (c − u)'s orthogonal plus parallel part, c − u exactly in real arithmetic, but
+    diffusers rounds the two parts to float32 apart and adds them (last-bit differences). dlx
+    runs it as diffusers' ClassifierFreeGuidance with the same scale, rescale, formulation and
+    window, so it equals CFG bitwise, as it does in exact arithmetic."""
+    cfg = guider.config
+    if not (type(guider).__name__ == "AdaptiveProjectedGuidance" and cfg["eta"] == 1
+            and cfg["adaptive_projected_guidance_momentum"] is None
+            and not cfg["adaptive_projected_guidance_rescale"] > 0):
+        return None
+    import diffusers.guiders as G
+
+    with _quiet_construction():
+        return G.ClassifierFreeGuidance(
+            guidance_scale=cfg["guidance_scale"], guidance_rescale=cfg["guidance_rescale"],
+            use_original_formulation=cfg["use_original_formulation"], start=cfg["start"], stop=cfg["stop"],
+            enabled=cfg["enabled"])
+
+
+# -- configurations --------------------------------------------------------------------------------
+
+
+def _json(v):
+    if isinstance(v, (list, tuple)):
+        return [_json(x) for x in v]
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    raise DlxError(f"guider configuration value {v!r} is not JSON (a LayerSkipConfig or other object)")
+
+
+def _config_of(guider) -> dict:
+    """The guider's ``register_to_config`` values as JSON (private keys dropped)."""
+    return {k: _json(v) for k, v in guider.config.items() if not k.startswith("_")}
+
+
+# FDG checks ``isinstance(x, float)`` for start, stop and guidance_rescale and calls ``min`` /
+# ``len`` on anything else: an int (0 or 1 from a YAML file or JSON) fails (diffusers 0.42.1)
+_FLOAT_ARGS = {"FrequencyDecoupledGuidance": ("start", "stop", "guidance_rescale", "parallel_weights")}
+
+
+def guider_from_config(name, config=None):
+    """A diffusers guider from its class name and ``register_to_config`` values (JSON)."""
+    classes = _guider_classes()
+    if not isinstance(name, str) or name not in classes:
+        raise DlxError(f"argument `guider` must be a diffusers.guiders class name; got {name!r} "
+                       f"(known: {sorted(classes)})")
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise DlxError(f"argument `config` must be a dict of {name}'s arguments; got {config!r}")
+    kw = {k: v for k, v in config.items() if not k.startswith("_")}
+    for k in _FLOAT_ARGS.get(name, ()):
+        v = kw.get(k)
+        if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+            kw[k] = float(v)
+    if name == "AdaptiveProjectedGuidance" and isinstance(kw.get("adaptive_projected_guidance_norm_dim"), list):
+        kw["adaptive_projected_guidance_norm_dim"] = tuple(kw["adaptive_projected_guidance_norm_dim"])
+    try:
+        with _quiet_construction():
+            return classes[name](**kw)
+    except (TypeError, ValueError, ImportError) as e:
+        raise DlxError(f"argument `config` does not build a {name}: {type(e).__name__}: {e}") from None
+
+
+def _copy(guider):
+    """A private copy (dlx sets its state every step; the user's instance is left alone)."""
+    return guider_from_config(type(guider).__name__, _config_of(guider))
+
+
+# -- the rule ------------------------------------------------------------------------------------
+
+
+class _Rule:
+    """One guider's combination rule, as the core calls it (``Guide.rule``): the guided samples it
+    governs at a step, their conditional and unconditional rows in ``samples`` order."""
+
+    def __init__(self, guider, name: str):
+        self.guider = guider  # a private copy: its state is set every step
+        self.name = name
+        self.momentum = _has_momentum(guider)
+        self.fdg = name == "FrequencyDecoupledGuidance"
+        self.flatten = type(guider).__name__ == "MagnitudeAwareGuidance"
+        self.running: dict[int, torch.Tensor] = {}  # per-sample momentum (APG, APG-Mix)
+
+    def reset(self) -> None:
+        self.running = {}
+
+    def set_state(self, run, step: int) -> None:
+        self.guider.set_state(step, run.num_steps, run.t_of(step))
+
+    def combine(self, run, step: int, samples, cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
+        """The guided predictions of ``samples`` (the plan's ``scale`` is not read: a guider
+        guides at its own ``guidance_scale``)."""
+        g = self.guider
+        self.set_state(run, step)
+        if self.fdg and _fdg_mixed_levels(g):
+            return _fdg_forward(g, cond, uncond)
+        buf = None
+        if self.momentum:
+            # diffusers keeps one buffer for the whole batch, made at step 0; dlx keeps each
+            # sample's running average, so samples may leave and join (cutoffs, per-sample
+            # windows) and a sample's momentum is what it would be alone. A new sample starts
+            # at 0, as diffusers' buffer does (0·m + d == d exactly).
+            buf = _module_of(g).MomentumBuffer(g.adaptive_projected_guidance_momentum)
+            prev = [self.running.get(j) for j in samples]
+            if any(p is not None for p in prev):
+                buf.running_average = torch.stack(
+                    [p if p is not None else torch.zeros_like(cond[i]) for i, p in enumerate(prev)])
+            g.momentum_buffer = buf
+        if self.flatten:
+            # MagnitudeAwareGuidance takes ``torch.norm(x, dim=[1, 2, 3])``, which torch refuses
+            # for more than two dims (p="fro" becomes a matrix norm): diffusers 0.42.1 fails on
+            # every 4-D latent. Its maths reduces over all non-batch dims and is otherwise
+            # elementwise, so it runs on the (B, −1) view and is reshaped back.
+            return g.forward(cond.flatten(1), uncond.flatten(1)).pred.view_as(cond)
+        pred = g.forward(cond, uncond).pred
+        if buf is not None and isinstance(buf.running_average, torch.Tensor):
+            for i, j in enumerate(samples):
+                self.running[j] = buf.running_average[i]
+            g.momentum_buffer = None
+        return pred
+
+    def __repr__(self):
+        return f"<dlx guider rule {self.name}>"
+
+
+# -- the part ------------------------------------------------------------------------------------
+
+
+def _as_guider(value, where: str):
+    import diffusers.guiders as G
+
+    if isinstance(value, G.BaseGuidance):
+        return value
+    raise DlxError(f"argument `{where}` must be a diffusers.guiders instance "
+                   f"(e.g. diffusers.guiders.AdaptiveProjectedGuidance(guidance_scale=7.5)); got {value!r}")
+
+
+class Guider(Part):
+    """A diffusers guider (``diffusers.guiders``) as a dlx part: its ``forward`` combines each
+    sample's conditional and unconditional predictions, its ``start``/``stop`` window decides
+    which steps need the unconditional pass (diffusers' rule ``int(start·N) ≤ i < int(stop·N)``).
+
+    ``Guider(AdaptiveProjectedGuidance(guidance_scale=7.5, eta=0.0))``; ``Guider([g0, g1])`` (one
+    guider per sample); ``Guider("AdaptiveProjectedGuidance", {"guidance_scale": 7.5})`` (by class
+    name and config, as ``config()`` records it). Methods: CFG (Ho & Salimans 2022, arXiv
+    2207.12598), APG (Sadat et al. 2024, arXiv 2410.02416), CFG-Zero* (Fan et al. 2025, arXiv
+    2503.18886), TCFG (Kwon et al. 2025, arXiv 2503.18137), FDG (Sadat et al. 2025, arXiv
+    2506.19713), MAMBO-G (arXiv 2508.03442); see the module docstring for scale, rescale, window
+    and per-sample semantics. After a run ``report`` holds each sample's guider, the steps it
+    guided and zeroed, and the run's NFE.
+    """
+
+    #: the part decides how guided samples combine (at most one such part per block)
+    sets_rule = True
+
+    def __init__(self, guider, config=None):
+        if isinstance(guider, str):
+            self._names_given = True
+            self.guiders = [guider_from_config(guider, config)]
+            self.per_sample = False
+        elif isinstance(guider, (list, tuple)):
+            if not guider:
+                raise DlxError("argument `guider` must be a guider or a non-empty list (one per sample); got []")
+            if config is not None:
+                if not isinstance(config, (list, tuple)) or len(config) != len(guider):
+                    raise DlxError(f"argument `config` must be a list with one config per guider name; got {config!r}")
+                self.guiders = [guider_from_config(n, c) for n, c in zip(guider, config)]
+            else:
+                self.guiders = [guider_from_config(g) if isinstance(g, str) else _as_guider(g, f"guider[{i}]")
+                                for i, g in enumerate(guider)]
+            self.per_sample = True
+        else:
+            if config is not None:
+                raise DlxError("argument `config` is only for a guider given by class name")
+            self.guiders = [_as_guider(guider, "guider")]
+            self.per_sample = False
+        for i, g in enumerate(self.guiders):
+            name = type(g).__name__
+            if name not in COMBINATION and name not in PERTURBATION_GUIDERS:
+                where = "guider" if not self.per_sample else f"guider[{i}]"
+                raise DlxError(f"argument `{where}`: {name} is not a guider dlx knows; it runs {list(COMBINATION)}")
+            _config_of(g)  # every value JSON: checked now, not when a sweep stores it
+        self.report: dict = {}
+        self._rules: list[_Rule] = []
+        self._per: list[int] = []  # sample -> index into _rules
+
+    def __repr__(self):
+        names = [type(g).__name__ for g in self.guiders]
+        return f"Guider({names if self.per_sample else names[0]})"
+
+    @property
+    def guider(self):
+        """The guider (the first one of a per-sample list)."""
+        return self.guiders[0]
+
+    def config(self) -> dict:
+        """``{"type": "Guider", "args": {"guider": <class name>, "config": {<register_to_config
+        values>}}}`` (lists, one per sample, for a per-sample Guider); ``dlx.part_from_config``
+        rebuilds it."""
+        names = [type(g).__name__ for g in self.guiders]
+        cfgs = [_config_of(g) for g in self.guiders]
+        if self.per_sample:
+            return {"type": "Guider", "args": {"guider": names, "config": cfgs}}
+        return {"type": "Guider", "args": {"guider": names[0], "config": cfgs[0]}}
+
+    # -- checks before the call ----------------------------------------------------------------
+    def on_run_start(self, run):
+        self.report = {}
+        fam = run.family
+        for g in self.guiders:
+            why = guider_support(fam, type(g).__name__)
+            if why is not None:
+                raise DlxError(why)
+        if any(isinstance(p, GuidanceSchedule) for p in getattr(run, "parts", ())):
+            raise DlxError("a Guider guides at its guider's own guidance_scale; GuidanceSchedule sets plain CFG's "
+                           "scale and would be ignored: attach one or the other (schedule a guider by its windows)")
+        call = run.call
+        rescale = call.get("guidance_rescale")
+        if isinstance(rescale, numbers.Real) and rescale > 0:
+            raise DlxError(f"the call's guidance_rescale={rescale!r} would be a second rescale beside the guider's: "
+                           f"give it to the guider instead (e.g. ClassifierFreeGuidance(guidance_rescale={rescale!r}))")
+        if fam.cfg == "calls":
+            s = call.get("true_cfg_scale", 1.0)
+            neg = call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None
+            if not (isinstance(s, numbers.Real) and s > 1 and neg):
+                raise DlxError(
+                    f"a Guider needs the pipeline's unconditional pass: call {type(run.pipe).__name__} with "
+                    f"true_cfg_scale > 1 and a negative_prompt (got true_cfg_scale={s!r}, negative prompt "
+                    f"{'given' if neg else 'missing'}); the guider's own guidance_scale is the one it guides at")
+        else:
+            s = call.get("guidance_scale")
+            den = getattr(run.pipe, fam.denoiser, None)
+            if getattr(getattr(den, "config", None), "time_cond_proj_dim", None) is not None:
+                raise DlxError(f"{type(run.pipe).__name__}'s denoiser embeds the guidance scale (time_cond_proj_dim, "
+                               f"LCM-style) and the pipeline runs no unconditional pass: a Guider cannot act")
+            if not (isinstance(s, numbers.Real) and s > 1):
+                raise DlxError(
+                    f"a Guider needs the pipeline's unconditional batch: call {type(run.pipe).__name__} with "
+                    f"guidance_scale > 1 (got {s!r}); the guider's own guidance_scale is the one it guides at")
+
+    def on_loop_start(self, run):
+        b = run.batch
+        if self.per_sample and len(self.guiders) != b:
+            raise DlxError(f"argument `guider` has {len(self.guiders)} guiders (one per sample) but the run has "
+                           f"{b} sample{'s' if b != 1 else ''}")
+        # one private copy and rule per distinct guider instance; per-sample state lives in it
+        rules: dict[int, int] = {}
+        self._rules, self._per = [], []
+        for j in range(b):
+            g = self.guiders[j if self.per_sample else 0]
+            if id(g) not in rules:
+                rules[id(g)] = len(self._rules)
+                copy = _copy(g)
+                work = _identity_apg_as_cfg(copy) or copy
+                self._rules.append(_Rule(work, type(g).__name__))
+            self._per.append(rules[id(g)])
+        self._steps: list[tuple] = []
+        n = run.num_steps
+        for i in range(n):  # each step's plan, from the guiders' own state
+            mask, zero = [], []
+            flags = []
+            for r in self._rules:
+                r.set_state(run, i)
+                z = _zero_init(r.guider)
+                flags.append((not z and _needs_uncond(r.guider), z))
+            for j in range(b):
+                m, z = flags[self._per[j]]
+                mask.append(m)
+                zero.append(z)
+            self._steps.append((tuple(mask), tuple(zero)))
+        self._last = max((i for i, (m, z) in enumerate(self._steps) if any(m) or any(z)), default=-1)
+        rule_of = tuple(self._rules[k] for k in self._per)
+        self._guides = [Guide(mask=m, rule=rule_of, zero=z if any(z) else None) for m, z in self._steps]
+        self.report["guider"] = [self._rules[k].name for k in self._per]
+        self.report["guidance_scale"] = [self._rules[k].guider.config.get("guidance_scale",
+                                         self._rules[k].guider.config.get("guidance_scales")) for k in self._per]
+
+    def guidance(self, run, step: int):
+        guides = self._guides
+        return guides[step] if step < len(guides) else None
+
+    def unguided_after(self, run, step: int) -> bool:
+        return step >= self._last
+
+    def on_run_end(self, run, error):
+        for r in self._rules:
+            r.reset()
+        rec = getattr(run, "record", None)  # the run's one record: what ran, per step and sample
+        if rec is None or not rec.steps:
+            return
+        b = len(rec.steps[0].guided)
+        self.report["guided_steps"] = [[i for i, st in enumerate(rec.steps) if st.guided[j]] for j in range(b)]
+        if len(self._steps) and len(self._steps[0][1]) == b:
+            self.report["zero_steps"] = [[i for i, (_, z) in enumerate(self._steps[:len(rec.steps)]) if z[j]]
+                                         for j in range(b)]
+        self.report["nfe"] = list(rec.nfe)
