@@ -223,5 +223,8 @@ def sweep_caption(row, i: int | None, n_steps: int, metric: str | None = None, s
         else:
             bits.append(f"guided {fmt(g, '.3g')}/{fmt(getattr(row, 'steps', n_steps), '.3g')} steps")
     if metric:
-        bits.append(f"{metric} {fmt(getattr(row, metric), '.3g')}")
+        v = getattr(row, metric)
+        # PSNR of identical images is infinite (the store keeps 100 dB for it): say so, not "100"
+        same = metric == "psnr" and v == v and v >= 100
+        bits.append(f"{metric} ∞ (identical)" if same else f"{metric} {fmt(v, '.3g')}")
     return " · ".join(bits)

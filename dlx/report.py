@@ -246,9 +246,13 @@ def _varying(summ, metrics) -> list[str]:
     ref = summ["is_reference"] if "is_reference" in summ.columns else None
     out = []
     for m in metrics:
-        vals = summ[m] if ref is None or m not in _FIDELITY else summ[m][~ref.astype(bool)]
-        vals = [round(float(v), 6) for v in vals if v == v and abs(v) != math.inf]
-        if len(set(vals)) > 1:
+        # a fidelity metric is judged against the reference (identical images: +inf dB, SSIM 1), so
+        # one other config whose value is finite and differs from the reference's already varies
+        vals = [round(float(v), 6) if abs(v) != math.inf else "ref" for v in summ[m] if v == v]
+        finite = [v for v in vals if v != "ref"]
+        other = finite if ref is None or m not in _FIDELITY else \
+            [round(float(v), 6) for v in summ[m][~ref.astype(bool)] if v == v and abs(v) != math.inf]
+        if other and len(set(vals)) > 1:
             out.append(m)
     return out
 
@@ -289,11 +293,13 @@ def _compare_table(res, metrics) -> str:
     import pandas as pd
 
     rows = []
+    kind = c.attrs.get("kind", {})
     for r in c.to_dict("records"):
         d = {"config": r.get("config"), "pairs": r.get("n_pairs")}
         for m in metrics:
             if f"{m}_diff" in r:
-                d[f"Δ {m}"] = ("reference" if r.get("is_reference")
+                head = f"Δ {m}" if kind.get(m, "paired difference") == "paired difference" else f"{m} vs reference"
+                d[head] = ("reference" if r.get("is_reference")
                                else _ci(m, r.get(f"{m}_diff"), r.get(f"{m}_diff_lo"),
                                         r.get(f"{m}_diff_hi")))
         rows.append(d)
@@ -381,7 +387,8 @@ def _sweep_sections(res, metric=None) -> list[str]:
     level = summ.attrs.get("level", 0.95)
     out += [key, "<p class='note'>" + "<br>".join(html.escape(n) for n in [
         f"Each metric: mean over prompts × seeds [{level:.0%} interval"
-        + (f": {method}" if method else "") + "]. 'time vs full': the predicted time of the config run alone "
+        + (": " + "; ".join(f"{k}: {v}" for k, v in method.items()) if isinstance(method, dict) and method
+           else (f": {method}" if method else "")) + "]. 'time vs full': the predicted time of the config run alone "
         "(from step costs measured on this device), as a share of full guidance's.", *notes]) + "</p>"]
     out.append(_compare_table(res, metrics))
     out += ["<h2>Summary (one row per config, every column)</h2>", _table(summ, scroll=False)]
