@@ -220,7 +220,7 @@ def test_compare_a_sweep_with_kept_previews(sweeps):
     shares = dict(zip(kept.summary().config, kept.summary().time_eager_vs_full)) if "time_eager_vs_full" in kept.summary() else {}
     assert c.captions(0) == [f"cutoff=0 · NFE 3 · CFG off at step 1 · psnr {f.psnr[0]:.3g}",
                              f"cutoff=0.5 · NFE 5 · CFG on at step 1 · psnr {f.psnr[1]:.3g}",
-                             "cutoff=1 · NFE 6 · CFG on at step 1 · psnr 100"] or shares
+                             "cutoff=1 · NFE 6 · CFG on at step 1 · psnr ∞ (identical)"] or shares
     assert c.captions(2)[1] == f"cutoff=0.5 · NFE 5 · CFG off at step 3 · psnr {f.psnr[1]:.3g}"
     assert "seed 0" in c.title and "'a red circle'" in c.title
     for j, r in enumerate(f.itertuples()):
