@@ -20,6 +20,7 @@ _LAZY = {
     "attach": "session",
     "Part": "protocol",
     "Guide": "protocol",
+    "DenoiserCall": "protocol",
     "RunInfo": "protocol",
     "Recorder": "recorder",
     "record": "recorder",

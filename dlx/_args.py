@@ -73,3 +73,42 @@ def path(arg: str, value) -> Path:
     if str(value) == "":
         raise DlxError(f"argument `{arg}` must name a file; got an empty path")
     return p
+
+
+def fraction(arg: str, value) -> float:
+    """A real number in [0, 1] (a share of a run's steps)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise DlxError(f"argument `{arg}` must be a number in [0, 1]; got {value!r}")
+    return float(value)
+
+
+def in_unit_interval(arg: str, value) -> float:
+    """A real number in (0, 1] (a similarity threshold)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
+        raise DlxError(f"argument `{arg}` must be in (0, 1]; got {value!r}")
+    return float(value)
+
+
+def per_sample(arg: str, value, check):
+    """``value`` checked by ``check(arg, v)``: one value, or a non-empty list/tuple of them (one
+    per sample: ``arg[i]`` names an entry)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise DlxError(f"argument `{arg}` must be a value or a non-empty list of values (one per sample); "
+                           f"got {value!r}")
+        return [check(f"{arg}[{i}]", v) for i, v in enumerate(value)]
+    if type(value).__name__ == "Tensor":
+        raise DlxError(f"argument `{arg}` must be a number or a list of numbers (one per sample); got a tensor")
+    return check(arg, value)
+
+
+def one_per_sample(arg: str, value, batch: int) -> list:
+    """One value per sample of a run of ``batch`` samples: a list must have ``batch`` entries."""
+    if isinstance(value, list):
+        if len(value) != batch:
+            raise DlxError(
+                f"argument `{arg}` has {len(value)} values (one per sample) but the run has {batch} "
+                f"sample{'s' if batch != 1 else ''}; got {arg}={value!r}"
+            )
+        return value
+    return [value] * batch

@@ -15,6 +15,9 @@ ControlNet) for the duration of one pipeline call. Per call it
 
 With no plan (no control attached), the original forward runs with the original arguments, so
 recording never changes a result.
+
+(Over 400 lines: one idea, the interception, in its three shapes: the doubled CFG batch, a call
+without it, and Flux's two calls per step; split, each would re-read the others' per-step state.)
 """
 
 from __future__ import annotations
@@ -25,65 +28,7 @@ import threading
 import torch
 
 from . import _diffusers as D
-
-
-class DenoiserCall:
-    """What one denoiser evaluation produced, split per CFG half (rows of the batch of B samples).
-
-    ``uncond`` is None when no sample was guided; rows of unguided samples are NaN otherwise.
-    ``guided`` holds the prediction the scheduler steps with. Passed as None, it is the
-    pipeline's own combination ``lerp(uncond, cond, scale)``, computed on first access (one
-    kernel per step saved when no part reads it). Like ``cond`` and ``uncond`` (views of
-    the denoiser's output, which a CUDA graph overwrites on its next replay), read it inside
-    ``on_denoiser``.
-    """
-
-    __slots__ = ("step", "timestep", "x_in", "cond", "uncond", "_guided", "mask", "scale", "lerp_guided",
-                 "pair", "rescale", "revises")
-
-    def __init__(self, step: int, timestep, x_in: torch.Tensor, cond: torch.Tensor,
-                 uncond: torch.Tensor | None, guided: torch.Tensor | None, mask: tuple[bool, ...],
-                 scale: torch.Tensor | float, pair: torch.Tensor | None = None, rescale: float = 0.0,
-                 revises: bool = False):
-        self.step = step
-        self.timestep = timestep
-        self.x_in = x_in  # denoiser input of the conditional rows (after scale_model_input)
-        self.cond = cond
-        self.uncond = uncond
-        self._guided = guided
-        self.mask = mask
-        self.scale = scale
-        #: the pipeline's ``guidance_rescale`` (arXiv 2305.08891) applied to ``guided`` when it is
-        #: the pipeline's own CFG (``guided`` passed as None)
-        self.rescale = rescale
-        #: ``guided`` is ``lerp(uncond, cond, scale)`` (the pipeline's own CFG, no rescale): a
-        #: part may compute it, or what follows from it, later from copies of ``uncond`` and ``cond``
-        self.lerp_guided = guided is None and not rescale
-        #: a second event for the same step whose ``guided`` replaces the first one's: SD3's
-        #: skip-layer guidance adds (cond − skip-layer prediction)·scale after CFG
-        self.revises = revises
-        #: the denoiser's whole output when ``uncond`` and ``cond`` are its two halves, in that
-        #: order (the pipeline's own CFG batch): one copy of it keeps both
-        self.pair = pair
-
-    @property
-    def guided(self) -> torch.Tensor:
-        g = self._guided
-        if g is None:
-            g = torch.lerp(self.uncond, self.cond, self.scale)
-            if self.rescale:
-                g = D.rescale_noise_cfg(g, self.cond, self.rescale)
-            self._guided = g
-        return g
-
-    @guided.setter
-    def guided(self, value: torch.Tensor) -> None:
-        self._guided = value
-
-    def __repr__(self) -> str:
-        return (f"DenoiserCall(step={self.step}, cond={tuple(self.cond.shape)}, "
-                f"uncond={'None' if self.uncond is None else tuple(self.uncond.shape)}, mask={self.mask}, "
-                f"scale={self.scale!r})")
+from .protocol import DenoiserCall
 
 
 class _Output:
@@ -122,13 +67,9 @@ def _take_rows(obj, n: int, idx):
 
 def _batch_tensors(obj, n: int) -> list:
     """Every tensor in ``obj`` (nested) whose leading dim is ``n``."""
-    if isinstance(obj, torch.Tensor):
-        return [obj] if obj.ndim > 0 and obj.shape[0] == n else []
-    if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _batch_tensors(o, n)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _batch_tensors(o, n)]
-    return []
+    out: list = []
+    D.map_batch(obj, n, lambda x: out.append(x) or x)
+    return out
 
 
 def _first_tensor(args, kwargs, names=("sample", "hidden_states")):

@@ -17,6 +17,10 @@ from .errors import DlxError
 
 __all__ = ["Family", "FAMILIES", "family_of", "scale_changes_inputs", "guider_support"]
 
+#: the call's defaults where a spec gives none (``StableDiffusionPipeline.__call__``'s); a sweep fills
+#: in the pipeline's own where they differ (SDXL 5.0, SD3 7.0 and 28 steps): one place for both
+CALL_DEFAULTS = {"guidance_scale": 7.5, "num_inference_steps": 50}
+
 
 @dataclass(frozen=True)
 class Family:

@@ -24,6 +24,8 @@ whose callback runs *after* step k = ⌊N·ratio⌋ (or ``cutoff_step_index``), 
 After a run each control's ``report`` describes what ran (read from the run's per-step plans,
 so a user callback that cut CFG too, or a call without CFG, shows), with the run's per-sample NFE;
 a control that could not act (the call had no CFG to cut) warns once.
+
+(Over 400 lines: one idea, the guidance controls, each a short class on the shared ``_Control``.)
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ import warnings
 
 import torch
 
+from . import _args
 from . import _diffusers as D
-from ._tap import DenoiserCall
+from .protocol import DenoiserCall
 from .errors import DlxError
 from .protocol import Guide, Part, RunInfo
 
@@ -48,57 +51,21 @@ def _is_real(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, numbers.Real)
 
 
-def _per_sample(name: str, value, check):
-    """``value`` checked by ``check(name, v)``: one value, or a non-empty list/tuple of them."""
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise DlxError(f"argument `{name}` must be a value or a non-empty list of values (one per sample); got {value!r}")
-        return [check(f"{name}[{i}]", v) for i, v in enumerate(value)]
-    if isinstance(value, torch.Tensor):
-        raise DlxError(f"argument `{name}` must be a number or a list of numbers (one per sample); got a tensor")
-    return check(name, value)
-
-
-def _fraction(name: str, value) -> float:
-    if not _is_real(value) or not (0.0 <= float(value) <= 1.0):
-        raise DlxError(f"argument `{name}` must be a number in [0, 1]; got {value!r}")
-    return float(value)
+_per_sample = _args.per_sample
+_fraction = _args.fraction
+_threshold_arg = _args.in_unit_interval
+_expand = _args.one_per_sample
 
 
 def _step_arg(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise DlxError(f"argument `{name}` must be a non-negative int; got {value!r}")
-    return int(value)
+    return _args.integer(name, value, minimum=0)
 
 
 def _sigma_arg(name: str, value) -> float:
-    if not _is_real(value) or not (value >= 0) or math.isinf(value):
-        raise DlxError(f"argument `{name}` must be a finite non-negative number; got {value!r}")
-    return float(value)
+    return _args.finite(name, value, minimum=0)
 
 
-def _scale_arg(name: str, value) -> float:
-    if not _is_real(value) or not (value >= 0) or math.isinf(value):
-        raise DlxError(f"argument `{name}` must be a finite non-negative number; got {value!r}")
-    return float(value)
-
-
-def _threshold_arg(name: str, value) -> float:
-    if not _is_real(value) or not (0.0 < float(value) <= 1.0):
-        raise DlxError(f"argument `{name}` must be in (0, 1]; got {value!r}")
-    return float(value)
-
-
-def _expand(name: str, value, batch: int) -> list:
-    """One value per sample of a run of ``batch`` samples."""
-    if isinstance(value, list):
-        if len(value) != batch:
-            raise DlxError(
-                f"argument `{name}` has {len(value)} values (one per sample) but the run has {batch} "
-                f"sample{'s' if batch != 1 else ''}; got {name}={value!r}"
-            )
-        return value
-    return [value] * batch
+_scale_arg = _sigma_arg  # a guidance scale: finite and >= 0
 
 
 def boundary(fraction: float, num_steps: int) -> int:

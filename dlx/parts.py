@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 
-from . import guidance, interrupt, preview, recorder, share  # noqa: F401  (each registers its parts)
+from . import guidance, guiders, interrupt, preview, recorder, share  # noqa: F401  (each registers its parts)
 from .config import from_json
 from .errors import DlxError
 from .protocol import REGISTRY, Part

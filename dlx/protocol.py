@@ -29,15 +29,16 @@ import functools
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
+import torch
+
+from ._diffusers import rescale_noise_cfg
 from .config import default_config
 from .errors import DlxError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from .families import Family
 
-__all__ = ["Part", "Guide", "Plan", "Layout", "RunInfo", "StepRecord", "RunRecord", "combine", "REGISTRY"]
+__all__ = ["Part", "Guide", "DenoiserCall", "Plan", "Layout", "RunInfo", "StepRecord", "RunRecord", "combine", "REGISTRY"]
 
 #: every Part subclass by class name (``dlx.part_from_config`` rebuilds from it)
 REGISTRY: dict[str, type] = {}
@@ -95,6 +96,61 @@ class RunInfo:
         """The run as sample ``j`` alone sees it (batch 1, its own scale): what a per-sample
         control is handed."""
         return replace(self, batch=1, scales=(self.scales[j],))
+
+
+class DenoiserCall:
+    """What one denoiser evaluation produced, split per CFG half (rows of the batch of B samples).
+
+    ``uncond`` is None when no sample was guided; rows of unguided samples are NaN otherwise.
+    ``guided`` holds the prediction the scheduler steps with. Passed as None, it is the
+    pipeline's own combination ``lerp(uncond, cond, scale)``, computed on first access (one
+    kernel per step saved when no part reads it). Like ``cond`` and ``uncond`` (views of
+    the denoiser's output, which a CUDA graph overwrites on its next replay), read it inside
+    ``on_denoiser``.
+    """
+
+    __slots__ = ("step", "timestep", "x_in", "cond", "uncond", "_guided", "mask", "scale", "lerp_guided",
+                 "pair", "rescale", "revises")
+
+    def __init__(self, step: int, timestep, x_in: torch.Tensor, cond: torch.Tensor,
+                 uncond: torch.Tensor | None, guided: torch.Tensor | None, mask: tuple[bool, ...],
+                 scale: torch.Tensor | float, pair: torch.Tensor | None = None, rescale: float = 0.0,
+                 revises: bool = False):
+        self.step = step
+        self.timestep = timestep
+        self.x_in = x_in  # denoiser input of the conditional rows (after scale_model_input)
+        self.cond = cond
+        self.uncond = uncond
+        self._guided = guided
+        self.mask = mask
+        self.scale = scale
+        #: the pipeline's ``guidance_rescale`` (arXiv 2305.08891) applied to ``guided`` when it is
+        #: the pipeline's own CFG (``guided`` passed as None)
+        self.rescale = rescale
+        #: ``guided`` is ``lerp(uncond, cond, scale)`` (the pipeline's own CFG, no rescale): a
+        #: part may compute it, or what follows from it, later from copies of ``uncond`` and ``cond``
+        self.lerp_guided = guided is None and not rescale
+        #: a second event for the same step whose ``guided`` replaces the first one's: SD3's
+        #: skip-layer guidance adds (cond − skip-layer prediction)·scale after CFG
+        self.revises = revises
+        #: the denoiser's whole output when ``uncond`` and ``cond`` are its two halves, in that
+        #: order (the pipeline's own CFG batch): one copy of it keeps both
+        self.pair = pair
+
+    @property
+    def guided(self) -> torch.Tensor:
+        g = self._guided
+        if g is None:
+            g = torch.lerp(self.uncond, self.cond, self.scale)
+            if self.rescale:
+                g = rescale_noise_cfg(g, self.cond, self.rescale)
+            self._guided = g
+        return g
+
+    def __repr__(self) -> str:
+        return (f"DenoiserCall(step={self.step}, cond={tuple(self.cond.shape)}, "
+                f"uncond={'None' if self.uncond is None else tuple(self.uncond.shape)}, mask={self.mask}, "
+                f"scale={self.scale!r})")
 
 
 class Part:
@@ -200,9 +256,7 @@ class Plan:
     def any_guided(self) -> bool:
         return any(self.mask)
 
-    def scale_rows(self, rows, like: "torch.Tensor"):
-        import torch
-
+    def scale_rows(self, rows, like: torch.Tensor):
         vals = [self.scale[i] for i in rows]
         if all(v == vals[0] for v in vals):
             return vals[0]
@@ -210,8 +264,6 @@ class Plan:
 
     def scale_value(self):
         """The scale as a float when uniform, else a per-sample CPU tensor (for parts reading calls)."""
-        import torch
-
         if all(s == self.scale[0] for s in self.scale):
             return self.scale[0]
         return torch.tensor(self.scale, dtype=torch.float32)

@@ -1,4 +1,9 @@
-"""Recorder: the part that fills a Trace with every step of a run. It never changes the run."""
+"""Recorder: the part that fills a Trace with every step of a run. It never changes the run.
+
+``Ledger`` is the recorder that keeps only the run's one record (no tensors): sweep rows and the
+cost model are built from it. (Over 400 lines: one idea, recording; most of it is the deferred
+x0 and the one copy of every kept tensor to the host at the end, which must stay together.)
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,10 @@ import time
 import torch
 
 from . import _args
-from ._tap import DenoiserCall
+from . import _diffusers as D
 from .errors import DlxError
 from .families import BATCHED_X0, check_tensor_inputs, denoised_as, denoised_steps, family_of, prediction_type, sigma_at
-from . import _diffusers as D
-from .protocol import Part
+from .protocol import DenoiserCall, Part
 from .run import Run
 from .session import attach
 from .trace import Step, Trace

@@ -12,6 +12,9 @@ Per-sample controls: ``attach(..., per_sample=[[controls of sample 0], ...], sca
 gives each sample its own controls, asked with the run as that sample alone sees it
 (``RunInfo.sample(j)``: batch 1, its own scale); a sample at a scale <= 1 is never guided (a
 call at that scale has no CFG) and its controls are not asked.
+
+(Over 400 lines: one object, the run's bookkeeping; its plan, layout, counts and clocks read one
+another's per-step state.)
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from . import _diffusers as D
 from .errors import DlxError
 from .families import Family, sigmas_at
-from .protocol import Guide, Layout, Part, Plan, RunInfo, RunRecord, StepRecord, combine
+from .protocol import DenoiserCall, Guide, Layout, Part, Plan, RunInfo, RunRecord, StepRecord, combine
 
 __all__ = ["Run", "overrides"]
 
@@ -274,8 +277,6 @@ class Run:
     def _observe_samples(self, call) -> None:
         """Per-sample parts that read denoiser calls see their own sample's rows (batch 1); an
         unguided sample has no unconditional prediction, as when it runs alone."""
-        from ._tap import DenoiserCall
-
         for j, obs in enumerate(self._sample_calls):
             if not obs:
                 continue

@@ -455,7 +455,7 @@ def test_every_public_entry_point_has_rows():
     import inspect
 
     covered = set(ENTRY)
-    public = {n for n in dlx.__all__ if n not in ("DlxError", "Part", "Guide", "RunInfo", "Step", "Trace", "family_of")
+    public = {n for n in dlx.__all__ if n not in ("DlxError", "Part", "Guide", "RunInfo", "DenoiserCall", "Step", "Trace", "family_of")
               and callable(getattr(dlx, n)) and not inspect.ismodule(getattr(dlx, n))}
     public |= {f"testing.{n}" for n in dlx.testing.__all__ if callable(getattr(dlx.testing, n))}
     public |= {f"zoo.{n}" for n, v in vars(dlx.zoo).items()

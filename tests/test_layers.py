@@ -38,7 +38,7 @@ FLOORS = [
     ("run protocol", ["config", "protocol", "run", "share", "session", "_tap"]),
     ("data", ["trace", "trace_file"]),
     ("rendering", ["render", "render.*"]),
-    ("parts", ["guidance", "interrupt", "recorder", "preview", "parts"]),
+    ("parts", ["guidance", "interrupt", "recorder", "preview", "guiders", "parts"]),
     ("views", ["labels", "tiles", "plots", "_notebook", "widgets", "live", "report"]),
     ("applications", ["sweep", "sweep.*", "metrics", "demo", "__main__", "zoo", "zoo.*", "testing", "testing.*"]),
 ]

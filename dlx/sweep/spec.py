@@ -21,6 +21,7 @@ import numbers
 from dataclasses import asdict, dataclass, field
 
 from ..errors import DlxError
+from ..families import CALL_DEFAULTS
 from ..guidance import CFGCutoff
 from ..parts import part_from_config
 from ..protocol import Part
@@ -138,10 +139,10 @@ class SweepSpec:
         return hashlib.sha1(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
     def steps_of(self, cfg: Config) -> int:
-        return int(cfg.num_inference_steps if cfg.num_inference_steps is not None else self.call.get("num_inference_steps", 50))
+        return int(cfg.num_inference_steps if cfg.num_inference_steps is not None else self.call.get("num_inference_steps", CALL_DEFAULTS["num_inference_steps"]))
 
     def scale_of(self, cfg: Config) -> float:
-        return float(cfg.guidance_scale if cfg.guidance_scale is not None else self.call.get("guidance_scale", 7.5))
+        return float(cfg.guidance_scale if cfg.guidance_scale is not None else self.call.get("guidance_scale", CALL_DEFAULTS["guidance_scale"]))
 
     def rows(self) -> list[dict]:
         """Every (config, prompt, seed) row, in grid order, with a stable id."""
