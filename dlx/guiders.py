@@ -429,7 +429,12 @@ class Guider(Part):
             self._steps.append((tuple(mask), tuple(zero)))
         self._last = max((i for i, (m, z) in enumerate(self._steps) if any(m) or any(z)), default=-1)
         rule_of = tuple(self._rules[k] for k in self._per)
-        self._guides = [Guide(mask=m, rule=rule_of, zero=z if any(z) else None) for m, z in self._steps]
+        # the scale each sample is guided at is its guider's (the record and the trace show it);
+        # a guider with per-level scales (FDG) keeps the call's in the record
+        own = [self._rules[k].guider.config.get("guidance_scale") for k in self._per]
+        scale = tuple(float(s) if isinstance(s, numbers.Real) and not isinstance(s, bool) else run.call_scale()
+                      for s in own)
+        self._guides = [Guide(mask=m, scale=scale, rule=rule_of, zero=z if any(z) else None) for m, z in self._steps]
         self.report["guider"] = [self._rules[k].name for k in self._per]
         self.report["guidance_scale"] = [self._rules[k].guider.config.get("guidance_scale",
                                          self._rules[k].guider.config.get("guidance_scales")) for k in self._per]

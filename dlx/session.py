@@ -93,6 +93,15 @@ class _Session:
                     raise DlxError(
                         f"two attached parts{where} {what} ({type(setters[0]).__name__} and "
                         f"{type(setters[1]).__name__}); attach at most one")
+        for j, ps in enumerate(per_sample or [[]]):
+            both = [*self.parts, *ps]
+            sc = next((p for p in both if p.sets_scale), None)
+            ru = next((p for p in both if p.sets_rule), None)
+            if sc is not None and ru is not None:
+                where = f" on sample {j}" if per_sample is not None else ""
+                raise DlxError(
+                    f"{type(sc).__name__} sets the guidance scale and {type(ru).__name__} the guidance rule{where}: "
+                    f"a rule guides at its own scale, so the schedule would be ignored; use one of them")
         setters = [p for ps in [self.parts, *(per_sample or [])] for p in ps if p.sets_scale]
         if (setters or scales is not None) and not self.family.scale_schedules:
             raise DlxError(

@@ -412,3 +412,16 @@ def test_perturbation_guiders_are_refused_naming_guider_and_family(family, guide
     with pytest.raises(DlxError) as e:
         _with(pipe, family, [dlx.Guider(g)], steps=2)
     assert type(g).__name__ in str(e.value) and f"on {family} pipelines" in str(e.value)
+
+
+def test_the_record_shows_each_samples_guider_scale_not_the_calls():
+    # one truth: the trace's per-sample scale is the scale the sample was guided at
+    from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeGuidance
+
+    from .helpers import pipe_for, run
+
+    pipe = pipe_for("sd")
+    g = dlx.Guider([ClassifierFreeGuidance(guidance_scale=3.0), AdaptiveProjectedGuidance(guidance_scale=9.0)])
+    with dlx.record(pipe, g) as trace:
+        run(pipe, "sd", num_images_per_prompt=2, guidance_scale=5.0)
+    assert [s.guidance_scale for s in trace.steps] == [[3.0, 9.0]] * 4

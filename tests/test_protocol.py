@@ -189,3 +189,19 @@ def test_the_documented_custom_control_runs_as_written():
     assert trace.nfe == [6.0]
     assert ns["EveryOther"](period=2).config() == {"type": "EveryOther", "args": {}}
     assert dlx.part_from_config({"type": "EveryOther", "args": {"period": 3}}).period == 3
+
+
+def test_a_schedule_beside_a_rule_is_refused_before_any_work(tmp_path):
+    # A rule guides at its own scale: a schedule beside it would be silently ignored.
+    pipe = pipe_for("sd")
+    with pytest.raises(DlxError, match="GuidanceSchedule sets the guidance scale and RuleControl the guidance rule"):
+        with dlx.attach(pipe, dlx.GuidanceSchedule("linear"), RuleControl(Halfway())):
+            pass
+    with pytest.raises(DlxError, match="on sample 1"):
+        with dlx.attach(pipe, per_sample=[[], [dlx.GuidanceSchedule("linear"), RuleControl(Halfway())]]):
+            pass
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    with pytest.raises(DlxError, match="config 'both': GuidanceSchedule sets the guidance scale and Guider"):
+        dlx.sweep(pipe, prompts=["a"], seeds=[0], out=tmp_path, timing=(), progress=False,
+                  configs={"both": [dlx.GuidanceSchedule("linear"), dlx.Guider(ClassifierFreeGuidance(guidance_scale=3.0))]})

@@ -368,7 +368,12 @@ def build_spec(*, prompts=None, seeds=None, pairs=None, cutoffs=None, configs=No
                 f" steps={key[1]}" if len(step_list) > 1 else "")
             grid.append(Config(name, [], c.guidance_scale, c.num_inference_steps, 1.0 if cutoffs is not None else None))
     for c in grid:  # every control rebuilds (checks its arguments)
-        c.parts()
+        built = c.parts()
+        sc = next((p for p in built if p.sets_scale), None)
+        ru = next((p for p in built if p.sets_rule), None)
+        if sc is not None and ru is not None:
+            raise DlxError(f"config {c.name!r}: {type(sc).__name__} sets the guidance scale and {type(ru).__name__} "
+                           f"the guidance rule; a rule guides at its own scale, so the schedule would be ignored")
         steps_c = spec.steps_of(c)
         for ctl in c.controls:
             step = ctl["args"].get("step")
