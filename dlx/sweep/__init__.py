@@ -17,12 +17,12 @@ import sys
 import types
 
 from ..fingerprint import weights_fingerprint
-from .api import sweep
+from .api import SweepWarning, sweep
 from .model import load_pipeline
 from .result import SweepResult
 from .spec import Config, SweepSpec
 
-__all__ = ["sweep", "SweepResult", "SweepSpec", "Config", "load_pipeline", "weights_fingerprint"]
+__all__ = ["sweep", "SweepResult", "SweepWarning", "SweepSpec", "Config", "load_pipeline", "weights_fingerprint"]
 
 
 class _CallableModule(types.ModuleType):
