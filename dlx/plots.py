@@ -79,7 +79,8 @@ def speed_quality(summary, metric: str | None = None, mode: str | None = None, a
     else:
         ax.plot(x, y, "o", color="tab:blue", zorder=3)
     for xi, yi, name in zip(x, y, summary["config"]):
-        ax.annotate(str(name), (xi, yi), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        # a config name is text, not mathtext: "$\frac{1}{$" must not crash the plot
+        ax.annotate(str(name), (xi, yi), fontsize=7, xytext=(4, 3), textcoords="offset points", parse_math=False)
     front = pareto_front(x, y, hib)
     if len(front) > 1:
         ax.step(x[front], y[front], where="post", color="tab:orange", lw=1.2, zorder=2, label="Pareto front")

@@ -366,7 +366,7 @@ def _sweep_sections(res, metric=None) -> list[str]:
             else:
                 tiles = []
                 for r in rows:
-                    if r.image:
+                    if isinstance(r.image, str):  # NaN: failed, or its PNG is missing
                         with Image.open(r.image) as im:
                             tiles.append(_b64(png_bytes(im.convert("RGB"))))
                     else:

@@ -451,7 +451,7 @@ def _compare_sweep(res, *, kind, size, metric, prompt, seed, fps):
         raise DlxError(f"argument `kind`: a sweep keeps x0 previews only; got {kind!r}")
 
     def final(r):
-        if not r.image:
+        if not isinstance(r.image, str):  # NaN: failed, or its PNG is missing
             return None
         with Image.open(r.image) as im:
             return torch.from_numpy(__import__("numpy").asarray(im.convert("RGB")).copy())

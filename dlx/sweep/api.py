@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .. import _args
 from ..errors import DlxError
 from . import engine
 from . import runner
@@ -64,6 +65,23 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
             ``guidance_scale``, ``height``, ``negative_prompt``, ...), checked against the
             pipeline's ``__call__``. Where ``guidance_scale`` or ``num_inference_steps`` is not
             given, the pipeline's own default is used (SDXL 5.0; SD3 7.0 and 28 steps).
+
+    Reproducibility (``dlx.sweep.store.REPRODUCIBILITY``, also in the store's meta):
+        Each row's image is within one level (1/255 per channel) of the same config run alone (one
+        pipeline call for its prompt and seed) on the CPU in float32, and bitwise equal to it at
+        max_batch=1 with the same thread count; bitwise between runs only at equal batch composition
+        (the row's batch_key: the rows of its call, prefix sharing and padding), torch thread count,
+        device, dtype and library versions, which each row records (threads, batch, batch_key,
+        device, dtype, versions). Batched and multi-threaded reductions round differently, so a
+        resume or a sharded run that computes a row in another batch or with other threads may move
+        pixels by one level, and the metrics computed from them a little. Tested on the embedded
+        model and the tiny test pipeline; on GPUs and in half precision no bound is tested.
+
+    Failures are kept and said: a failed row is stored with its error, a metric that raises (or
+    returns other than one number per image) leaves NaN and its error on the row; both end in a
+    ``SweepWarning`` with the count and the first error, and a rerun with the same ``out``
+    computes the failed metric values again from the stored images (without the model), and
+    rows whose PNG is missing or damaged again.
     """
     from ..metrics import resolve
 
@@ -94,6 +112,11 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
     for name, v in (("timing_batch", timing_batch), ("timing_repeats", timing_repeats)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise DlxError(f"argument `{name}` must be a positive int; got {v!r}")
+    for name, v in (("keep_previews", keep_previews), ("retry_failed", retry_failed), ("share", share),
+                    ("progress", progress)):
+        _args.boolean(name, v)
+    if pad is not None:
+        _args.boolean("pad", pad)
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
         raise DlxError(f"argument `max_batch` must be a positive int or None; got {max_batch!r}")
     if "compiled" in timing and (dev or torch.device("cpu")).type != "cuda" and (

@@ -184,6 +184,10 @@ class SweepResult:
         """Speed against quality (``dlx.plots.speed_quality``): returns (fig, ax)."""
         from ..plots import speed_quality
 
+        f = self.frame
+        if not (f.status == "ok").any():  # nothing to draw: say why instead of an empty figure
+            first = f.error.dropna().iloc[0] if f.error.notna().any() else "no row has run yet"
+            raise DlxError(f"this sweep has no finished row to plot ({len(f)} failed); first error: {first}")
         return speed_quality(self.summary(), metric=metric, mode=mode, ax=ax)
 
     def images(self, config: str | None = None, prompt: str | None = None, seed: int | None = None) -> list:
@@ -208,7 +212,7 @@ class SweepResult:
                            f"for); rerun the sweep with out={str(self.out)!r} to compute it again")
         out = []
         for p in f.image.tolist():
-            if p:
+            if isinstance(p, str):  # NaN: a failed row
                 with Image.open(p) as im:
                     out.append(im.convert("RGB"))
         return out

@@ -51,12 +51,12 @@ _ADDED = {"threads": "INTEGER", "batch_key": "TEXT", "dtype": "TEXT", "metric_er
 #: tests/test_sweep_failures.py and tests/test_cli.py (the sharded case)
 REPRODUCIBILITY = (
     "Each row's image is within one level (1/255 per channel) of the same config run alone (one pipeline call "
-    "for its prompt and seed) on the CPU in float32, and bitwise equal to it at max_batch=1; bitwise between "
-    "runs only at equal batch composition (the row's batch_key: the rows of its call, prefix sharing and "
+    "for its prompt and seed) on the CPU in float32, and bitwise equal to it at max_batch=1 with the same thread count; bitwise "
+    "between runs only at equal batch composition (the row's batch_key: the rows of its call, prefix sharing and "
     "padding), torch thread count, device, dtype and library versions, which each row records (threads, "
     "batch, batch_key, device, dtype, versions). Batched and multi-threaded reductions round differently, so a "
     "resume or a sharded run that computes a row in another batch or with other threads may move pixels by "
-    "one level and metrics in their third decimal. Tested on the embedded model and the tiny test pipeline; "
+    "one level, and the metrics computed from them a little. Tested on the embedded model and the tiny test pipeline; "
     "on GPUs and in half precision no bound is tested.")
 
 
@@ -167,7 +167,9 @@ class Store:
         while incomplete); starting afresh would hide that. (SQLite itself makes a new database
         as a zero-byte file, so an empty one with no images is simply new.)"""
         try:
-            empty = self.path.is_file() and self.path.stat().st_size == 0 and not Path(str(self.path) + "-wal").is_file()
+            wal = Path(str(self.path) + "-wal")
+            empty = (self.path.is_file() and self.path.stat().st_size == 0
+                     and (not wal.is_file() or wal.stat().st_size == 0))  # a WAL with frames still holds rows
         except OSError:
             return
         if empty and any((self.out / "images").glob("*.png")):
