@@ -196,7 +196,8 @@ def _first_difference(old, new, where: str = ""):
         for i, (x, y) in enumerate(zip(old, new)):
             if x != y:
                 return _first_difference(x, y, f"{where}[{i}]")
-        if len(old) != len(new):  # one is the other plus items at its end: show the first of them
+        if len(old) != len(new) and max(len(_short(old, 10 ** 9)), len(_short(new, 10 ** 9))) > 160:
+            # one is the other plus items at its end, too long to show whole: show the first of them
             i = min(len(old), len(new))
             return f"{where}[{i}]", old[i] if i < len(old) else "(absent)", new[i] if i < len(new) else "(absent)"
     return where, old, new
