@@ -5,7 +5,9 @@
     python -m dlx sweep spec.yaml [--out DIR] [--device cuda]   a sweep from a YAML spec
     accelerate launch -m dlx sweep spec.yaml                     the same, sharded over processes
 
-Argument errors are one line, before any model work.
+Argument errors are one line, before any model work (exit 2), as are a damaged store and a full
+disk. A sweep or study with a failed row or a failed metric value prints each ``SweepWarning`` and
+the first error on stderr and exits 1 (rerun the same command to retry what failed).
 """
 
 from __future__ import annotations
@@ -209,7 +211,7 @@ def _demo(args, parser) -> int:
 
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", dlx.sweep.SweepWarning)  # others as Python's filters say
             res = study(out, prompts=prompts, seeds=args.seeds, seed=args.seed, steps=args.steps,
                         guidance_scale=args.guidance_scale, cutoffs=args.cutoffs, progress=not args.quiet,
                         **(dict(model=args.model, device=args.device, dtype=args.dtype) if user else {}))
@@ -228,12 +230,13 @@ def _sweep(args, parser) -> int:
     import warnings
 
     from dlx.errors import DlxError
+    from dlx.sweep import SweepWarning
     from dlx.sweep.shard import ranks
     from dlx.sweep.yaml_spec import run_yaml
 
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", SweepWarning)  # others as Python's filters say
             res = run_yaml(args.spec, out=args.out, device=args.device, progress=not args.quiet)
         if not ranks().main:
             return 0

@@ -34,3 +34,7 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+from .store import REPRODUCIBILITY as _REPRODUCIBILITY  # noqa: E402
+
+__doc__ = (__doc__ or "") + "\nReproducibility (also in every store's meta, ``reproducibility``): " + _REPRODUCIBILITY + "\n"
