@@ -5,13 +5,16 @@
     python -m dlx sweep spec.yaml [--out DIR] [--device cuda]   a sweep from a YAML spec
     accelerate launch -m dlx sweep spec.yaml                     the same, sharded over processes
 
-Argument errors are one line, before any model work.
+Argument errors are one line, before any model work (exit 2), as are a damaged store and a full
+disk. A sweep or study with a failed row or a failed metric value prints each ``SweepWarning`` and
+the first error on stderr and exits 1 (rerun the same command to retry what failed).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 
@@ -36,16 +39,41 @@ def _fail(parser, msg: str) -> int:
 
 
 def _check_record_args(args) -> str | None:
+    # flags of the study that a single recorded run would silently ignore
+    ignored = [flag for flag, given in (("--seeds", args.seeds is not None), ("--cutoffs", args.cutoffs is not None),
+                                        ("--device", args.device is not None), ("--dtype", args.dtype is not None))
+               if given]
+    if ignored:
+        return (f"argument{'s' if len(ignored) > 1 else ''} {', '.join(ignored)}: not used by --record (one run of the embedded or tiny model on "
+                f"the CPU); use --seed, --cutoff, or drop --record for the study")
+    if args.model not in ("auto", "shapes", "tiny"):
+        return (f"argument --model: --record runs 'auto', 'shapes' (the embedded model) or 'tiny'; got "
+                f"{args.model!r} (the study without --record runs your model)")
     if args.prompt is not None and not args.prompt.strip():
         return f"argument --prompt must not be empty; got {args.prompt!r}"
     if args.steps < 1:
         return f"argument --steps must be at least 1; got {args.steps}"
-    if args.seed < 0:
-        return f"argument --seed must be >= 0; got {args.seed}"
     if args.guidance_scale is not None and (not math.isfinite(args.guidance_scale) or args.guidance_scale < 0):
         return f"argument --guidance-scale must be a finite number >= 0; got {args.guidance_scale}"
     if args.cutoff is not None and not (0.0 <= args.cutoff <= 1.0):
         return f"argument --cutoff must be a ratio in [0, 1]; got {args.cutoff}"
+    return None
+
+
+def _check_values(args) -> str | None:
+    """Values that are wrong whatever the mode: a device this machine lacks, a dtype that is not
+    one, a seed no generator takes."""
+    from dlx import _args
+    from dlx.errors import DlxError
+
+    try:
+        _args.seed("--seed", args.seed)
+        if args.device is not None:
+            _args.available_device("--device", args.device)
+        if args.dtype is not None:
+            _args.float_dtype("--dtype", args.dtype)
+    except DlxError as e:
+        return re.sub(r"`(--[\w-]+)`", r"\1", str(e))
     return None
 
 
@@ -70,8 +98,11 @@ def _record(args, parser) -> int:
     import dlx
     from dlx.demo import demo_pipeline
 
-    pipe, kwargs, label = demo_pipeline(model=args.model, steps=args.steps, seed=args.seed,
-                                        prompt=args.prompt, guidance_scale=args.guidance_scale)
+    try:
+        pipe, kwargs, label = demo_pipeline(model=args.model, steps=args.steps, seed=args.seed,
+                                            prompt=args.prompt, guidance_scale=args.guidance_scale)
+    except DlxError as e:
+        return _fail(parser, _cli_names(str(e)))
     print(f"dlx {dlx.__version__} · torch {torch.__version__} · model: {label}")
     parts = [dlx.CFGCutoff(ratio=args.cutoff)] if args.cutoff is not None else []
     with dlx.record(pipe, *parts) as trace:
@@ -86,9 +117,43 @@ def _record(args, parser) -> int:
         print(f"timing ({t['timer']}): guided step {t['guided_ms']:.1f} ms, unguided {t['unguided_ms']:.1f} ms "
               f"-> {t['regime']}, an unguided step saves {100 * t['saving']:.0f}%")
     if out is not None:
-        path = trace.save(Path(out) / "trace.safetensors")
+        try:
+            path = trace.save(Path(out) / "trace.safetensors")
+        except OSError as e:
+            return _fail(parser, _os_error(e, Path(out) / "trace.safetensors"))
         print(f"trace written to {path}")
     return 0
+
+
+def _os_error(e: OSError, where) -> str:
+    """One line for a file-system error while writing outputs (a full disk above all)."""
+    from dlx.sweep.store import disk_full, is_disk_full
+
+    if is_disk_full(e):
+        return str(disk_full(where, e))
+    return f"cannot write {str(getattr(e, 'filename', None) or where)!r}: {e.strerror or e}"
+
+
+def _incomplete(parser, res, caught) -> int:
+    """Print the sweep's warnings (failed rows, failed metrics: ``SweepWarning``) one line each on
+    stderr, and the first failed row's error; 1 when the results are incomplete, else 0. Other
+    warnings are shown as Python shows them."""
+    import warnings
+
+    from dlx.sweep import SweepWarning
+
+    ours = [w for w in caught if issubclass(w.category, SweepWarning)]
+    for w in caught:
+        if w not in ours:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for w in ours:
+        print(f"{parser.prog}: warning: {w.message}", file=sys.stderr)
+    f = res.frame
+    failed = f[f.status != "ok"]
+    if len(failed):
+        print(f"{parser.prog}: error: {len(failed)} of {len(f)} rows failed; first error: {failed.error.iloc[0]}",
+              file=sys.stderr)
+    return 1 if ours or len(failed) else 0
 
 
 def _cli_names(msg: str) -> str:
@@ -109,8 +174,9 @@ def _demo(args, parser) -> int:
 
     user = is_user_model(args.model)
     if (args.device is not None or args.dtype is not None) and not user:
-        return _fail(parser, "arguments --device and --dtype go with --model PATH_OR_ID (your model); "
-                             "the embedded model runs on the CPU")
+        given = [f for f, v in (("--device", args.device), ("--dtype", args.dtype)) if v is not None]
+        return _fail(parser, f"argument {', '.join(given)}: goes with --model PATH_OR_ID (your model); "
+                             f"the embedded model runs on the CPU in float32")
     if args.model == "tiny":
         return _fail(parser, "argument --model: the study runs on the embedded model ('shapes' or 'auto'); "
                              "use --record for the tiny pipeline")
@@ -119,16 +185,13 @@ def _demo(args, parser) -> int:
     from dlx.demo import STUDY_CUTOFFS, STUDY_PROMPTS, check_study_args, format_summary, study, write_outputs
     from dlx.sweep.store import check_out
 
+    if args.seeds is None:
+        args.seeds = 4
     try:
         check_study_args(prompts=prompts or STUDY_PROMPTS, seeds=args.seeds, seed=args.seed, steps=args.steps,
                          guidance_scale=args.guidance_scale,
                          cutoffs=args.cutoffs if args.cutoffs is not None else STUDY_CUTOFFS,
                          model=args.model)
-        if user:
-            from dlx.sweep.model import _check_device, _check_dtype
-
-            _check_device(args.device)
-            _check_dtype(args.dtype)
         out = check_out(args.out)
     except DlxError as e:
         return _fail(parser, _cli_names(str(e)))
@@ -144,37 +207,50 @@ def _demo(args, parser) -> int:
           f"cutoff study on {args.model if user else 'the embedded shapes model'}: {ncut} cutoffs x {pairs} "
           f"(prompt, seed) pairs, "
           f"{args.steps} steps -> {out}")
+    import warnings
+
     try:
-        res = study(out, prompts=prompts, seeds=args.seeds, seed=args.seed, steps=args.steps,
-                    guidance_scale=args.guidance_scale, cutoffs=args.cutoffs, progress=not args.quiet,
-                    **(dict(model=args.model, device=args.device, dtype=args.dtype) if user else {}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", dlx.sweep.SweepWarning)  # others as Python's filters say
+            res = study(out, prompts=prompts, seeds=args.seeds, seed=args.seed, steps=args.steps,
+                        guidance_scale=args.guidance_scale, cutoffs=args.cutoffs, progress=not args.quiet,
+                        **(dict(model=args.model, device=args.device, dtype=args.dtype) if user else {}))
+        print(format_summary(res))
+        files = write_outputs(res, out)
     except DlxError as e:
         return _fail(parser, _cli_names(str(e)))
-    print(format_summary(res))
-    files = write_outputs(res, out)
+    except OSError as e:
+        return _fail(parser, _os_error(e, out))
     print("wrote " + ", ".join(str(p) for p in [out / "sweep.sqlite", *files.values()]))
     print(f"done in {time.perf_counter() - t0:.1f} s (after start-up); rerun the same command to resume or reread")
-    return 0
+    return _incomplete(parser, res, caught)
 
 
 def _sweep(args, parser) -> int:
+    import warnings
+
     from dlx.errors import DlxError
+    from dlx.sweep import SweepWarning
+    from dlx.sweep.shard import ranks
     from dlx.sweep.yaml_spec import run_yaml
 
     try:
-        res = run_yaml(args.spec, out=args.out, device=args.device, progress=not args.quiet)
-    except DlxError as e:
-        return _fail(parser, str(e))
-    from dlx.sweep.shard import ranks
-
-    if ranks().main:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SweepWarning)  # others as Python's filters say
+            res = run_yaml(args.spec, out=args.out, device=args.device, progress=not args.quiet)
+        if not ranks().main:
+            return 0
         import pandas as pd
 
         with pd.option_context("display.width", 200, "display.max_columns", 40, "display.precision", 4):
             print(res.summary().to_string(index=False))
         res.frame.to_csv(res.out / "results.csv", index=False)
-        print(f"results in {res.out}")
-    return 0
+    except DlxError as e:
+        return _fail(parser, str(e))
+    except OSError as e:
+        return _fail(parser, _os_error(e, args.out or args.spec))
+    print(f"results in {res.out}")
+    return _incomplete(parser, res, caught)
 
 
 def main(argv=None) -> int:
@@ -192,7 +268,7 @@ def main(argv=None) -> int:
                       help="one caption (of the embedded model's language, unless --model names your model)")
     demo.add_argument("--steps", type=int, default=None, help="denoising steps (study: 20, --record: 25)")
     demo.add_argument("--seed", type=int, default=0, help="first seed")
-    demo.add_argument("--seeds", type=int, default=4, help="seeds per prompt in the study (default 4)")
+    demo.add_argument("--seeds", type=int, default=None, help="seeds per prompt in the study (default 4)")
     demo.add_argument("--guidance-scale", type=_float, default=None)
     demo.add_argument("--cutoffs", type=_ratios, default=None, help="study ratios, e.g. 0,0.2,0.4,0.6,0.8,1")
     demo.add_argument("--cutoff", type=_float, default=None, help="--record: CFG cutoff ratio in [0, 1]")
@@ -209,6 +285,9 @@ def main(argv=None) -> int:
         return 0
     if args.command == "sweep":
         return _sweep(args, sw)
+    err = _check_values(args)
+    if err:
+        return _fail(demo, err)
     if args.steps is None:
         args.steps = 25 if args.record else 20
     if args.out is None and not args.record:

@@ -112,3 +112,61 @@ def one_per_sample(arg: str, value, batch: int) -> list:
             )
         return value
     return [value] * batch
+
+
+def available_device(arg: str, value) -> torch.device:
+    """A device (``device``) that this machine has: ``cuda`` needs CUDA (and its index a card),
+    ``mps`` needs Apple's backend."""
+    dev = device(arg, value)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DlxError(f"argument `{arg}` is {value!r} but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DlxError(f"argument `{arg}` is {value!r} but this machine has {torch.cuda.device_count()} CUDA "
+                           f"device(s)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DlxError(f"argument `{arg}` is {value!r} but MPS is not available on this machine")
+    return dev
+
+
+#: torch generators and SQLite both take signed 64-bit seeds
+SEED_LIMIT = 2 ** 63
+
+
+def seed(arg: str, value) -> int:
+    """A generator seed: an int in [0, 2**63)."""
+    value = integer(arg, value, minimum=0)
+    if value >= SEED_LIMIT:
+        raise DlxError(f"argument `{arg}` must be below 2**63 (torch generators and SQLite take signed 64-bit "
+                       f"seeds); got {value!r}")
+    return value
+
+
+def boolean(arg: str, value) -> bool:
+    """True or False, nothing else: ``"no"`` or ``"false"`` from a file is not a boolean (both
+    strings are truthy), nor is 0 or 1."""
+    if not isinstance(value, bool):
+        raise DlxError(f"argument `{arg}` must be true or false; got {value!r}")
+    return value
+
+
+#: the largest side of a rendered image or preview (a 10**6-pixel side would need terabytes)
+MAX_IMAGE_SIZE = 8192
+
+
+def image_size(arg: str, value, *, allow_none: bool = True) -> int | None:
+    """The longer side of an image in pixels: an int in [1, ``MAX_IMAGE_SIZE``] (or None where the
+    image keeps its own size). For ``Preview(size=...)`` (``dlx.render._check_size``) and the
+    live view."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_IMAGE_SIZE:
+        raise DlxError(f"argument `{arg}` must be a positive int up to {MAX_IMAGE_SIZE} (longer side in pixels)"
+                       f"{' or None' if allow_none else ''}; got {value!r}")
+    return int(value)
+
+
+def steps(arg: str, value) -> int:
+    """A number of denoising steps: an int >= 1 (``live(num_inference_steps=0)`` would fail on
+    its worker inside diffusers with a ZeroDivisionError)."""
+    return integer(arg, value, minimum=1)

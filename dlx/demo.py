@@ -94,6 +94,14 @@ def check_study_args(*, prompts, seeds: int, seed: int, steps: int, guidance_sca
         raise DlxError(f"argument --seeds must be at least 1; got {seeds}")
     if seed < 0:
         raise DlxError(f"argument --seed must be >= 0; got {seed}")
+    from ._args import SEED_LIMIT
+
+    if seed >= SEED_LIMIT:
+        raise DlxError(f"argument --seed must be below 2**63 (torch generators and SQLite take signed 64-bit "
+                       f"seeds); got {seed}")
+    if seed + seeds > SEED_LIMIT:
+        raise DlxError(f"arguments --seed and --seeds: seeds {seed} to {seed + seeds - 1} reach past 2**63 - 1; "
+                       f"give a smaller --seed")
     if len(prompts) * seeds < 1:
         raise DlxError("the study needs at least one (prompt, seed) pair")
     if steps < 1:

@@ -43,13 +43,40 @@ class Metric:
     identity: str | None = None
 
     def __call__(self, images, prompts, reference_images=None) -> list[float]:
-        vals = self.fn(images, prompts, reference_images)
-        if hasattr(vals, "tolist"):
-            vals = vals.tolist()
-        vals = [float(v) for v in vals]
-        if len(vals) != len(prompts):
-            raise DlxError(f"metric {self.name!r} returned {len(vals)} values for {len(prompts)} images")
-        return vals
+        """One float per image; anything else (a scalar, a (B, 2) tensor, too few values, a
+        non-number) is a DlxError saying what came back, which the sweep records as the
+        metric's failure on those rows."""
+        return _per_image(self.name, self.fn(images, prompts, reference_images), len(prompts))
+
+
+def _per_image(name: str, vals, n: int) -> list[float]:
+    import numbers
+
+    shape = getattr(vals, "shape", None)
+    if shape is not None:
+        shape = tuple(int(x) for x in shape)
+        if len(shape) == 0:
+            raise DlxError(f"metric {name!r} returned one value (a 0-d {type(vals).__name__}) for {n} images; "
+                           f"it must return one value per image")
+        if len(shape) > 1 and [x for x in shape if x != 1] != [n]:
+            raise DlxError(f"metric {name!r} returned shape {shape} for {n} images; it must return one value "
+                           f"per image ({n},)")
+        vals = vals.reshape(-1).tolist()
+    elif isinstance(vals, (numbers.Number, str, bytes)) or not hasattr(vals, "__iter__"):
+        raise DlxError(f"metric {name!r} returned {type(vals).__name__} {vals!r} for {n} images; it must "
+                       f"return one value per image")
+    vals = list(vals)
+    if len(vals) != n:
+        raise DlxError(f"metric {name!r} returned {len(vals)} values for {n} images")
+    out = []
+    for v in vals:
+        if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
+            v = v.item()
+        if not isinstance(v, numbers.Real):  # a bool is 1.0 or 0.0 (a yes/no metric)
+            raise DlxError(f"metric {name!r} returned {type(v).__name__} {v!r} among its values; each must be "
+                           f"a real number")
+        out.append(float(v))
+    return out
 
 
 def psnr(images, prompts, reference_images) -> list[float]:

@@ -121,7 +121,9 @@ def speed_quality(summary, metric: str | None = None, mode: str | None = None, a
         ax.errorbar(x[i:i + 1], y[i:i + 1], yerr=None if yerr is None else yerr[:, i:i + 1],
                     xerr=None if xerr is None else np.nan_to_num(xerr[:, i:i + 1]), fmt="o", ms=5, capsize=3,
                     color=colors.get(name, "tab:blue"), ecolor="0.6", zorder=3)
-        ax.annotate(str(name), (x[i], y[i]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        # a config name is text, not mathtext: "$\\frac{1}{$" must not crash the plot
+        ax.annotate(str(name), (x[i], y[i]), fontsize=7, xytext=(4, 3), textcoords="offset points",
+                    parse_math=False)
     front = pareto_front(x, y, hib)
     if len(front) > 1:
         ax.step(x[front], y[front], where="post", color="0.35", lw=1.2, zorder=2, label="Pareto front")

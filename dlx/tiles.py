@@ -203,7 +203,7 @@ def sweep_tiles(res, prompt, seed, metric: str | None = None, summary=None, fram
             shares = dict(zip(summary["config"], summary[f"time_{mode}_vs_full"]))
 
     def final(r):
-        if not r.image:
+        if not isinstance(r.image, str):  # NaN (pandas 3): failed, or its PNG is missing
             return None
         with Image.open(r.image) as im:
             return torch.from_numpy(np.asarray(im.convert("RGB")).copy())

@@ -67,7 +67,8 @@ def test_retrying_a_failed_reference_recomputes_the_rows_compared_with_it(tmp_pa
         return real(pipe, spec, rows, **kw)
 
     monkeypatch.setattr(engine, "run_batch", failing_reference)
-    f = _sweep(tmp_path / "a", max_batch=1).frame.set_index("config")
+    with pytest.warns(dlx.sweep.SweepWarning, match="1 of 2 rows failed; first error: RuntimeError: simulated"):
+        f = _sweep(tmp_path / "a", max_batch=1).frame.set_index("config")
     assert f.loc["cutoff=1", "status"] == "failed" and f.loc["cutoff=0.5", "status"] == "ok"
     assert math.isnan(f.loc["cutoff=0.5", "psnr"])  # nothing to compare with
     monkeypatch.setattr(engine, "run_batch", real)

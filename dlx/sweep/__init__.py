@@ -17,12 +17,12 @@ import sys
 import types
 
 from ..fingerprint import weights_fingerprint
-from .api import sweep
+from .api import SweepWarning, sweep
 from .model import load_pipeline
 from .result import SweepResult
 from .spec import Config, SweepSpec
 
-__all__ = ["sweep", "SweepResult", "SweepSpec", "Config", "load_pipeline", "weights_fingerprint"]
+__all__ = ["sweep", "SweepResult", "SweepWarning", "SweepSpec", "Config", "load_pipeline", "weights_fingerprint"]
 
 
 class _CallableModule(types.ModuleType):
@@ -34,3 +34,7 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+from .store import REPRODUCIBILITY as _REPRODUCIBILITY  # noqa: E402
+
+__doc__ = (__doc__ or "") + "\nReproducibility (also in every store's meta, ``reproducibility``): " + _REPRODUCIBILITY + "\n"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .. import _args
 from ..errors import DlxError
 from . import engine
 from . import runner
@@ -16,9 +17,9 @@ from ..fingerprint import weights_fingerprint
 from .result import SweepResult
 from .shard import ranks, shard_paths, split
 from .spec import build_spec
-from .store import Store, check_out
+from .store import Store, check_out, disk_full, image_ok, is_disk_full
 
-__all__ = ["sweep", "load_pipeline", "model_identity", "weights_fingerprint"]
+__all__ = ["sweep", "SweepWarning", "load_pipeline", "model_identity", "weights_fingerprint"]
 
 
 # -- the sweep ----------------------------------------------------------------------------------------
@@ -64,6 +65,23 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
             ``guidance_scale``, ``height``, ``negative_prompt``, ...), checked against the
             pipeline's ``__call__``. Where ``guidance_scale`` or ``num_inference_steps`` is not
             given, the pipeline's own default is used (SDXL 5.0; SD3 7.0 and 28 steps).
+
+    Reproducibility (``dlx.sweep.store.REPRODUCIBILITY``, also in the store's meta):
+        Each row's image is within one level (1/255 per channel) of the same config run alone (one
+        pipeline call for its prompt and seed) on the CPU in float32, and bitwise equal to it at
+        max_batch=1 with the same thread count; bitwise between runs only at equal batch composition
+        (the row's batch_key: the rows of its call, prefix sharing and padding), torch thread count,
+        device, dtype and library versions, which each row records (threads, batch, batch_key,
+        device, dtype, versions). Batched and multi-threaded reductions round differently, so a
+        resume or a sharded run that computes a row in another batch or with other threads may move
+        pixels by one level, and the metrics computed from them a little. Tested on the embedded
+        model and the tiny test pipeline; on GPUs and in half precision no bound is tested.
+
+    Failures are kept and said: a failed row is stored with its error, a metric that raises (or
+    returns other than one number per image) leaves NaN and its error on the row; both end in a
+    ``SweepWarning`` with the count and the first error, and a rerun with the same ``out``
+    computes the failed metric values again from the stored images (without the model), and
+    rows whose PNG is missing or damaged again.
     """
     from ..metrics import resolve
 
@@ -94,6 +112,11 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
     for name, v in (("timing_batch", timing_batch), ("timing_repeats", timing_repeats)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise DlxError(f"argument `{name}` must be a positive int; got {v!r}")
+    for name, v in (("keep_previews", keep_previews), ("retry_failed", retry_failed), ("share", share),
+                    ("progress", progress)):
+        _args.boolean(name, v)
+    if pad is not None:
+        _args.boolean("pad", pad)
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
         raise DlxError(f"argument `max_batch` must be a positive int or None; got {max_batch!r}")
     if "compiled" in timing and (dev or torch.device("cpu")).type != "cuda" and (
@@ -119,27 +142,37 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
     # 2. the store: resume, or refuse a different spec
     rk = ranks()
     dev = rk.device(dev)
+    try:
+        return _run(pipe, spec, mets, out, rk, dev, dtype, timing, timing_batch, timing_repeats, max_batch, share, pad,
+                    keep_previews, retry_failed, progress)
+    except OSError as e:  # a full disk where the store's own translation did not see it
+        if is_disk_full(e):
+            raise disk_full(out, e) from None
+        raise
+
+
+def _run(pipe, spec, mets, out, rk, dev, dtype, timing, timing_batch, timing_repeats, max_batch, share, pad,
+         keep_previews, retry_failed, progress):
     main = Store(out)
     try:
         fresh = main.spec() is None
         main.bind(spec)
         info = {m.name: {"higher_is_better": m.higher_is_better, "reference": m.reference, "identity": m.identity}
                 for m in mets}
-        has_rows = bool(main.done_ids(include_failed=True))
-        for name, old in (main.meta("metric_info") or {}).items():
-            now_id, old_id = info.get(name, {}).get("identity"), old.get("identity")
-            if has_rows and now_id is not None and old_id is not None and now_id != old_id:
-                raise DlxError(f"argument `metrics`: metric {name!r} is not the one that made the values stored "
-                               f"in {str(out)!r} (its {'code' if name not in ('lpips', 'clip') else 'network'} "
-                               f"changed: {old_id} then, {now_id} now); use another `out` folder")
-        main.set_meta("metric_info", info)
-        if timing:
-            main.set_meta("timing_batch", timing_batch)
         if rk.world == 1:
             for sp in shard_paths(out):  # a sharded run that stopped before its merge
                 main.merge_from(sp)
                 sp.unlink()
-        done = main.done_ids(include_failed=not retry_failed)
+        stored_rows = main.rows()
+        stale = _stale_metrics(stored_rows, main.meta("metric_info") or {}, info, out)
+        main.set_meta("metric_info", info)
+        if timing:
+            main.set_meta("timing_batch", timing_batch)
+        done = {r["row_id"] for r in stored_rows if _is_done(r, out, retry_failed, keep_previews)}
+        lost = sorted(r["row_id"] for r in stored_rows if r["status"] == "ok" and r["row_id"] not in done)
+        if lost and rk.main:
+            main.event("rows_recomputed", reason="image or previews missing or damaged", rows=lost[:100],
+                       count=len(lost))
         costs_have = {(c["mode"], c["steps"], c["scale"], c["batch"]) for c in main.costs()}
     finally:
         main.close()
@@ -147,13 +180,15 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
         check_weights(out, weights_fingerprint(pipe))
     store = Store(out, rk.shard_db()) if rk.world > 1 else Store(out)
     try:
-        done |= store.done_ids(include_failed=not retry_failed)
+        if rk.world > 1:  # a rank's own database, from a sharded run that stopped before its merge
+            done |= {r["row_id"] for r in store.rows() if _is_done(r, out, retry_failed, keep_previews)}
         costs_have |= {(c["mode"], c["steps"], c["scale"], c["batch"]) for c in store.costs()}
         units = runner.units(spec)
         mine = split(units, rk)
         # a unit whose reference row (its first) runs again runs whole: the other rows' PSNR,
         # SSIM and LPIPS were computed against the reference image (retry_failed after a failed
-        # reference would otherwise leave them NaN beside a reference that is now fine)
+        # reference, or a lost reference image, would otherwise leave them NaN or compared with
+        # an image that is no longer there)
         todo_units = [u if u[0]["row_id"] not in done else [r for r in u if r["row_id"] not in done] for u in mine]
         todo_units = [u for u in todo_units if u]
         groups = sorted({(spec.steps_of(c), spec.scale_of(c)) for c in spec.configs})
@@ -173,7 +208,7 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
                     runner.measure_costs(pipe, spec, store, cost_todo, timing_batch, timing_repeats)
                 if todo_units:
                     runner.run(pipe, spec, store, todo_units, mets, max_batch=max_batch, share=share, pad=pad,
-                         keep_previews=keep_previews, progress=progress, shard=rk.rank)
+                               keep_previews=keep_previews, progress=progress, shard=rk.rank)
             except BaseException:
                 # a fresh folder where nothing was computed (a model that would not load, a call
                 # the pipeline refused while timing) is not bound to this spec: the corrected
@@ -198,4 +233,79 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
             finally:
                 main.close()
         rk.barrier()
+    # 5. metric values that failed before (or whose metric changed while all were NaN): just the
+    # metric, from the stored PNGs, once every shard is merged; then say what is incomplete
+    if rk.main:
+        redone = {r["row_id"] for r in spec.rows()} - done  # computed by this run, on any rank
+        stale = {name: ids - redone for name, ids in stale.items()}
+        stale = {name: ids for name, ids in stale.items() if ids}
+        main = Store(out)
+        try:
+            if stale:
+                runner.recompute_metrics(main, spec, mets, stale)
+            _warn_incomplete(main.rows(), spec)
+        finally:
+            main.close()
     return SweepResult(out)
+
+
+class SweepWarning(UserWarning):
+    """A sweep finished with failed rows or failed metric values (named with their first error)."""
+
+
+def _is_done(row: dict, out: Path, retry_failed: bool, keep_previews: bool) -> bool:
+    """Whether a stored row stands: failed rows unless ``retry_failed``; an ok row only while its
+    PNG (and its previews, where kept) is there and whole, so a deleted or damaged image is
+    computed again on rerun instead of failing the report later."""
+    if row["status"] != "ok":
+        return not retry_failed
+    if not row["image"] or not image_ok(out / row["image"]):
+        return False
+    return not keep_previews or (out / "previews" / f"{row['row_id']}.safetensors").is_file()
+
+
+def _stale_metrics(rows: list[dict], old_info: dict, info: dict, out) -> dict:
+    """Per metric, the ok rows whose stored value is to be computed again: those where it failed,
+    and every row where the metric's code (or network) changed since its values were stored and
+    every one of them is NaN (nothing computed by the old code is kept beside the new). A changed
+    metric with real stored values is refused, as before."""
+    stale: dict = {}
+    for name, now in info.items():
+        old_id, now_id = (old_info.get(name) or {}).get("identity"), now.get("identity")
+        ok = [r for r in rows if r["status"] == "ok"]
+        if rows and old_id is not None and now_id is not None and old_id != now_id:
+            values = [r["metrics"].get(name) for r in ok]
+            if any(v is not None and v == v for v in values):
+                raise DlxError(f"argument `metrics`: metric {name!r} is not the one that made the values stored "
+                               f"in {str(out)!r} (its {'code' if name not in ('lpips', 'clip') else 'network'} "
+                               f"changed: {old_id} then, {now_id} now); use another `out` folder")
+            stale[name] = {r["row_id"] for r in ok}
+            continue
+        failed = {r["row_id"] for r in ok if name in r["metric_errors"]}
+        if failed:
+            stale[name] = failed
+    return stale
+
+
+def _warn_incomplete(rows: list[dict], spec) -> None:
+    """A warning for failed rows and one per failed metric, each with its count and first error
+    (the command line prints them and exits non-zero)."""
+    import sys
+    import warnings
+
+    # point the warning at the user's line, past dlx's own frames
+    pkg, f, level = str(Path(__file__).resolve().parents[1]), sys._getframe(), 1
+    while f is not None and str(Path(f.f_code.co_filename).resolve()).startswith(pkg):
+        f, level = f.f_back, level + 1
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        warnings.warn(f"{len(failed)} of {len(spec.rows())} rows failed; first error: {failed[0]['error']}",
+                      SweepWarning, stacklevel=level)
+    for name in spec.metrics:
+        bad = [r for r in rows if r["status"] == "ok" and name in r["metric_errors"]]
+        if bad:
+            ok = sum(r["status"] == "ok" for r in rows)
+            warnings.warn(f"metric {name!r} failed on {len(bad)} of {ok} rows (NaN there); first error: "
+                          f"{bad[0]['metric_errors'][name]}. Fix the metric and rerun the sweep with the same "
+                          f"`out`: only the metric is computed again, from the stored images", SweepWarning,
+                          stacklevel=level)

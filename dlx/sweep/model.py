@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import _args
 from ..errors import DlxError
 from ..fingerprint import weights_fingerprint
 from .store import Store
@@ -21,13 +22,7 @@ __all__ = ["load_pipeline", "model_identity", "weights_fingerprint", "check_weig
 def _check_device(device):
     if device is None:
         return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DlxError(f"argument `device` must name a torch device ('cpu', 'cuda', 'cuda:1'); got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DlxError(f"argument `device` is {device!r} but CUDA is not available on this machine")
-    return dev
+    return _args.available_device("device", device)
 
 
 def _check_model(model: str, arg: str = "model") -> dict:
@@ -47,15 +42,7 @@ def _check_model(model: str, arg: str = "model") -> dict:
 
 def _check_dtype(dtype):
     """None, a floating torch dtype or its name ('float16', 'bfloat16', ...)."""
-    if dtype is None:
-        return None
-    d = dtype
-    if isinstance(dtype, str):
-        d = getattr(torch, dtype, None) if dtype and not dtype.startswith("_") else None
-    if not isinstance(d, torch.dtype) or not d.is_floating_point:
-        raise DlxError(f"argument `dtype` must be a floating torch dtype or its name ('float32', 'float16', "
-                       f"'bfloat16'); got {dtype!r}")
-    return d
+    return _args.float_dtype("dtype", dtype, allow_none=True)
 
 
 def load_pipeline(model: str, device=None, dtype=None):

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import DlxError
 from ..stats import bootstrap_ci, mean_ci, paired_diff_ci
 from .spec import SweepSpec
-from .store import DB, Store
+from .store import DB, Store, image_ok
 
 __all__ = ["SweepResult", "Recommendation", "DEFAULT_MARGINS", "bootstrap_ci"]
 
@@ -77,9 +77,12 @@ class SweepResult:
         self.out = Path(out)
         if not (self.out / DB).is_file():
             raise DlxError(f"argument `out`: no sweep database in {str(self.out)!r}")
-        store = Store(self.out)
+        store = Store(self.out, readonly=True)  # an archive or a read-only share opens too
         try:
             self.spec: SweepSpec = store.spec()
+            if self.spec is None:
+                raise DlxError(f"{str(store.path)!r} holds no sweep (the sweep that made it stopped before storing "
+                               f"its spec); rerun the sweep with this `out`")
             self._rows = store.rows()
             self._costs = store.costs()
             self._pairs = store.cost_pairs()
@@ -92,6 +95,16 @@ class SweepResult:
             store.close()
         self._frame = None
         self._cost_cache: dict = {}
+        # ok rows whose PNG is gone or damaged: no image in the frame, a clear error from images()
+        # (a rerun of the sweep computes them again)
+        self.missing_images = sorted(str(self.out / r["image"]) for r in self._rows
+                                     if r["status"] == "ok" and r["image"] and not image_ok(self.out / r["image"]))
+        if self.missing_images:
+            import warnings
+
+            warnings.warn(f"{len(self.missing_images)} image(s) of {str(self.out)!r} are missing or damaged "
+                          f"(first: {self.missing_images[0]}); rerun the sweep with this `out` to compute them again",
+                          stacklevel=2)
 
     def __repr__(self):
         n = len(self.spec.rows())
@@ -164,6 +177,8 @@ class SweepResult:
                 v = r["metrics"].get(name)
                 d[name] = math.nan if v is None else v
             d["image"] = str(self.out / r["image"]) if r["image"] else None
+            if d["image"] in self.missing_images:
+                d["image"] = None
             d["batch"] = r["batch"]
             d["device"] = r["device"]
             out.append(d)
@@ -483,6 +498,10 @@ class SweepResult:
         """Speed against quality (``dlx.plots.speed_quality``): returns (fig, ax)."""
         from ..plots import speed_quality
 
+        f = self.frame
+        if not (f.status == "ok").any():  # nothing to draw: say why instead of an empty figure
+            first = f.error.dropna().iloc[0] if f.error.notna().any() else "no row has run yet"
+            raise DlxError(f"this sweep has no finished row to plot ({len(f)} failed); first error: {first}")
         return speed_quality(self.summary(), metric=metric, mode=mode, ax=ax)
 
     def images(self, config: str | None = None, prompt: str | None = None, seed: int | None = None) -> list:
@@ -500,9 +519,14 @@ class SweepResult:
             f = f[f.prompt == prompt]
         if seed is not None:
             f = f[f.seed == seed]
+        lost = [str(self.out / r["image"]) for r in self._rows if r["row_id"] in set(f.row_id)
+                and r["image"] and str(self.out / r["image"]) in self.missing_images]
+        if lost:
+            raise DlxError(f"image {lost[0]!r} of this sweep is missing or damaged ({len(lost)} of the rows asked "
+                           f"for); rerun the sweep with out={str(self.out)!r} to compute it again")
         out = []
         for p in f.image.tolist():
-            if p:
+            if isinstance(p, str):  # NaN: a failed row
                 with Image.open(p) as im:
                     out.append(im.convert("RGB"))
         return out

@@ -182,10 +182,23 @@ def _first_difference(old, new, where: str = ""):
                 if k in old and k in new:
                     return _first_difference(old[k], new[k], f"{where}.{k}")
                 return f"{where}.{k}", old.get(k, "(absent)"), new.get(k, "(absent)")
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+    if (isinstance(old, list) and isinstance(new, list) and old and new
+            and all(isinstance(x, dict) and "name" in x for x in old + new)):
+        # named items (configs): matched by name, so an added or removed one is shown as such
+        a, b = {x["name"]: x for x in old}, {x["name"]: x for x in new}
+        for n in [*b, *a]:
+            if a.get(n) != b.get(n):
+                if n in a and n in b:
+                    return _first_difference(a[n], b[n], f"{where}[{n!r}]")
+                return f"{where}[{n!r}]", a.get(n, "(absent)"), b.get(n, "(absent)")
+    if isinstance(old, list) and isinstance(new, list):
         for i, (x, y) in enumerate(zip(old, new)):
             if x != y:
                 return _first_difference(x, y, f"{where}[{i}]")
+        if len(old) != len(new) and max(len(_short(old, 10 ** 9)), len(_short(new, 10 ** 9))) > 160:
+            # one is the other plus items at its end, too long to show whole: show the first of them
+            i = min(len(old), len(new))
+            return f"{where}[{i}]", old[i] if i < len(old) else "(absent)", new[i] if i < len(new) else "(absent)"
     return where, old, new
 
 

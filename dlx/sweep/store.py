@@ -10,6 +10,7 @@ unpickled.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import sqlite3
@@ -21,7 +22,7 @@ from .._io import write_bytes
 from ..errors import DlxError
 from .spec import SweepSpec
 
-__all__ = ["Store", "check_out"]
+__all__ = ["Store", "check_out", "image_ok", "REPRODUCIBILITY"]
 
 DB = "sweep.sqlite"
 _SCHEMA = """
@@ -30,7 +31,8 @@ CREATE TABLE IF NOT EXISTS rows (
     row_id TEXT PRIMARY KEY, config TEXT NOT NULL, prompt TEXT NOT NULL, seed INTEGER NOT NULL,
     status TEXT NOT NULL, error TEXT, nfe REAL, evaluations REAL, guided_steps REAL,
     metrics TEXT NOT NULL, image TEXT, batch INTEGER, call_ms REAL, device TEXT,
-    versions TEXT, shard INTEGER, finished_at TEXT NOT NULL);
+    versions TEXT, shard INTEGER, finished_at TEXT NOT NULL,
+    threads INTEGER, batch_key TEXT, dtype TEXT, metric_errors TEXT);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL,
     kind TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS costs (mode TEXT, steps INTEGER, scale REAL, batch INTEGER, value TEXT NOT NULL,
@@ -39,7 +41,25 @@ CREATE TABLE IF NOT EXISTS cost_pairs (id INTEGER PRIMARY KEY AUTOINCREMENT, mod
     batch INTEGER, at TEXT NOT NULL, value TEXT NOT NULL);
 """
 ROW_COLUMNS = ("row_id", "config", "prompt", "seed", "status", "error", "nfe", "evaluations", "guided_steps",
-               "metrics", "image", "batch", "call_ms", "device", "versions", "shard", "finished_at")
+               "metrics", "image", "batch", "call_ms", "device", "versions", "shard", "finished_at",
+               # what the row was computed with (REPRODUCIBILITY) and which metrics failed on it
+               "threads", "batch_key", "dtype", "metric_errors")
+#: columns added after the first stores were written (added to an older store when it is opened
+#: for writing; read as None from an older store opened read-only)
+_ADDED = {"threads": "INTEGER", "batch_key": "TEXT", "dtype": "TEXT", "metric_errors": "TEXT"}
+
+#: what a sweep's rows are guaranteed to reproduce; stored in every store's meta
+#: (``reproducibility``), stated in the README and ``dlx.sweep``'s docstring, and asserted by
+#: tests/test_sweep_failures.py and tests/test_cli.py (the sharded case)
+REPRODUCIBILITY = (
+    "Each row's image is within one level (1/255 per channel) of the same config run alone (one pipeline call "
+    "for its prompt and seed) on the CPU in float32, and bitwise equal to it at max_batch=1 with the same thread count; bitwise "
+    "between runs only at equal batch composition (the row's batch_key: the rows of its call, prefix sharing and "
+    "padding), torch thread count, device, dtype and library versions, which each row records (threads, "
+    "batch, batch_key, device, dtype, versions). Batched and multi-threaded reductions round differently, so a "
+    "resume or a sharded run that computes a row in another batch or with other threads may move pixels by "
+    "one level, and the metrics computed from them a little. Tested on the embedded model and the tiny test pipeline; "
+    "on GPUs and in half precision no bound is tested.")
 
 
 def now() -> str:
@@ -62,38 +82,183 @@ def check_out(out, images: bool = True) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
+        if e.errno in _FULL_ERRNOS:
+            raise disk_full(p, e) from None
         raise DlxError(f"argument `out`: cannot write to {str(p)!r} ({e.strerror or e})") from None
     return p
 
 
-class Store:
-    """One SQLite database (WAL) plus the images folder. ``path`` may be a shard's database."""
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
-    def __init__(self, out: Path, db: str = DB):
+
+def disk_full(where, e=None) -> DlxError:
+    """The one-line error of a full disk (or quota) while writing ``where``."""
+    why = f" ({e.strerror})" if isinstance(e, OSError) and e.strerror else ""
+    return DlxError(f"no space left on the device writing {str(where)!r}{why}: free some space and rerun the "
+                    f"same sweep to resume (every row stored so far is kept)")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return (isinstance(e, OSError) and e.errno in _FULL_ERRNOS) or (
+        isinstance(e, sqlite3.OperationalError) and "disk is full" in str(e))
+
+
+def image_ok(path) -> bool:
+    """Whether a stored PNG is there and whole: PNG signature first, IEND chunk last (a file cut
+    short or emptied by a failed copy is recomputed on rerun, not read)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 20:
+                return False
+            f.seek(-12, os.SEEK_END)
+            tail = f.read(12)
+    except OSError:
+        return False
+    return head == b"\x89PNG\r\n\x1a\n" and tail[4:8] == b"IEND"
+
+
+def _damaged(path: Path, why: str) -> DlxError:
+    return DlxError(f"the sweep database {str(path)!r} is damaged ({why}); restore it from a copy, or move it "
+                    f"away and rerun the sweep with the same `out` to compute its rows again")
+
+
+class Store:
+    """One SQLite database (WAL) plus the images folder. ``path`` may be a shard's database.
+
+    ``readonly=True`` reads a finished sweep where nothing may be written (an archive, a
+    read-only share): the database is opened with SQLite's ``mode=ro`` (``immutable=1`` where
+    even that cannot open it: no -shm file can be made there), with no WAL switch and no schema
+    change. Errors of the database itself become one-line ``DlxError``s naming the file: a
+    damaged or empty file (what to do), a full disk, a location that cannot be written.
+    """
+
+    def __init__(self, out: Path, db: str = DB, *, readonly: bool = False):
         self.out = Path(out)
         self.path = self.out / db
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.con = sqlite3.connect(self.path, timeout=60, isolation_level=None)  # explicit transactions
-        # Several ranks open the same new database at once: switching it to WAL (and creating the
-        # schema) can answer "database is locked" at once, without SQLite's busy wait, so retry.
-        for attempt in range(200):
+        self.readonly = readonly
+        self.con = None
+        if readonly:
+            self._open_readonly()
+            return
+        self._check_not_lost()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.con = sqlite3.connect(self.path, timeout=60, isolation_level=None)  # explicit transactions
+            # Several ranks open the same new database at once: switching it to WAL (and creating the
+            # schema) can answer "database is locked" at once, without SQLite's busy wait, so retry.
+            for attempt in range(200):
+                try:
+                    self.con.execute("PRAGMA journal_mode=WAL")
+                    self.con.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a process kill
+                    self.con.executescript(_SCHEMA)
+                    self._add_columns()
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) and "busy" not in str(e) or attempt == 199:
+                        raise
+                    time.sleep(0.05 + 0.01 * attempt)
+        except (sqlite3.DatabaseError, OSError) as e:
+            if self.con is not None:
+                self.con.close()
+            raise self._translate(e) from None
+
+    def _check_not_lost(self) -> None:
+        """A database of zero bytes beside stored images lost its rows (truncated, or copied
+        while incomplete); starting afresh would hide that. (SQLite itself makes a new database
+        as a zero-byte file, so an empty one with no images is simply new.)"""
+        try:
+            wal = Path(str(self.path) + "-wal")
+            empty = (self.path.is_file() and self.path.stat().st_size == 0
+                     and (not wal.is_file() or wal.stat().st_size == 0))  # a WAL with frames still holds rows
+        except OSError:
+            return
+        if empty and any((self.out / "images").glob("*.png")):
+            raise DlxError(f"the sweep database {str(self.path)!r} is empty (0 bytes) but {str(self.out / 'images')!r} "
+                           f"holds images: it was truncated or copied incompletely; restore it from a copy, or "
+                           f"delete it and rerun the sweep to compute every row again")
+
+    def _open_readonly(self) -> None:
+        from urllib.parse import quote
+
+        if not self.path.is_file():
+            raise DlxError(f"argument `out`: no sweep database in {str(self.out)!r}")
+        if self.path.stat().st_size == 0:
+            raise DlxError(f"the sweep database {str(self.path)!r} is empty (0 bytes): no sweep was stored in it "
+                           f"(or it was truncated); rerun the sweep with this `out` to compute it, or restore the "
+                           f"file from a copy")
+        uri = "file:" + quote(str(self.path.resolve()))
+        last = None
+        for mode in ("?mode=ro", "?immutable=1"):
             try:
-                self.con.execute("PRAGMA journal_mode=WAL")
-                self.con.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a process kill
-                self.con.executescript(_SCHEMA)
-                break
+                self.con = sqlite3.connect(uri + mode, uri=True, timeout=60, isolation_level=None)
+                self.con.execute("SELECT COUNT(*) FROM meta").fetchone()
+                self._columns = self._row_columns()
+                return
             except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e) or attempt == 199:
-                    raise
-                time.sleep(0.05 + 0.01 * attempt)
+                last = e
+                if self.con is not None:
+                    self.con.close()
+                    self.con = None
+                if "no such table" in str(e):
+                    raise DlxError(f"{str(self.path)!r} is an SQLite database but not a sweep's (no `meta` table)") from None
+                if "unable to open" not in str(e) and "readonly" not in str(e):
+                    raise self._translate(e) from None
+            except sqlite3.DatabaseError as e:
+                if self.con is not None:
+                    self.con.close()
+                    self.con = None
+                raise self._translate(e) from None
+        raise DlxError(f"cannot open the sweep database {str(self.path)!r} for reading ({last})")
+
+    def _translate(self, e: BaseException) -> BaseException:
+        """A database or file-system error as the one-line DlxError that says what to do."""
+        msg = str(e)
+        if is_disk_full(e):
+            return disk_full(self.path, e if isinstance(e, OSError) else None)
+        if isinstance(e, sqlite3.OperationalError) and ("readonly" in msg or "unable to open" in msg):
+            return DlxError(f"cannot write the sweep database {str(self.path)!r} ({msg}): the folder or file is "
+                            f"read-only; read a finished sweep with dlx.sweep.SweepResult(out), or give a "
+                            f"writable `out`")
+        if isinstance(e, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg):
+            return e
+        if isinstance(e, sqlite3.DatabaseError):  # malformed, not a database, ...
+            return _damaged(self.path, msg)
+        if isinstance(e, OSError):
+            return DlxError(f"cannot write in {str(self.out)!r} ({e.strerror or e})")
+        return e
+
+    def _row_columns(self) -> tuple:
+        have = {r[1] for r in self.con.execute("PRAGMA table_info(rows)")}
+        return tuple(c for c in ROW_COLUMNS if c in have)
+
+    def _add_columns(self) -> None:
+        have = {r[1] for r in self.con.execute("PRAGMA table_info(rows)")}
+        for name, kind in _ADDED.items():
+            if name not in have:
+                try:
+                    self.con.execute(f"ALTER TABLE rows ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as e:  # another rank added it first
+                    if "duplicate column" not in str(e):
+                        raise
+        self._columns = ROW_COLUMNS
 
     def close(self):
-        self.con.close()
+        if self.con is not None:
+            self.con.close()
+
+    def _q(self, sql: str, args=()):
+        """A read, its rows fetched; errors of the database translated."""
+        try:
+            return self.con.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise self._translate(e) from None
 
     # -- spec -------------------------------------------------------------------------------------
     def meta(self, key: str, default=None):
-        r = self.con.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return json.loads(r[0]) if r else default
+        r = self._q("SELECT value FROM meta WHERE key=?", (key,))
+        return json.loads(r[0][0]) if r else default
 
     def set_meta(self, key: str, value) -> None:
         with self._tx():
@@ -105,22 +270,24 @@ class Store:
         if stored is None:
             self.set_meta("spec", spec.to_json())
             self.set_meta("created_at", now())
+            self.set_meta("reproducibility", REPRODUCIBILITY)
             return
         old = SweepSpec.from_json(stored)
         diff = spec.diff(old)
         if diff:
             raise DlxError(f"argument `out`: {str(self.out)!r} holds a different sweep; use another folder or "
                            f"the same spec. Differs: " + "; ".join(diff))
+        if self.meta("reproducibility") != REPRODUCIBILITY:
+            self.set_meta("reproducibility", REPRODUCIBILITY)
 
     def forget_if_empty(self) -> bool:
         """Unbind the folder from its spec when it holds no row and no cost yet (a sweep that
         failed before computing anything, e.g. a model that would not load, leaves the folder
         free for the corrected call); True if it did."""
-        con = self.con
-        if con.execute("SELECT COUNT(*) FROM rows").fetchone()[0] or con.execute("SELECT COUNT(*) FROM costs").fetchone()[0]:
+        if self._q("SELECT COUNT(*) FROM rows")[0][0] or self._q("SELECT COUNT(*) FROM costs")[0][0]:
             return False
         with self._tx():
-            con.execute("DELETE FROM meta")
+            self.con.execute("DELETE FROM meta")
         return True
 
     def spec(self) -> SweepSpec | None:
@@ -129,26 +296,50 @@ class Store:
 
     # -- rows -------------------------------------------------------------------------------------
     def _tx(self):
-        con = self.con
+        store = self
 
         class _T:
             def __enter__(self_):
-                con.execute("BEGIN IMMEDIATE")
+                if store.readonly:
+                    raise DlxError(f"the sweep database {str(store.path)!r} was opened read-only")
+                try:
+                    store.con.execute("BEGIN IMMEDIATE")
+                except sqlite3.DatabaseError as e:
+                    raise store._translate(e) from None
 
             def __exit__(self_, et, ev, tb):
-                con.execute("COMMIT" if et is None else "ROLLBACK")
+                try:
+                    store.con.execute("COMMIT" if et is None else "ROLLBACK")
+                except sqlite3.DatabaseError as e:
+                    if et is None:
+                        try:
+                            store.con.execute("ROLLBACK")
+                        except sqlite3.DatabaseError:
+                            pass
+                        raise store._translate(e) from None
+                if isinstance(ev, sqlite3.DatabaseError):
+                    raise store._translate(ev) from None
                 return False
 
         return _T()
 
     def done_ids(self, include_failed: bool = True) -> set[str]:
         q = "SELECT row_id FROM rows" + ("" if include_failed else " WHERE status='ok'")
-        return {r[0] for r in self.con.execute(q)}
+        return {r[0] for r in self._q(q)}
+
+    def status_of(self, row_id: str) -> str | None:
+        r = self._q("SELECT status FROM rows WHERE row_id=?", (row_id,))
+        return r[0][0] if r else None
 
     def write_image(self, row_id: str, png: bytes) -> str:
         """Atomically write a row's PNG; returns its path relative to ``out``."""
         rel = f"images/{row_id}.png"
-        write_bytes(self.out / rel, png, fsync=False)
+        try:
+            write_bytes(self.out / rel, png, fsync=False)
+        except OSError as e:
+            if e.errno in _FULL_ERRNOS:
+                raise disk_full(self.out / rel, e) from None
+            raise
         return rel
 
     def add_row(self, row: dict) -> None:
@@ -156,18 +347,31 @@ class Store:
         vals = dict(row)
         vals["metrics"] = json.dumps(vals.get("metrics") or {}, sort_keys=True, allow_nan=True)
         vals["versions"] = json.dumps(vals.get("versions") or {}, sort_keys=True)
+        vals["metric_errors"] = json.dumps(vals.get("metric_errors") or {}, sort_keys=True)
         vals.setdefault("finished_at", now())
+        cols = self._columns
         with self._tx():
-            self.con.execute(f"INSERT OR REPLACE INTO rows ({', '.join(ROW_COLUMNS)}) VALUES "
-                             f"({', '.join('?' for _ in ROW_COLUMNS)})", [vals.get(k) for k in ROW_COLUMNS])
+            self.con.execute(f"INSERT OR REPLACE INTO rows ({', '.join(cols)}) VALUES "
+                             f"({', '.join('?' for _ in cols)})", [vals.get(k) for k in cols])
+
+    def set_metrics(self, updates: list[tuple[str, dict, dict]]) -> None:
+        """Replace rows' metric values and failures: ``(row_id, metrics, metric_errors)`` each,
+        in one transaction (a metric recomputed from the stored images)."""
+        with self._tx():
+            for row_id, metrics, errors in updates:
+                self.con.execute("UPDATE rows SET metrics=?, metric_errors=? WHERE row_id=?",
+                                 (json.dumps(metrics, sort_keys=True, allow_nan=True),
+                                  json.dumps(errors, sort_keys=True), row_id))
 
     def rows(self) -> list[dict]:
-        cur = self.con.execute(f"SELECT {', '.join(ROW_COLUMNS)} FROM rows")
+        cols = self._columns
         out = []
-        for r in cur:
-            d = dict(zip(ROW_COLUMNS, r))
+        for r in self._q(f"SELECT {', '.join(cols)} FROM rows"):
+            d = dict.fromkeys(ROW_COLUMNS)
+            d.update(zip(cols, r))
             d["metrics"] = json.loads(d["metrics"])
             d["versions"] = json.loads(d["versions"] or "{}")
+            d["metric_errors"] = json.loads(d["metric_errors"] or "{}")
             out.append(d)
         return out
 
@@ -178,7 +382,7 @@ class Store:
 
     def events(self) -> list[dict]:
         return [{"at": a, "kind": k, **json.loads(d)} for a, k, d in
-                self.con.execute("SELECT at, kind, detail FROM events ORDER BY id")]
+                self._q("SELECT at, kind, detail FROM events ORDER BY id")]
 
     # -- costs ------------------------------------------------------------------------------------
     def set_cost(self, mode: str, steps: int, scale: float, batch: int, value: dict) -> None:
@@ -188,7 +392,7 @@ class Store:
 
     def costs(self) -> list[dict]:
         return [{"mode": m, "steps": n, "scale": s, "batch": b, **json.loads(v)} for m, n, s, b, v in
-                self.con.execute("SELECT mode, steps, scale, batch, value FROM costs")]
+                self._q("SELECT mode, steps, scale, batch, value FROM costs")]
 
     def add_cost_pair(self, mode: str, steps: int, scale: float, batch: int, pair: dict) -> None:
         """One more (guided, unguided) pair of timed calls, taken between batches
@@ -205,18 +409,27 @@ class Store:
 
     # -- merging shards -----------------------------------------------------------------------------
     def merge_from(self, other: Path) -> int:
-        """Copy rows, events and costs of another store's database (a shard); returns rows added."""
+        """Copy rows, events and costs of another store's database (a shard); returns rows added
+        or replaced. A shard's rows replace the stored ones of the same id: a shard computes only
+        rows that were missing, failed (``retry_failed``) or lost their image, so its are newer."""
         con = self.con
-        before = con.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
-        con.execute("ATTACH DATABASE ? AS shard", (str(other),))
         try:
+            con.execute("ATTACH DATABASE ? AS shard", (str(other),))
+        except sqlite3.DatabaseError as e:
+            raise self._translate(e) from None
+        try:
+            have = {r[1] for r in con.execute("PRAGMA shard.table_info(rows)")}
+            cols = ", ".join(c for c in self._columns if c in have)
             with self._tx():
-                con.execute(f"INSERT OR IGNORE INTO rows SELECT {', '.join(ROW_COLUMNS)} FROM shard.rows")
+                n = con.execute("SELECT COUNT(*) FROM shard.rows").fetchone()[0]
+                con.execute(f"INSERT OR REPLACE INTO rows ({cols}) SELECT {cols} FROM shard.rows")
                 con.execute("INSERT INTO events (at, kind, detail) SELECT at, kind, detail FROM shard.events")
                 con.execute("INSERT OR IGNORE INTO costs SELECT * FROM shard.costs")
                 if con.execute("SELECT 1 FROM shard.sqlite_master WHERE name='cost_pairs'").fetchone():
                     con.execute("INSERT INTO cost_pairs (mode, steps, scale, batch, at, value) "
                                 "SELECT mode, steps, scale, batch, at, value FROM shard.cost_pairs")
+        except sqlite3.DatabaseError as e:
+            raise _damaged(other, str(e)) if not is_disk_full(e) else disk_full(self.path) from None
         finally:
             con.execute("DETACH DATABASE shard")
-        return con.execute("SELECT COUNT(*) FROM rows").fetchone()[0] - before
+        return n

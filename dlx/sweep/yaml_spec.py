@@ -46,6 +46,67 @@ def _control(name, c):
                    f"{{CFGCutoff: {{ratio: 0.4}}}}; got {c!r}")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _list_of(ok, v, single: bool = True) -> bool:
+    """``v`` is a list whose items pass ``ok`` (or, where ``single``, one such item)."""
+    return (isinstance(v, list) and all(ok(x) for x in v)) or (single and ok(v))
+
+
+def _nonempty_str(v) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _pair(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and _nonempty_str(v[0]) and _is_int(v[1]) and v[1] >= 0
+
+
+#: each key's check and what it takes (YAML gives strings, numbers, booleans, lists, mappings:
+#: a key is refused unless it has exactly the type it needs; "no" and "false" are strings, not
+#: booleans, and a mapping is not a list of prompts)
+_TYPES = {
+    "model": (_nonempty_str, "'shapes', a pipeline folder or a hub id (a string)"),
+    "dtype": (lambda v: v is None or _nonempty_str(v), "a dtype name such as float32 or float16"),
+    "device": (lambda v: v is None or _nonempty_str(v), "a device name such as cpu or cuda"),
+    "out": (lambda v: v is None or _nonempty_str(v), "a folder path (a non-empty string)"),
+    "prompts": (lambda v: _list_of(_nonempty_str, v) and v != [], "a list of prompts (non-empty strings)"),
+    "seeds": (lambda v: (_is_int(v) and 1 <= v <= 10 ** 6) or (isinstance(v, list) and v != [] and all(_is_int(x) and x >= 0 for x in v)),
+              "a count n in [1, 10**6] (seeds 0 .. n-1) or a list of seeds (ints >= 0)"),
+    "pairs": (lambda v: isinstance(v, list) and v != [] and all(_pair(x) for x in v),
+              "a list of [prompt, seed] pairs"),
+    "cutoffs": (lambda v: _list_of(_is_num, v), "a list of ratios in [0, 1]"),
+    "configs": (lambda v: isinstance(v, dict), "a mapping of config names to controls"),
+    "guidance_scales": (lambda v: _list_of(_is_num, v), "a list of numbers"),
+    "steps": (lambda v: _list_of(_is_int, v), "a list of step counts (ints)"),
+    "metrics": (lambda v: _list_of(_nonempty_str, v), "a list of metric names (psnr, ssim, lpips, clip, adherence)"),
+    "call": (lambda v: v is None or isinstance(v, dict), "a mapping of pipeline arguments"),
+    "max_batch": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive int"),
+    "timing": (lambda v: v is None or _list_of(_nonempty_str, v), "a list of eager and/or compiled"),
+    "timing_batch": (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    "timing_repeats": (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    "keep_previews": (lambda v: isinstance(v, bool), "true or false"),
+    "share": (lambda v: isinstance(v, bool), "true or false"),
+    "retry_failed": (lambda v: isinstance(v, bool), "true or false"),
+    "pad": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+}
+assert set(_TYPES) == KEYS
+
+
+def _check_types(d: dict, p: Path) -> None:
+    for key, v in d.items():
+        ok, what = _TYPES[key]
+        if not ok(v):
+            raise DlxError(f"spec {str(p)!r}: `{key}` must be {what}; got {v!r}"
+                           + (" (a string, not a boolean: write true or false without quotes)"
+                              if what.startswith("true") and isinstance(v, str) else ""))
+
+
 def read_yaml(path) -> dict:
     """The spec file as ``dlx.sweep`` keyword arguments (checked: unknown keys are refused)."""
     import yaml
@@ -64,7 +125,11 @@ def read_yaml(path) -> dict:
         raise DlxError(f"spec {str(p)!r}: unknown key(s) {unknown}; known: {sorted(KEYS)}")
     if "model" not in d:
         raise DlxError(f"spec {str(p)!r}: `model` is required ('shapes', a pipeline folder or a hub id)")
-    kw = dict(d)
+    _check_types(d, p)
+    kw = {k: v for k, v in d.items() if not (v is None and k in ("dtype", "device", "out", "max_batch", "pad"))}
+    for key in ("prompts", "metrics"):  # one string is a list of one
+        if isinstance(kw.get(key), str):
+            kw[key] = [kw[key]]
     call = kw.pop("call", None) or {}
     if not isinstance(call, dict):
         raise DlxError(f"spec `call` must be a mapping of pipeline arguments; got {call!r}")
@@ -76,7 +141,7 @@ def read_yaml(path) -> dict:
         kw["pairs"] = [tuple(x) if isinstance(x, list) else x for x in (kw["pairs"] or [])]
     else:
         seeds = kw.get("seeds", 8)
-        if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if _is_int(seeds):
             kw["seeds"] = list(range(seeds))
     if "configs" in kw:
         cfgs = kw["configs"]
