@@ -147,8 +147,8 @@ def test_runs_last_orders_step_ends_and_run_ends():
 
 
 def test_the_parts_that_run_last():
-    from dlx.sweep.cost import _Clock
+    from dlx.recorder import Ledger  # the sweep's and the cost model's record of a run
 
     assert dlx.Part.runs_last is False and dlx.CFGCutoff.runs_last is False
-    assert dlx.Interrupt.runs_last and dlx.Recorder.runs_last and dlx.Preview.runs_last and _Clock.runs_last
+    assert dlx.Interrupt.runs_last and dlx.Recorder.runs_last and dlx.Preview.runs_last and Ledger.runs_last
     assert not hasattr(dlx.Interrupt, "observer"), "the old flag name is gone: it said Interrupt observes"
