@@ -15,6 +15,7 @@ import inspect
 import threading
 
 from . import labels as L
+from . import _args
 from .errors import DlxError
 
 __all__ = ["Live", "live"]
@@ -250,4 +251,6 @@ def live(pipe, *, kind: str = "x0", size: int = 256, decoder="auto", every: int 
     _check_decoder(decoder)
     if "callback_on_step_end" in call_kwargs and not callable(call_kwargs["callback_on_step_end"]):
         raise DlxError(f"argument `callback_on_step_end` must be callable; got {call_kwargs['callback_on_step_end']!r}")
+    if call_kwargs.get("num_inference_steps") is not None:  # else diffusers' ZeroDivisionError on the worker
+        _args.steps("num_inference_steps", call_kwargs["num_inference_steps"])
     return Live(pipe, call_kwargs, kind=kind, size=size, decoder=decoder, every=every, record=record)

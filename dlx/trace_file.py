@@ -236,6 +236,7 @@ def _check_header(header: dict, tensors: dict, where: str, step_type):
     spec = _step_scalar_spec(step_type)
     required = [k for k, (_, has_default) in spec.items() if not has_default]
     by_index: dict[int, dict] = {}
+    samples_of: dict[int, int | None] = {}
     for n, sc in enumerate(header["steps"]):
         if not isinstance(sc, dict):
             raise DlxError(f"{where}: steps[{n}] must be an object; got {_jtype(sc)}")
@@ -262,6 +263,7 @@ def _check_header(header: dict, tensors: dict, where: str, step_type):
             raise DlxError(f"{where}: steps[{n}].conditioning is {c}, but the file holds "
                            f"{len(conditioning)} conditioning entries")
         by_index[i] = {}
+        samples_of[i] = len(sc["cfg_active"]) if isinstance(sc.get("cfg_active"), list) else None
     # the manifest, where the file has one: every tensor it names is present
     manifest = header.get("tensors")  # absent in files written before it was added
     if manifest is not None:
@@ -288,6 +290,14 @@ def _check_header(header: dict, tensors: dict, where: str, step_type):
         shown = stray[:8] + (["..."] if len(stray) > 8 else [])
         raise DlxError(f"{where}: the file holds {len(stray)} tensor(s) its metadata does not describe: "
                        f"{shown} (damaged or edited file)")
+    # shapes: a step tensor has one row per sample (a reshaped tensor is refused here, not left to
+    # fail later inside torch)
+    for i, fields in by_index.items():
+        n = samples_of.get(i)
+        for field, v in fields.items():
+            if v.ndim == 0 or (n is not None and v.shape[0] != n):
+                raise DlxError(f"{where}: steps.{i}.{field} has shape {tuple(v.shape)}, but the step holds "
+                               f"{n} sample(s) (damaged or edited file)")
     return by_index, conditioning
 
 

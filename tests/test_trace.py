@@ -490,3 +490,23 @@ def test_a_damaged_format_1_file_says_what_is_wrong(tmp_path, name, damage, mess
     with pytest.raises(dlx.DlxError, match=r"damaged\.safetensors") as e:
         Trace.load(_write(tmp_path, tensors, header))
     assert re.search(message, str(e.value)), str(e.value)
+
+
+def test_a_reshaped_tensor_in_a_file_is_refused_at_load(tmp_path):
+    # Issue 23, item 10: a tensor edited to another shape loaded and failed later inside torch.
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    pipe = pipe_for("sd")
+    with dlx.record(pipe) as trace:
+        run(pipe, "sd", num_images_per_prompt=2)
+    p = tmp_path / "t.safetensors"
+    trace.save(p)
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(p))
+    name = next(k for k in tensors if k.startswith("steps.1.latents"))
+    tensors[name] = tensors[name].reshape(1, -1)  # 2 samples' rows folded into one
+    save_file(tensors, str(p), metadata=meta)
+    with pytest.raises(dlx.DlxError, match=r"steps\.1\.latents has shape \(1, .*step holds 2 sample"):
+        dlx.Trace.load(p)

@@ -4,19 +4,18 @@ the PNG bytes a browser shows (:func:`png_bytes`, encoded by ``dlx._io.png_bytes
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from .._io import png_bytes as _png_bytes
+from .. import _args
 from ..errors import DlxError
 
 __all__ = ["upscale", "to_pil", "png_bytes"]
 
 
 def _check_size(size):
-    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
-        raise DlxError(f"argument `size` must be a positive int (longer side in pixels) or None; got {size!r}")
+    _args.image_size("size", size)
 
 
 def upscale(img, size: int | None):
