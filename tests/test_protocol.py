@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import dlx
 from dlx import DlxError
@@ -172,9 +174,14 @@ def test_every_sweep_row_counts_what_the_config_recorded_alone_counts(family, tm
     cfgs = {c.name: c for c in res.spec.configs}
     for r in f.itertuples():
         with dlx.record(pipe, *cfgs[r.config].parts()) as alone:
-            pipe(r.prompt, generator=torch.Generator().manual_seed(r.seed), output_type="latent", **call)
+            img = pipe(r.prompt, generator=torch.Generator().manual_seed(r.seed), output_type="pt", **call).images[0]
         assert r.nfe == alone.nfe[0], (r.config, r.nfe, alone.nfe)
         assert r.guided_steps == sum(s.cfg_active[0] for s in alone.steps), r.config
+        # and the row's image is the config's alone, within the sweep's stated guarantee (one level)
+        want = (img.permute(1, 2, 0).float().numpy() * 255).round().clip(0, 255).astype("int16")
+        with Image.open(r.image) as im:
+            got = np.asarray(im.convert("RGB")).astype("int16")
+        assert np.abs(got - want).max() <= 1, r.config
 
 
 def test_the_documented_custom_control_runs_as_written():
