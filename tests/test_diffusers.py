@@ -98,3 +98,43 @@ def test_the_forward_is_replaced_and_restored_exactly():
     assert "forward" in unet.__dict__
     D.restore_attribute(*saved.pop())
     assert "forward" not in unet.__dict__
+
+
+def test_cfg_on_reads_the_pipelines_own_flag():
+    # dlx reads do_classifier_free_guidance through D.cfg_on only: it must follow the pipeline's
+    # scale (diffusers: guidance_scale > 1) as a callback changes it
+    pipe = pipe_for("sd")
+    D.set_guidance_scale(pipe, 5.0)
+    assert D.cfg_on(pipe) is True
+    D.set_guidance_scale(pipe, 1.0)
+    assert D.cfg_on(pipe) is False
+
+
+def test_compiled_denoisers_are_recognised_without_compiling():
+    import torch
+
+    pipe = pipe_for("sd")
+    assert not D.is_compiled(pipe.unet)
+    assert D.is_compiled(torch.compile(pipe.unet))  # a wrapper only: nothing is compiled until called
+
+
+def test_pad_batch_pads_to_buckets_and_restores_the_forward():
+    import torch
+
+    pipe = pipe_for("sd")
+    den = pipe.unet
+    before = den.__dict__.get("forward")
+    log = D.ShapeLog()
+    x = torch.randn(3, 4, 8, 8)
+    t = torch.tensor(10)
+    e = torch.randn(3, 77, den.config.cross_attention_dim)
+    plain = den(x, t, encoder_hidden_states=e).sample
+    with D.pad_batch(den, log):
+        padded = den(x, t, encoder_hidden_states=e).sample
+    assert log.sizes == {3} and padded.shape == plain.shape
+    x5, e5 = torch.randn(5, 4, 8, 8), torch.randn(5, 77, den.config.cross_attention_dim)
+    with D.pad_batch(den, log):
+        out5 = den(x5, t, encoder_hidden_states=e5).sample
+    assert log.sizes == {3, 6} and out5.shape[0] == 5
+    assert (out5 - den(x5, t, encoder_hidden_states=e5).sample).abs().max() < 1e-4
+    assert den.__dict__.get("forward") is before

@@ -87,3 +87,30 @@ def test_sigkill_mid_sweep_then_resume(tmp_path):
             ref = pipe(r.prompt, generator=torch.Generator().manual_seed(r.seed), output_type="np", **CALL).images[0]
         with Image.open(r.image) as im:
             assert np.array_equal(np.asarray(im.convert("RGB")), (ref * 255).round().astype("uint8")), r.config
+
+
+def test_a_store_written_in_the_older_flat_config_format_still_resumes(tmp_path, monkeypatch):
+    # Issue 21 item 3: stores written before the one config format (controls as flat
+    # {"type": "CFGCutoff", "ratio": 0.5, "compat": ...}) open and resume, nothing recomputed.
+    import json
+
+    from dlx.sweep import engine
+
+    pipe = pipe_for("sd")
+    configs = {"cut": dlx.CFGCutoff(0.5), "win": dlx.GuidanceInterval(0.25, 0.75), "full": None}
+    kw = dict(prompts=["a red circle"], seeds=[0], configs=configs, out=tmp_path, timing=(), progress=False,
+              metrics=["psnr"], **CALL)
+    first = dlx.sweep(pipe, **kw).frame
+    con = sqlite3.connect(tmp_path / "sweep.sqlite")
+    spec = json.loads(con.execute("SELECT value FROM meta WHERE key='spec'").fetchone()[0])
+    for c in spec["configs"]:  # back to the flat form dlx wrote before
+        c["controls"] = [{"type": x["type"], **x["args"], **({"compat": "dlx"} if x["type"] == "CFGCutoff" else {})}
+                         for x in c["controls"]]
+    assert spec["configs"][0]["controls"] == [{"type": "CFGCutoff", "ratio": 0.5, "compat": "dlx"}]
+    con.execute("UPDATE meta SET value=? WHERE key='spec'", (json.dumps(spec),))
+    con.commit()
+    con.close()
+    monkeypatch.setattr(engine, "run_batch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a row ran")))
+    again = dlx.sweep(pipe, **kw)
+    assert again.frame[["row_id", "nfe", "psnr"]].equals(first[["row_id", "nfe", "psnr"]])
+    assert again.spec.configs[0].controls == [{"type": "CFGCutoff", "args": {"ratio": 0.5}}]

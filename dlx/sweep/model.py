@@ -13,6 +13,7 @@ import torch
 
 from .. import _args
 from ..errors import DlxError
+from ..families import CALL_DEFAULTS
 from ..fingerprint import weights_fingerprint
 from .store import Store
 
@@ -158,16 +159,13 @@ def _pipeline_class(pipe, ident: dict):
     return getattr(diffusers, name, None)
 
 
-#: the defaults dlx.sweep used before it read the pipeline's own (kept where they agree, so a
-#: stored spec stays the same)
-FALLBACK_DEFAULTS = {"guidance_scale": 7.5, "num_inference_steps": 50}
 
 
 def check_call(cls, call: dict, *, guidance_scales=None, steps=None) -> dict:
     """``call`` checked against ``cls.__call__``'s parameters (a misspelt argument would be
     swallowed by diffusers' ``**kwargs`` and the call would run with the default), with the
     pipeline's own defaults of ``guidance_scale`` and ``num_inference_steps`` filled in where
-    they differ from ``FALLBACK_DEFAULTS`` and none was given (SDXL's 5.0, SD3's 7.0 and 28)."""
+    they differ from ``families.CALL_DEFAULTS`` and none was given (SDXL's 5.0, SD3's 7.0 and 28)."""
     if cls is None:
         return call
     try:
@@ -184,7 +182,7 @@ def check_call(cls, call: dict, *, guidance_scales=None, steps=None) -> dict:
                            + (f"; did you mean `{near[0]}`?" if near else ""))
     out = dict(call)
     given = {"guidance_scale": guidance_scales is not None, "num_inference_steps": steps is not None}
-    for k, fallback in FALLBACK_DEFAULTS.items():
+    for k, fallback in CALL_DEFAULTS.items():
         d = params[k].default if k in params else None
         if k not in out and not given[k] and isinstance(d, (int, float)) and not isinstance(d, bool) and d != fallback:
             out[k] = d
