@@ -38,6 +38,9 @@ skip-layer guidance, AutoGuidance) need an extra forward pass with modified atte
 layers that the tap does not run: a ``Guider`` of one is refused before the call, naming the
 guider and the family (``dlx.families.guider_support``). SD3's own skip-layer guidance works
 through the pipeline's ``skip_guidance_layers`` argument (the tap observes it).
+
+(Over 400 lines: one part, ``Guider``; about half is the workarounds for diffusers 0.42.1's guider
+faults, each beside the code it corrects.)
 """
 
 from __future__ import annotations

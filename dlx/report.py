@@ -10,6 +10,9 @@ prompt and seed (one collapsible gallery each), the provenance of the numbers an
 
 The pictures and captions are :mod:`dlx.tiles`' (the widgets show the same), the words
 :mod:`dlx.labels`', the plots :mod:`dlx.plots`'.
+
+(Over 400 lines: one file format, the self-contained HTML report; its sections share one page's
+style and script.)
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ file and renamed), so a sweep stopped at any instant (Ctrl-C, a crash, ``kill -9
 whole rows and resumes by computing the missing ones. The spec is stored once; a different spec on
 the same folder is refused with what differs. Only JSON and PNG are read back: nothing is
 unpickled.
+
+(Over 400 lines: one idea, the results database; most of it is the error handling a store needs
+when it is damaged, read-only or full.)
 """
 
 from __future__ import annotations
