@@ -41,7 +41,7 @@ CUTOFFS = [0.0, 0.5, 1.0]
 
 def run(pipe, prompt, seeds, call, dev, folder, mixed: bool):
     import dlx
-    from dlx.sweep import engine
+    from dlx.sweeps import engine
 
     real = engine.mixes_scales
     if not mixed:

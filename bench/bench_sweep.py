@@ -74,7 +74,7 @@ def loop(pipe, prompt, seeds, call, dev, model_calls=False):
     of the block rotated per seed: a model fitted from them and the configs' standalone calls
     then see the same host, call by call (these shared hosts drift by 10-30% over minutes)."""
     import dlx
-    from dlx.sweep import cost
+    from dlx.sweeps import cost
 
     times = {r: [] for r in CUTOFFS}
     images = {}
@@ -142,7 +142,7 @@ def main():
     import diffusers
 
     import dlx
-    from dlx.sweep import cost
+    from dlx.sweeps import cost
 
     t_build = time.perf_counter()
     pipe, prompt, call = build(args.model, dev, args.size)

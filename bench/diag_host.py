@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import dlx
-    from dlx.sweep import cost
+    from dlx.sweeps import cost
 
     dev = torch.device("cuda")
     pipe = dlx.zoo.load("shapes", device=dev)

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="dlx-readme-"))
     seeds, cutoffs, steps = (2, [0.0, 0.5, 1.0], 6) if args.quick else (4, STUDY_CUTOFFS, 20)
     if args.device != "cpu":
-        from dlx.sweep import sweep
+        from dlx.sweeps import sweep
 
         from dlx import zoo
 

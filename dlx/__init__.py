@@ -36,15 +36,15 @@ _LAZY = {
     "Interrupt": "interrupt",
     "Share": "share",
     "part_from_config": "parts",
+    "sweep": "sweeps",
     "Preview": "preview",
     "fit_latent_rgb": "render",
     "latents_to_rgb": "render",
 }
 _SUBMODULES = {"testing", "zoo", "preview", "families", "guidance", "guiders", "trace", "recorder", "session", "parts", "protocol",
-               "sweep", "metrics", "plots", "render", "widgets", "report"}
+               "sweeps", "stats", "labels", "tiles", "metrics", "plots", "render", "widgets", "report"}
 
-# ``dlx.sweep`` is a callable module: ``dlx.sweep(pipe, ...)`` runs a sweep (dlx/sweep/__init__.py)
-__all__ = ["DlxError", "__version__", "sweep", *_LAZY]
+__all__ = ["DlxError", "__version__", *_LAZY]
 
 
 def __getattr__(name):

@@ -87,7 +87,7 @@ def _record(args, parser) -> int:
         return _fail(parser, err)
     out = None
     if args.out is not None:
-        from dlx.sweep.store import check_out
+        from dlx.sweeps.store import check_out
 
         try:
             out = check_out(args.out, images=False)
@@ -127,7 +127,7 @@ def _record(args, parser) -> int:
 
 def _os_error(e: OSError, where) -> str:
     """One line for a file-system error while writing outputs (a full disk above all)."""
-    from dlx.sweep.store import disk_full, is_disk_full
+    from dlx.sweeps.store import disk_full, is_disk_full
 
     if is_disk_full(e):
         return str(disk_full(where, e))
@@ -140,7 +140,7 @@ def _incomplete(parser, res, caught) -> int:
     warnings are shown as Python shows them."""
     import warnings
 
-    from dlx.sweep import SweepWarning
+    from dlx.sweeps import SweepWarning
 
     ours = [w for w in caught if issubclass(w.category, SweepWarning)]
     for w in caught:
@@ -183,7 +183,7 @@ def _demo(args, parser) -> int:
     if args.cutoff is not None:
         return _fail(parser, "argument --cutoff belongs to --record; the study takes --cutoffs 0,0.5,1")
     from dlx.demo import STUDY_CUTOFFS, STUDY_PROMPTS, check_study_args, format_summary, study, write_outputs
-    from dlx.sweep.store import check_out
+    from dlx.sweeps.store import check_out
 
     if args.seeds is None:
         args.seeds = 4
@@ -211,7 +211,7 @@ def _demo(args, parser) -> int:
 
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", dlx.sweep.SweepWarning)  # others as Python's filters say
+            warnings.simplefilter("always", dlx.sweeps.SweepWarning)  # others as Python's filters say
             res = study(out, prompts=prompts, seeds=args.seeds, seed=args.seed, steps=args.steps,
                         guidance_scale=args.guidance_scale, cutoffs=args.cutoffs, progress=not args.quiet,
                         **(dict(model=args.model, device=args.device, dtype=args.dtype) if user else {}))
@@ -230,9 +230,9 @@ def _sweep(args, parser) -> int:
     import warnings
 
     from dlx.errors import DlxError
-    from dlx.sweep import SweepWarning
-    from dlx.sweep.shard import ranks
-    from dlx.sweep.yaml_spec import run_yaml
+    from dlx.sweeps import SweepWarning
+    from dlx.sweeps.shard import ranks
+    from dlx.sweeps.yaml_spec import run_yaml
 
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -77,7 +77,7 @@ def check_study_args(*, prompts, seeds: int, seed: int, steps: int, guidance_sca
     from .zoo.shapes_data import parse
 
     if is_user_model(model):
-        from .sweep.model import _check_model
+        from .sweeps.model import _check_model
 
         _check_model(model, "--model")
     for p in prompts:
@@ -126,7 +126,7 @@ def study(out, *, prompts=None, seeds: int = 4, seed: int = 0, steps: int = 25, 
     full guidance), loaded on ``device`` in ``dtype`` only when rows are missing.
     """
     from . import zoo
-    from .sweep import sweep
+    from .sweeps import sweep
 
     if is_user_model(model):
         scale = guidance_scale if guidance_scale is not None else USER_GUIDANCE_SCALE

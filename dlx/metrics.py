@@ -230,7 +230,7 @@ def _code_id(fn) -> str:
 
 
 def _weights_id(module) -> str | None:
-    """A short fingerprint of a network's weights (``dlx.sweep.weights_fingerprint``)."""
+    """A short fingerprint of a network's weights (``dlx.sweeps.weights_fingerprint``)."""
     import torch
 
     if not isinstance(module, torch.nn.Module):

@@ -85,8 +85,8 @@ ENTRY = {
     "Preview": (dlx.Preview, lambda: dict(fn=lambda step, image: None)),
     "sweep": (dlx.sweep, lambda tmp: dict(pipe="shapes", prompts=["a red circle"], seeds=[0], cutoffs=[0, 1.0],
                                           out=str(tmp / "sweep"), progress=False)),
-    "sweep.load_pipeline": (dlx.sweep.load_pipeline, lambda: dict(model="shapes")),
-    "sweep.weights_fingerprint": (dlx.sweep.weights_fingerprint, lambda: dict(pipe=_pipe())),
+    "sweep.load_pipeline": (dlx.sweeps.load_pipeline, lambda: dict(model="shapes")),
+    "sweep.weights_fingerprint": (dlx.sweeps.weights_fingerprint, lambda: dict(pipe=_pipe())),
 }
 
 #: entry point -> the expensive work it must not start on bad input: (module, attribute) patched to fail
@@ -94,7 +94,7 @@ EXPENSIVE = {
     "testing.tiny_pipeline": [("dlx.testing", "_build")],
     "zoo.load": [("diffusers", "StableDiffusionPipeline")],
     "zoo.latent_rgb": [("dlx.zoo", "load"), ("dlx.zoo.shapes_data", "render")],
-    "sweep": [("dlx.sweep.api", "Store"), ("dlx.sweep.api", "load_pipeline"), ("dlx.zoo", "load")],
+    "sweep": [("dlx.sweeps.api", "Store"), ("dlx.sweeps.api", "load_pipeline"), ("dlx.zoo", "load")],
     "sweep.load_pipeline": [("dlx.zoo", "load"), ("diffusers", "DiffusionPipeline")],
 }
 
@@ -466,8 +466,8 @@ def test_every_public_entry_point_has_rows():
     public |= {f"testing.{n}" for n in dlx.testing.__all__ if callable(getattr(dlx.testing, n))}
     public |= {f"zoo.{n}" for n, v in vars(dlx.zoo).items()
                if inspect.isfunction(v) and not n.startswith("_") and v.__module__ == "dlx.zoo"}
-    public |= {"sweep" if n == "sweep" else f"sweep.{n}" for n in dlx.sweep.__all__
-               if inspect.isfunction(getattr(dlx.sweep, n))}
+    public |= {"sweep" if n == "sweep" else f"sweep.{n}" for n in dlx.sweeps.__all__
+               if inspect.isfunction(getattr(dlx.sweeps, n))}
     assert public <= covered, sorted(public - covered)
     rows = {p.values[0] for p in BAD}
     assert rows == set(ENTRY), sorted(set(ENTRY) ^ rows)

@@ -23,7 +23,7 @@ def no_model(monkeypatch):
 
     monkeypatch.setattr("dlx.zoo.load", refuse)
     monkeypatch.setattr("dlx.testing.tiny_pipeline", refuse)
-    monkeypatch.setattr("dlx.sweep.api.load_pipeline", refuse)
+    monkeypatch.setattr("dlx.sweeps.api.load_pipeline", refuse)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -93,11 +93,11 @@ def test_study_writes_its_files_and_resumes(tmp_path):
     assert "cutoff=0.5" in first and "-bound" in first and "adherence" in first
     import dlx
 
-    res = dlx.sweep.SweepResult(tmp_path)
+    res = dlx.sweeps.SweepResult(tmp_path)
     assert len(res.frame) == 3 and (res.frame.status == "ok").all()
     batches = [e for e in res.events if e["kind"] == "batch"]
     second = subprocess.run(cmd, capture_output=True, text=True, check=True, env=ENV).stdout
-    assert [e for e in dlx.sweep.SweepResult(tmp_path).events if e["kind"] == "batch"] == batches
+    assert [e for e in dlx.sweeps.SweepResult(tmp_path).events if e["kind"] == "batch"] == batches
     assert second.splitlines()[2:-2] == first.splitlines()[2:-2]  # same table; nothing recomputed
 
 
@@ -137,8 +137,8 @@ def test_sweep_from_yaml_sharded_over_two_processes_keeps_the_reproducibility_st
                           "-m", "dlx", "sweep", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "two"), "--quiet"],
                          capture_output=True, text=True, env=ENV)
     assert two.returncode == 0, two.stderr[:3000] + '\n...\n' + two.stderr[-3000:]
-    a = dlx.sweep.SweepResult(tmp_path / "one").frame
-    b = dlx.sweep.SweepResult(tmp_path / "two").frame
+    a = dlx.sweeps.SweepResult(tmp_path / "one").frame
+    b = dlx.sweeps.SweepResult(tmp_path / "two").frame
     import sqlite3
 
     shards = sqlite3.connect(tmp_path / "two" / "sweep.sqlite").execute(
@@ -147,7 +147,7 @@ def test_sweep_from_yaml_sharded_over_two_processes_keeps_the_reproducibility_st
     assert not list((tmp_path / "two" / "shards").glob("*.sqlite"))
     cols = ["row_id", "config", "prompt", "seed", "status", "nfe"]
     assert a[cols].equals(b[cols])
-    from dlx.sweep.store import REPRODUCIBILITY, Store
+    from dlx.sweeps.store import REPRODUCIBILITY, Store
 
     def recorded(out):
         return {r["row_id"]: (r["batch_key"], r["threads"], r["dtype"], r["device"], r["versions"])

@@ -285,7 +285,7 @@ def test_per_sample_config_round_trips():
 
 
 def test_sweep_spec_takes_guiders():
-    from dlx.sweep.spec import build_spec, control_config, control_from_config
+    from dlx.sweeps.spec import build_spec, control_config, control_from_config
 
     apg = dlx.Guider(G.AdaptiveProjectedGuidance(guidance_scale=6.0, eta=0.0))
     d = control_config(apg)

@@ -5,7 +5,7 @@ The import graph is built with ``ast`` from every ``.py`` file of the package, w
 anything: every ``import`` and ``from ... import`` statement wherever it stands (module level,
 inside functions and methods, under ``if TYPE_CHECKING:``), relative and absolute, and
 ``importlib.import_module``/``__import__`` with a literal name. ``from dlx import x`` and the
-attributes read through ``import dlx`` (``dlx.record``, ``dlx.sweep.store``) resolve to the module
+attributes read through ``import dlx`` (``dlx.record``, ``dlx.sweeps.store``) resolve to the module
 that defines them, through the lazy table of dlx/__init__.py. The facade dlx/__init__.py itself
 ties the floors together and is left out of the graph.
 
@@ -40,7 +40,7 @@ FLOORS = [
     ("rendering", ["render", "render.*"]),
     ("parts", ["guidance", "interrupt", "recorder", "preview", "guiders", "parts"]),
     ("views", ["labels", "tiles", "plots", "_notebook", "widgets", "live", "report"]),
-    ("applications", ["sweep", "sweep.*", "metrics", "demo", "__main__", "zoo", "zoo.*", "testing", "testing.*"]),
+    ("applications", ["sweeps", "sweeps.*", "metrics", "demo", "__main__", "zoo", "zoo.*", "testing", "testing.*"]),
 ]
 
 
@@ -98,7 +98,7 @@ class _Resolver:
         return base
 
     def dotted(self, dotted: str) -> str | None:
-        """The module an attribute chain such as ``dlx.sweep.store.Store`` or ``dlx.record`` reads."""
+        """The module an attribute chain such as ``dlx.sweeps.store.Store`` or ``dlx.record`` reads."""
         parts = dotted.split(".")
         for n in range(len(parts), 1, -1):
             if ".".join(parts[:n]) in self.modules:

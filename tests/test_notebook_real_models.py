@@ -60,7 +60,7 @@ def test_local_folder_runs_the_whole_study_on_the_cpu(tmp_path):
     # the sweep: one summary row per cutoff, stored in OUT, and figures drawn
     import dlx
 
-    res = dlx.sweep.SweepResult(tmp_path / "out")
+    res = dlx.sweeps.SweepResult(tmp_path / "out")
     assert len(res.frame) == 3 * 2 * 2 and (res.frame.status == "ok").all()
     assert list(res.summary()["config"]) == ["cutoff=0", "cutoff=0.5", "cutoff=1"]
     figures = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]

@@ -113,7 +113,7 @@ def test_the_two_commands_are_there():
 def test_yaml_blocks_are_valid_sweep_specs(line, body, tmp_path):
     if not body:
         pytest.skip("no yaml block in README.md")
-    from dlx.sweep.yaml_spec import read_yaml
+    from dlx.sweeps.yaml_spec import read_yaml
 
     spec = tmp_path / "spec.yaml"
     spec.write_text(body)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from dlx import DlxError, stats
-from dlx.sweep import cost
-from dlx.sweep.result import SweepResult
-from dlx.sweep.spec import build_spec
-from dlx.sweep.store import Store
+from dlx.sweeps import cost
+from dlx.sweeps.result import SweepResult
+from dlx.sweeps.spec import build_spec
+from dlx.sweeps.store import Store
 
 Z = 1.959963984540054  # the 97.5 % standard normal quantile
 

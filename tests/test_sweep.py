@@ -14,8 +14,8 @@ from PIL import Image
 import dlx
 from dlx import DlxError
 from dlx import _diffusers as D
-from dlx.sweep import engine
-from dlx.sweep.spec import build_spec
+from dlx.sweeps import engine
+from dlx.sweeps.spec import build_spec
 
 from .helpers import pipe_for
 
@@ -88,7 +88,7 @@ def test_resume_computes_nothing_when_done_and_refuses_another_spec(tmp_path):
     pipe = pipe_for("sd")
     kw = dict(prompts=PROMPTS, seeds=[0], cutoffs=[0, 1.0], out=tmp_path, timing=(), progress=False, **CALL)
     first = dlx.sweep(pipe, **kw).frame
-    batches = [e for e in dlx.sweep.SweepResult(tmp_path).events if e["kind"] == "batch"]
+    batches = [e for e in dlx.sweeps.SweepResult(tmp_path).events if e["kind"] == "batch"]
     second = dlx.sweep(pipe, **kw)
     assert [e for e in second.events if e["kind"] == "batch"] == batches
     assert second.frame.equals(first)
@@ -101,22 +101,22 @@ def test_resume_refuses_other_weights_under_the_same_name(tmp_path):
     # stored rows were made by another model, so resuming into them is refused
     pipe = pipe_for("sd")
     kw = dict(prompts=PROMPTS[:1], seeds=[0], cutoffs=[0, 1.0], out=tmp_path, timing=(), progress=False, **CALL)
-    fp = dlx.sweep.weights_fingerprint(pipe)
-    assert fp is not None and dlx.sweep.weights_fingerprint(pipe) == fp  # stable
+    fp = dlx.sweeps.weights_fingerprint(pipe)
+    assert fp is not None and dlx.sweeps.weights_fingerprint(pipe) == fp  # stable
     dlx.sweep(pipe, **{**kw, "seeds": [0]})
     w = pipe.unet.conv_in.weight
     saved = w.detach().clone()
     try:
         with torch.no_grad():
             w.view(-1)[w.numel() // 2] += 1e-3  # one value, in the middle of one tensor
-        other = dlx.sweep.weights_fingerprint(pipe)
+        other = dlx.sweeps.weights_fingerprint(pipe)
         assert other != fp
         with pytest.raises(DlxError, match=rf"argument `pipe`: its weights differ.*stored {fp}, given {other}"):
             dlx.sweep(pipe, **kw)
     finally:
         with torch.no_grad():
             w.copy_(saved)
-    assert dlx.sweep.weights_fingerprint(pipe) == fp
+    assert dlx.sweeps.weights_fingerprint(pipe) == fp
     assert (dlx.sweep(pipe, **kw).frame.status == "ok").all()
 
 
@@ -131,7 +131,7 @@ def test_finished_sweep_loads_no_weights(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a finished sweep must not load the model")
 
-    monkeypatch.setattr("dlx.sweep.api.load_pipeline", refuse)
+    monkeypatch.setattr("dlx.sweeps.api.load_pipeline", refuse)
     assert dlx.sweep(str(folder), **kw).frame.equals(res.frame)
 
 
@@ -276,7 +276,7 @@ def test_keep_previews_stores_per_step_x0_previews(tmp_path):
         want = render_steps(tr, "x0")
         assert all(np.array_equal(p[i].numpy(), np.asarray(to_pil(want[i, 0], 128))) for i in range(4))
     with pytest.raises(DlxError, match="keep_previews=True"):
-        dlx.sweep.SweepResult(tmp_path).previews("nope")
+        dlx.sweeps.SweepResult(tmp_path).previews("nope")
 
 
 def test_padding_the_denoiser_batch_to_few_shapes_keeps_results(tmp_path):

@@ -1,10 +1,10 @@
-"""dlx.sweep.cost: the cost model is fitted from steady calls, and says when the host was not."""
+"""dlx.sweeps.cost: the cost model is fitted from steady calls, and says when the host was not."""
 
 from __future__ import annotations
 
 import pytest
 
-from dlx.sweep import cost
+from dlx.sweeps import cost
 
 from .helpers import pipe_for
 
@@ -110,7 +110,7 @@ class _FakeStore:
 
 
 def test_pairs_between_batches_stay_within_their_share_of_the_sweep(monkeypatch):
-    from dlx.sweep.spec import build_spec
+    from dlx.sweeps.spec import build_spec
 
     clock = [0.0]
     monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])

@@ -2,7 +2,7 @@
 and is recomputed from the stored images once fixed; a lost image is recomputed on rerun; failed
 rows fail the command line; damaged, empty, read-only and full stores give one-line errors; outputs
 follow the umask; YAML types are checked; the progress bar moves during a batch; and each row's
-reproducibility is what ``dlx.sweep.store.REPRODUCIBILITY`` says, no more."""
+reproducibility is what ``dlx.sweeps.store.REPRODUCIBILITY`` says, no more."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from PIL import Image
 import dlx
 from dlx import DlxError
 from dlx.__main__ import main
-from dlx.sweep import SweepResult, SweepWarning, engine
-from dlx.sweep.store import REPRODUCIBILITY, Store
+from dlx.sweeps import SweepResult, SweepWarning, engine
+from dlx.sweeps.store import REPRODUCIBILITY, Store
 
 from .helpers import pipe_for
 
@@ -308,7 +308,7 @@ def test_a_finished_sweep_on_a_read_only_location_opens(copied, tmp_path):
     import tempfile
 
     import pandas  # noqa: F401 - imported before the child drops its rights
-    import dlx.sweep.cost  # noqa: F401
+    import dlx.sweeps.cost  # noqa: F401
 
     warm = tmp_path / "warm"
     _sweep(warm)
@@ -339,7 +339,7 @@ def test_a_finished_sweep_on_a_read_only_location_opens(copied, tmp_path):
 # -- 5. a full disk is one line, and a resume after it completes ------------------------------------------
 
 def test_a_full_disk_writing_an_image_is_one_line_and_resumes(tmp_path, monkeypatch):
-    import dlx.sweep.store as store_mod
+    import dlx.sweeps.store as store_mod
 
     real = store_mod.write_bytes
     n = {"images": 0}
@@ -398,7 +398,7 @@ def test_a_full_database_is_one_line_and_resumes(tmp_path, monkeypatch):
 
 
 def test_the_cli_says_a_full_disk_in_one_line(tmp_path, saved_pipe, capsys, monkeypatch):
-    import dlx.sweep.store as store_mod
+    import dlx.sweeps.store as store_mod
 
     def full(path, data, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -454,7 +454,7 @@ def test_outputs_follow_the_umask(umask, mode, tmp_path):
     ("pairs: [[a red circle]]", "pairs", "[['a red circle']]"), ("steps: [2.5]", "steps", "[2.5]"),
 ])
 def test_yaml_values_of_the_wrong_type_name_the_key_and_the_value(line, key, shown, tmp_path):
-    from dlx.sweep.yaml_spec import read_yaml
+    from dlx.sweeps.yaml_spec import read_yaml
 
     lines = {"model": "model: shapes", "out": "out: o", "prompts": 'prompts: ["a red circle"]', "cutoffs": "cutoffs: [0, 1]"}
     lines[line.split(":")[0]] = line
@@ -465,7 +465,7 @@ def test_yaml_values_of_the_wrong_type_name_the_key_and_the_value(line, key, sho
 
 
 def test_yaml_takes_one_string_as_a_list_of_one(tmp_path):
-    from dlx.sweep.yaml_spec import read_yaml
+    from dlx.sweeps.yaml_spec import read_yaml
 
     (tmp_path / "s.yaml").write_text("model: shapes\nout: o\nprompts: a red circle\nmetrics: psnr\nseeds: 2\n")
     kw = read_yaml(tmp_path / "s.yaml")
@@ -555,8 +555,8 @@ def test_each_row_records_what_it_was_computed_with_and_the_guarantee_is_stated(
     rows = store.rows()
     assert store.meta("reproducibility") == REPRODUCIBILITY
     # one statement, word for word, in the store, the docstring and the README
-    assert _flat(REPRODUCIBILITY) in _flat(dlx.sweep.sweep.__doc__)
-    assert _flat(REPRODUCIBILITY) in _flat(dlx.sweep.__doc__)
+    assert _flat(REPRODUCIBILITY) in _flat(dlx.sweeps.sweep.__doc__)
+    assert _flat(REPRODUCIBILITY) in _flat(dlx.sweeps.__doc__)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert _flat(REPRODUCIBILITY) in _flat(readme.replace("`", ""))
     assert len(rows) == 4 and len({r["batch_key"] for r in rows}) == 1  # one call of all 4 rows

@@ -13,9 +13,9 @@ import pytest
 
 import dlx
 from dlx import DlxError
-from dlx.sweep import engine, model
-from dlx.sweep.result import bootstrap_ci
-from dlx.sweep.spec import build_spec
+from dlx.sweeps import engine, model
+from dlx.sweeps.result import bootstrap_ci
+from dlx.sweeps.spec import build_spec
 
 from .helpers import pipe_for
 
@@ -67,7 +67,7 @@ def test_retrying_a_failed_reference_recomputes_the_rows_compared_with_it(tmp_pa
         return real(pipe, spec, rows, **kw)
 
     monkeypatch.setattr(engine, "run_batch", failing_reference)
-    with pytest.warns(dlx.sweep.SweepWarning, match="1 of 2 rows failed; first error: RuntimeError: simulated"):
+    with pytest.warns(dlx.sweeps.SweepWarning, match="1 of 2 rows failed; first error: RuntimeError: simulated"):
         f = _sweep(tmp_path / "a", max_batch=1).frame.set_index("config")
     assert f.loc["cutoff=1", "status"] == "failed" and f.loc["cutoff=0.5", "status"] == "ok"
     assert math.isnan(f.loc["cutoff=0.5", "psnr"])  # nothing to compare with
@@ -141,7 +141,7 @@ def test_times_are_for_the_timing_batch_of_the_last_call(tmp_path):
     r2 = _sweep(tmp_path, timing=("eager",), timing_batch=2, timing_repeats=1)
     r1 = _sweep(tmp_path, timing=("eager",), timing_batch=1, timing_repeats=1)
     assert (r2.timing_batch, r1.timing_batch) == (2, 1)
-    from dlx.sweep.cost import predict_ms
+    from dlx.sweeps.cost import predict_ms
 
     c1 = r1.costs("eager")[(3, 5.0)]
     assert c1["batch"] == 1
@@ -211,7 +211,7 @@ def test_summary_and_images_arguments_are_checked(tmp_path):
 # -- the YAML spec -----------------------------------------------------------------------------------
 
 def test_yaml_call_may_not_hold_sweep_settings_and_out_is_relative_to_the_file(tmp_path):
-    from dlx.sweep.yaml_spec import read_yaml
+    from dlx.sweeps.yaml_spec import read_yaml
 
     (tmp_path / "sub").mkdir()
     bad = tmp_path / "sub" / "bad.yaml"

@@ -26,7 +26,7 @@ CHILD = textwrap.dedent("""
     import sys, time, torch
     torch.set_num_threads(1)
     import dlx
-    from dlx.sweep import engine
+    from dlx.sweeps import engine
     from dlx.testing import tiny_pipeline
     real = engine.run_batch
     def slow(*a, **k):  # slow rows, so the parent can kill the sweep mid-way
@@ -94,7 +94,7 @@ def test_a_store_written_in_the_older_flat_config_format_still_resumes(tmp_path,
     # {"type": "CFGCutoff", "ratio": 0.5, "compat": ...}) open and resume, nothing recomputed.
     import json
 
-    from dlx.sweep import engine
+    from dlx.sweeps import engine
 
     pipe = pipe_for("sd")
     configs = {"cut": dlx.CFGCutoff(0.5), "win": dlx.GuidanceInterval(0.25, 0.75), "full": None}

@@ -16,8 +16,8 @@ import dlx
 from dlx import DlxError
 from dlx.families import scale_changes_inputs
 from dlx.metrics import psnr
-from dlx.sweep import engine
-from dlx.sweep.spec import Config, build_spec
+from dlx.sweeps import engine
+from dlx.sweeps.spec import Config, build_spec
 
 from .helpers import pipe_for
 

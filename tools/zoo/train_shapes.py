@@ -136,7 +136,7 @@ def measure(pipe, pairs, scales, steps: int = 25, batch: int = 200, log=log, out
     temporary folder removed afterwards."""
     import tempfile
 
-    import dlx.sweep
+    import dlx.sweeps
 
     scales = list(dict.fromkeys(float(s) for s in scales))
     with tempfile.TemporaryDirectory(prefix="dlx-zoo-sweep-") as tmp:

@@ -222,7 +222,7 @@ class Store:
             return disk_full(self.path, e if isinstance(e, OSError) else None)
         if isinstance(e, sqlite3.OperationalError) and ("readonly" in msg or "unable to open" in msg):
             return DlxError(f"cannot write the sweep database {str(self.path)!r} ({msg}): the folder or file is "
-                            f"read-only; read a finished sweep with dlx.sweep.SweepResult(out), or give a "
+                            f"read-only; read a finished sweep with dlx.sweeps.SweepResult(out), or give a "
                             f"writable `out`")
         if isinstance(e, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg):
             return e

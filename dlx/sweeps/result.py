@@ -364,7 +364,7 @@ class SweepResult:
 
     def recommend(self, metric: str | None = None, margin: float | None = None, mode: str | None = None,
                   level: float = 0.95) -> Recommendation:
-        """The cheapest config no worse than full guidance (``dlx.sweep.answer.recommend``)."""
+        """The cheapest config no worse than full guidance (``dlx.sweeps.answer.recommend``)."""
         return recommend(self, metric=metric, margin=margin, mode=mode, level=level)
 
     def plot(self, ax=None, *, metric: str | None = None, mode: str | None = None):

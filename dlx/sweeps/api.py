@@ -42,7 +42,7 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
         guidance_scales, steps: lists crossed with the configs into the grid. Rows of one step
             count share pipeline calls whatever their scales (each sample guided at its own
             row's scale) where the pipeline's scale acts only in the CFG combination; else one
-            call per scale (``dlx.sweep.engine``).
+            call per scale (``dlx.sweeps.engine``).
         metrics: names (``psnr``, ``ssim``, ``lpips``, ``clip``, ``adherence``) or callables
             ``f(images, prompts, reference_images)`` (the full-guidance images of the same prompt
             and seed; None if the callable sets ``reference = False``; ``higher_is_better``
@@ -66,7 +66,7 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
             pipeline's ``__call__``. Where ``guidance_scale`` or ``num_inference_steps`` is not
             given, the pipeline's own default is used (SDXL 5.0; SD3 7.0 and 28 steps).
 
-    Reproducibility (``dlx.sweep.store.REPRODUCIBILITY``, also in the store's meta):
+    Reproducibility (``dlx.sweeps.store.REPRODUCIBILITY``, also in the store's meta):
         Each row's image is within one level (1/255 per channel) of the same config run alone (one
         pipeline call for its prompt and seed) on the CPU in float32, and bitwise equal to it at
         max_batch=1 with the same thread count; bitwise between runs only at equal batch composition
