@@ -24,7 +24,7 @@ __all__ = [
     "GUIDANCE_SCALE", "INTERRUPT", "SKIP_LAYER_SCALE", "callback_tensor_inputs", "swap_class",
     "set_guidance_scale", "set_interrupt", "saved_flags", "restore_flags", "cache_context_names",
     "rescale_noise_cfg", "ip_adapter_processors", "is_stochastic", "scheduler_order",
-    "replace_forward", "restore_attribute", "skip_layer_scale", "MISSING", "cfg_on", "is_compiled",
+    "replace_forward", "restore_attribute", "skip_layer_scale", "MISSING", "cfg_on", "is_compiled", "flux_true_cfg",
     "pad_batch",
 ]
 
@@ -70,6 +70,14 @@ def cfg_on(pipe) -> bool:
     """Whether the pipeline runs classifier-free guidance now (re-read each step: a callback may
     end it mid-run, as diffusers' cutoff callbacks do)."""
     return bool(getattr(pipe, "do_classifier_free_guidance", False))
+
+
+def flux_true_cfg(call: dict) -> bool:
+    """Whether a Flux call runs true CFG (a second, negative call per step): diffusers' own
+    ``do_true_cfg``, read from the call's arguments (it is a local of ``__call__``)."""
+    scale = call.get("true_cfg_scale", 1.0)
+    neg = call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None
+    return isinstance(scale, (int, float)) and scale > 1 and neg
 
 
 def is_compiled(module) -> bool:

@@ -382,8 +382,25 @@ class Tap:
             if self._call_name != uncond_name:
                 if not run.loop_started:
                     run.loop_start(x, b, _timestep_of(args, kwargs))
-                out = orig(*args, **kwargs)
-                run.count(b, cond=True)
+                # with true CFG the step's plan is known now: zeroed samples (CFG-Zero*'s zero-init
+                # steps) get no conditional pass either
+                plan = run.plan() if D.flux_true_cfg(run.call) else None
+                if plan is not None and plan.zero:
+                    keep = [j for j in range(b) if not plan.zero[j]]
+                    if keep:
+                        rows = torch.tensor(keep, dtype=torch.long)
+                        sub = orig(*_take_rows(args, b, rows), **_take_rows(kwargs, b, rows))
+                        p = _pred_of(sub)
+                        full = p.new_zeros((b, *p.shape[1:]))
+                        full[rows.to(p.device)] = p
+                        out = _with_pred(sub, full)
+                    else:
+                        z = x.new_zeros(x.shape)
+                        out = (z,) if kwargs.get("return_dict", True) is False else _Output(z)
+                    run.count(len(keep), cond=True, zero=plan.zero)
+                else:
+                    out = orig(*args, **kwargs)
+                    run.count(b, cond=True)
                 self._cond_out = (run.step, out)
                 if run.wants_calls:
                     self._pending_cond = (x, _pred_of(out), _timestep_of(args, kwargs))
@@ -431,13 +448,14 @@ class Tap:
                     g[torch.tensor(plan.zero, device=c.device)] = 0
                 changed = [j for j in range(b) if (plan.rule and plan.rule[j] is not None and plan.mask[j])
                            or (plan.zero and plan.zero[j])]
-                at = torch.tensor(changed, device=c.device)
-                c[at] = g[at]
-                neg = _pred_of(out)
-                if neg is c:
-                    neg = c.clone()
-                    out = _with_pred(out, neg)
-                neg[at] = g[at]
+                if changed:  # (none where a rule's window is closed at this step)
+                    at = torch.tensor(changed, dtype=torch.long, device=c.device)
+                    c[at] = g[at]
+                    neg = _pred_of(out)
+                    if neg is c:
+                        neg = c.clone()
+                        out = _with_pred(out, neg)
+                    neg[at] = g[at]
                 c = cond_seen
             if run.wants_calls:
                 run.observe(DenoiserCall(step, _timestep_of(args, kwargs), x, c, u, g, plan.mask, s))

@@ -243,6 +243,12 @@ class _Rule:
         self.flatten = type(guider).__name__ == "MagnitudeAwareGuidance"
         self.running: dict[int, torch.Tensor] = {}  # per-sample momentum (APG, APG-Mix)
 
+    @property
+    def stateful(self) -> bool:
+        """Whether a sample's prediction depends on its own history (momentum): then ``dlx.Share``
+        never evaluates it as another sample's copy (read by the run's layout)."""
+        return bool(self.momentum)
+
     def reset(self) -> None:
         self.running = {}
 
@@ -441,6 +447,14 @@ class Guider(Part):
         self.report["guider"] = [self._rules[k].name for k in self._per]
         self.report["guidance_scale"] = [self._rules[k].guider.config.get("guidance_scale",
                                          self._rules[k].guider.config.get("guidance_scales")) for k in self._per]
+
+    def own_scale(self) -> float | None:
+        """The scale the guider guides at (one guider, or every per-sample guider agreeing), None
+        where it has none single (FDG's per-level scales) or the guiders differ: what a sweep row
+        shows as its ``guidance_scale``."""
+        vals = {g.config.get("guidance_scale") for g in self.guiders}
+        v = vals.pop() if len(vals) == 1 else None
+        return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
 
     def guidance(self, run, step: int):
         guides = self._guides

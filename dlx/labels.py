@@ -83,15 +83,32 @@ def part_label(cfg: dict) -> str:
     return f"{cfg.get('type', '?')}({', '.join(shown)})"
 
 
-def config_label(trace) -> str:
-    """What made this trace differ: its guidance controls with their arguments, read from
-    ``trace.meta["parts"]`` (``"full CFG"`` when none was attached and the call used CFG)."""
-    out = [part_label(p) for p in trace.meta.get("parts") or []
-           if isinstance(p, dict) and p.get("type") not in _OBSERVERS]
-    if out:
+def config_label(trace, sample: int | None = None) -> str:
+    """What made this trace (or its sample ``sample``) differ: its guidance controls with their
+    arguments, read from ``trace.meta["parts"]`` and, where the samples had their own
+    (``attach(per_sample=, scales=)``), ``meta["per_sample_parts"]`` and ``meta["sample_scales"]``;
+    ``"full CFG"`` when nothing else acted and the call used CFG."""
+    meta = trace.meta
+    parts = list(meta.get("parts") or [])
+    per = meta.get("per_sample_parts")
+    scales = meta.get("sample_scales")
+    if per is not None and sample is None and len({repr(p) for p in per}) > 1:
+        return f"{len(per)} samples, each its own controls"
+    if per:
+        parts += per[sample if sample is not None and sample < len(per) else 0]
+    out = [part_label(p) for p in parts if isinstance(p, dict) and p.get("type") not in _OBSERVERS]
+    scale = (meta.get("call") or {}).get("guidance_scale")
+    if scales:
+        if sample is None and len(set(scales)) > 1:
+            out.append("per-sample scales " + "/".join(fmt(s, "g") for s in scales))
+        else:
+            scale = scales[sample if sample is not None and sample < len(scales) else 0]
+            out.append(f"scale {fmt(scale, 'g')}")
+    if out and not (len(out) == 1 and out[0].startswith("scale ")):
         return " + ".join(out)
-    scale = (trace.meta.get("call") or {}).get("guidance_scale")
-    return "no CFG (scale ≤ 1)" if isinstance(scale, numbers.Real) and scale <= 1 else "full CFG"
+    if isinstance(scale, numbers.Real) and scale <= 1:
+        return "no CFG (scale ≤ 1)"
+    return " + ".join(["full CFG", *out])
 
 
 # --- steps and samples -----------------------------------------------------------------------------

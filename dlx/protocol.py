@@ -50,7 +50,9 @@ class Guide(NamedTuple):
     ``mask[j]``: sample j is guided (its unconditional pass runs). ``scale[j]``: its guidance
     scale. ``rule[j]``: how its guided prediction is formed: None is CFG, ``u + s·(c − u)`` (with
     the pipeline's ``guidance_rescale``), else an object with ``combine(run, step, samples, cond,
-    uncond, scale) -> Tensor`` (a guidance method, e.g. ``dlx.Guider``). ``zero[j]``: sample j
+    uncond, scale) -> Tensor`` (a guidance method, e.g. ``dlx.Guider``); a rule whose result depends
+    on a sample's own history says so with ``stateful = True`` (the default for a rule without the
+    attribute), and ``dlx.Share`` then never evaluates that sample as another's copy. ``zero[j]``: sample j
     gets no denoiser evaluation at this step and a prediction of exactly 0 (CFG-Zero*'s zero-init).
     """
 

@@ -345,6 +345,10 @@ class Recorder(Part):
                 f"error: {type(error).__name__}: {error}" if error is not None else "completed"
             )
             t.meta["parts"] = [_describe(p) for p in run.parts if p is not self]
+            if run.per_sample is not None:  # each sample's own controls (attach(per_sample=))
+                t.meta["per_sample_parts"] = [[_describe(p) for p in ps] for ps in run.per_sample]
+            if run.sample_scales is not None:  # each sample's own scale (attach(scales=))
+                t.meta["sample_scales"] = list(run.sample_scales)
             t.meta["timing"] = "cuda-events" if run.cuda else "perf_counter"
             if run.switched_at is not None:
                 t.meta["cfg_left_after_step"] = run.switched_at

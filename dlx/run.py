@@ -146,6 +146,10 @@ class Run:
             raise DlxError(f"argument `scales` has {len(self.sample_scales)} values (one per sample) but the "
                            f"call has batch {batch}")
         scales = tuple(self.sample_scales) if self.sample_scales is not None else (call_scale,) * batch
+        if self.sample_scales is not None and max(scales) > 1.0 and not D.cfg_on(pipe):
+            raise DlxError(f"argument `scales` guides samples at {max(scales):g}, but the call's guidance_scale is "
+                           f"{call_scale:g}: the pipeline builds no unconditional batch at a scale <= 1; call it "
+                           f"with guidance_scale > 1 (the largest of `scales`, say)")
         self.info = RunInfo(pipe=pipe, family=self.family, call=self.call, num_steps=n, batch=batch,
                             timesteps=tuple(self.timesteps), sigmas=tuple(self.sigmas), scales=scales)
         self._sample_infos = [self.info.sample(j) for j in range(batch)]
@@ -186,16 +190,16 @@ class Run:
             d = self._switch_default
             return self._set_plan(Plan((False,) * b, (d,) * b, d))
         scales = self.info.scales if self.sample_scales is not None else (default,) * b
-        if not self.controls and self.per_sample is None:
+        if not self.controls and self.per_sample is None and self.sample_scales is None:
             return self._set_plan(Plan((True,) * b, scales, default))
         guides = [(None, p.guidance(self, step)) for p in self.controls]
-        if self.per_sample is not None:
-            for j, ps in enumerate(self.per_sample):
-                if scales[j] <= 1.0:  # no CFG at this scale: its controls are never asked, as standalone
-                    guides.append((j, _UNGUIDED))
-                    continue
+        for j in range(b):
+            if self.sample_scales is not None and scales[j] <= 1.0:
+                # no CFG at this scale: never guided, its controls never asked, as when run alone
+                guides.append((j, _UNGUIDED))
+            elif self.per_sample is not None:
                 info = self._sample_infos[j]
-                guides += [(j, p.guidance(info, step)) for p in ps]
+                guides += [(j, p.guidance(info, step)) for p in self.per_sample[j]]
         return self._set_plan(combine(b, scales, guides, default))
 
     def unguided_plan(self) -> Plan:
@@ -235,7 +239,10 @@ class Run:
         ids: dict = {}
         groups = []
         for j, h in enumerate(self._groups):
-            groups.append(ids.setdefault((h, plan.sample_key(j)), len(ids)))
+            key = plan.sample_key(j)
+            if plan.rule and getattr(plan.rule[j], "stateful", plan.rule[j] is not None):
+                key = (key, j)  # a rule with per-sample state (APG momentum): never shared
+            groups.append(ids.setdefault((h, key), len(ids)))
         self._groups = groups
         lay = None
         if len(ids) < len(groups):
@@ -361,12 +368,13 @@ class Run:
         sample is at a scale <= 1 or has a control of its own that knows it."""
         if any(p.unguided_after(self, step) for p in self._tail_parts):
             return True
-        if self.per_sample is None:
+        if self.per_sample is None and self.sample_scales is None:
             return False
         scales = self.info.scales
-        return all(scales[j] <= 1.0 or any(overrides(p, "unguided_after") and p.unguided_after(info, step)
-                                           for p in ps)
-                   for j, (ps, info) in enumerate(zip(self.per_sample, self._sample_infos)))
+        per = self.per_sample or [[] for _ in scales]
+        return all((self.sample_scales is not None and scales[j] <= 1.0)
+                   or any(overrides(p, "unguided_after") and p.unguided_after(info, step) for p in ps)
+                   for j, (ps, info) in enumerate(zip(per, self._sample_infos)))
 
     def _maybe_leave_cfg(self, step: int, kw: dict) -> None:
         """When no sample is guided after ``step``, take the pipeline out of CFG as diffusers'

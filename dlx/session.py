@@ -262,8 +262,9 @@ def attach(pipe, *parts: Part, per_sample=None, scales=None):
     ``per_sample``: one list of controls per sample of the call (a sweep's rows: each sample its
     own config); each is asked with the run as its sample alone sees it (``RunInfo.sample``), and
     its guide is combined with the attached controls' by the one rule (``protocol.combine``).
-    ``scales``: the guidance scale of each sample (the call's ``guidance_scale`` must be the
-    largest, so that CFG is on); a sample at a scale <= 1 is never guided. Per-sample parts see
+    ``scales``: the guidance scale of each sample (the call's ``guidance_scale`` must be > 1, so
+    that the pipeline builds the unconditional batch; refused at the loop's start otherwise); a
+    sample at a scale <= 1 is never guided, as a call at that scale is not. Per-sample parts see
     the whole run at run start and end (``run.record`` holds each sample's counts).
 
     At each step end: the parts in the order given, then the caller's own

@@ -231,7 +231,7 @@ def gallery(trace, *, kind: str = "x0", samples=None, size: int | None = None, d
     (``samples`` picks some), each captioned with its scale and CFG state.
 
     ``size``: pixels per tile (default from the tile count: 256 for one, 192 up to 4, 128 up to 16).
-    ``decoder`` as in ``trace.previews`` (the zoo models decode with their own VAE). Every step of
+    ``decoder`` as in ``dlx.render.trace_previews`` (the zoo models decode with their own VAE). Every step of
     ``kind`` is rendered when the gallery is built, the other kind right after, in the background.
     """
     from .render import _check_size
@@ -271,7 +271,7 @@ def compare(items, *, labels=None, kind: str = "x0", sample: int = 0, size: int 
         check_trace(t, "items")
     if labels is not None and len(labels) != len(items):
         raise DlxError(f"argument `labels` has {len(labels)} entries for {len(items)} traces")
-    names = [str(x) for x in labels] if labels is not None else [config_label(t) for t in items]
+    names = [str(x) for x in labels] if labels is not None else [config_label(t, sample) for t in items]
     named: dict = {}
     for n, t in zip(names, items):
         named[n if n not in named else f"{n} #{len(named)}"] = t

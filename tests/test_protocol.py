@@ -3,6 +3,7 @@ tap, per-sample controls, and the one record of a run that every count is read f
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -212,3 +213,94 @@ def test_a_schedule_beside_a_rule_is_refused_before_any_work(tmp_path):
     with pytest.raises(DlxError, match="config 'both': GuidanceSchedule sets the guidance scale and Guider"):
         dlx.sweep(pipe, prompts=["a"], seeds=[0], out=tmp_path, timing=(), progress=False,
                   configs={"both": [dlx.GuidanceSchedule("linear"), dlx.Guider(ClassifierFreeGuidance(guidance_scale=3.0))]})
+
+
+# -- regressions found by the review of the merged redesign --------------------------------------
+
+def test_flux_with_a_rule_whose_window_closes_before_the_end():
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    pipe = pipe_for("flux")
+    for parts in ([dlx.Guider(ClassifierFreeGuidance(guidance_scale=4.0)), dlx.CFGCutoff(0.5)],
+                  [dlx.Guider(ClassifierFreeGuidance(guidance_scale=4.0, stop=0.5))]):
+        with dlx.record(pipe, *parts) as trace:
+            run(pipe, "flux")
+        assert [s.cfg_active for s in trace.steps] == [[True], [True], [False], [False]]
+        assert trace.nfe == [6.0]
+
+
+def test_flux_zero_init_steps_evaluate_nothing():
+    from diffusers.guiders import ClassifierFreeZeroStarGuidance
+
+    pipe = pipe_for("flux")
+    with dlx.record(pipe, dlx.Guider(ClassifierFreeZeroStarGuidance(guidance_scale=4.0, zero_init_steps=1))) as trace:
+        run(pipe, "flux")
+    assert trace[0].nfe == [0.0] and trace[0].evaluations == 0
+    assert [s.nfe for s in trace.steps[1:]] == [[2.0]] * 3
+
+
+def test_share_never_evaluates_a_stateful_rule_sample_as_another_ones_copy():
+    # APG momentum is a sample's own history: shared samples that part must not lose it.
+    from diffusers.guiders import AdaptiveProjectedGuidance
+
+    pipe = pipe_for("sd")
+    mk = lambda: dlx.Guider(AdaptiveProjectedGuidance(guidance_scale=5.0, eta=0.0,  # noqa: E731
+                                                      adaptive_projected_guidance_momentum=-0.5))
+    gens = lambda: [torch.Generator().manual_seed(4) for _ in range(2)]  # noqa: E731
+    with dlx.attach(pipe, mk(), dlx.CFGCutoff([0.5, 1.0]), dlx.Share(["k", "k"])):
+        shared = run(pipe, "sd", num_images_per_prompt=2, generator=gens())
+    with dlx.attach(pipe, mk(), dlx.CFGCutoff([0.5, 1.0])):
+        plain = run(pipe, "sd", num_images_per_prompt=2, generator=gens())
+    assert (shared - plain).abs().max().item() <= 1e-4
+
+
+def test_sample_scales_without_per_sample_controls():
+    pipe = pipe_for("sd")
+    with dlx.record(pipe, scales=[0.5, 5.0]) as trace:
+        both = run(pipe, "sd", num_images_per_prompt=2, guidance_scale=5.0,
+                   generator=[torch.Generator().manual_seed(1) for _ in range(2)])
+    assert trace.nfe == [4.0, 8.0] and [s.cfg_active for s in trace.steps] == [[False, True]] * 4
+    alone = run(pipe, "sd", guidance_scale=0.5, generator=torch.Generator().manual_seed(1))
+    assert (both[0] - alone[0]).abs().max().item() <= 1e-4
+    assert dlx.labels.config_label(trace, 0) == "no CFG (scale ≤ 1)"
+    assert dlx.labels.config_label(trace, 1) == "full CFG + scale 5"
+    with pytest.raises(DlxError, match=r"`scales` guides samples at 8, but the call's guidance_scale is 1"):
+        with dlx.attach(pipe, scales=[5.0, 8.0]):
+            run(pipe, "sd", num_images_per_prompt=2, guidance_scale=1.0)
+
+
+def test_per_sample_traces_are_labelled_with_each_samples_controls():
+    pipe = pipe_for("sd")
+    with dlx.record(pipe, per_sample=[[dlx.CFGCutoff(0.5)], []]) as trace:
+        run(pipe, "sd", num_images_per_prompt=2)
+    assert dlx.labels.config_label(trace, 0) == "CFGCutoff(ratio=0.5)"
+    assert dlx.labels.config_label(trace, 1) == "full CFG"
+    assert dlx.labels.config_label(trace) == "2 samples, each its own controls"
+
+
+def test_a_guider_in_a_sweep_shows_its_own_scale_and_refuses_scales_it_ignores(tmp_path):
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    pipe = pipe_for("sd")
+    g7 = dlx.Guider(ClassifierFreeGuidance(guidance_scale=7.0))
+    with pytest.raises(DlxError, match=r"config 'g7': Guider needs the pipeline's unconditional batch"):
+        dlx.sweep(pipe, prompts=["a"], seeds=[0], configs={"g7": g7, "full": None}, guidance_scales=[1.0],
+                  out=tmp_path / "a", timing=(), progress=False)
+    with pytest.raises(DlxError, match=r"crossing it with guidance_scales=\[3.0, 4.0\] would only relabel it"):
+        dlx.sweep(pipe, prompts=["a"], seeds=[0], configs={"g7": g7, "full": None}, guidance_scales=[3.0, 4.0],
+                  out=tmp_path / "b", timing=(), progress=False)
+    res = dlx.sweep(pipe, prompts=["a"], seeds=[0], configs={"g7": g7, "full": None}, out=tmp_path / "c",
+                    timing=(), progress=False, metrics=["psnr"], num_inference_steps=4, guidance_scale=4.0,
+                    height=32, width=32)
+    f = res.frame.set_index("config")
+    assert f.loc["g7", "guidance_scale"] == 7.0 and f.loc["full", "guidance_scale"] == 4.0
+    assert res.summary().set_index("config").loc["g7", "guidance_scale"] == 7.0
+
+
+def test_a_config_identical_to_full_guidance_on_every_pair_shows_infinite_psnr(tmp_path):
+    pipe = pipe_for("sd")
+    res = dlx.sweep(pipe, prompts=["a", "b"], seeds=[0], configs={"same": dlx.GuidanceSchedule("constant"),
+                    "cut": dlx.CFGCutoff(0.5), "full": None}, out=tmp_path, timing=(), progress=False,
+                    metrics=["psnr"], num_inference_steps=4, guidance_scale=5.0, height=32, width=32)
+    s = res.summary().set_index("config")
+    assert s.loc["same", "psnr"] == math.inf and math.isfinite(s.loc["cut", "psnr"])

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 from ..errors import DlxError
+from ..metrics import PSNR_CAP
 from ..stats import bootstrap_ci, mean_ci, paired_diff_ci
 from .answer import DEFAULT_MARGINS, Recommendation, recommend
 from .spec import SweepSpec
@@ -126,7 +127,8 @@ class SweepResult:
                 continue
             steps, scale = spec.steps_of(c), spec.scale_of(c)
             d = {"row_id": r["row_id"], "config": r["config"], "config_json": json.dumps(c.to_json(), sort_keys=True),
-                 "cutoff": c.cutoff if c.cutoff is not None else math.nan, "guidance_scale": scale, "steps": steps,
+                 "cutoff": c.cutoff if c.cutoff is not None else math.nan,
+                 "guidance_scale": spec.guided_scale_of(c), "steps": steps,
                  "prompt": r["prompt"], "seed": r["seed"], "status": r["status"], "error": r["error"],
                  "nfe": r["nfe"], "guided_steps": r["guided_steps"], "evaluations": r["evaluations"]}
             for m in modes:
@@ -173,8 +175,6 @@ class SweepResult:
 
         v = g[name].to_numpy(dtype=float)
         if name == "psnr":
-            from ..metrics import PSNR_CAP
-
             v = np.where(np.isposinf(v), PSNR_CAP, v)
         return v
 
@@ -246,7 +246,7 @@ class SweepResult:
             ok = g[g.status == "ok"]
             is_ref = spec.reference_of(c).name == c.name
             d = {"config": c.name, "cutoff": c.cutoff if c.cutoff is not None else math.nan,
-                 "guidance_scale": spec.scale_of(c), "steps": spec.steps_of(c), "is_reference": is_ref,
+                 "guidance_scale": spec.guided_scale_of(c), "steps": spec.steps_of(c), "is_reference": is_ref,
                  "rows": len(g), "failed": int((g.status != "ok").sum()),
                  "nfe": ok.nfe.mean() if len(ok) else math.nan}
             for m in self.timing_modes:
@@ -266,6 +266,11 @@ class SweepResult:
                 n = int((v == v).sum())
                 if is_ref and self._is_reference_metric(name):
                     mean = lo = hi = self._identical(name, v) if n else math.nan
+                elif name == "psnr" and n and bool((v[v == v] >= PSNR_CAP).all()):
+                    # identical to full guidance on every pair: +inf, as the reference (a config
+                    # identical on some pairs only counts those as PSNR_CAP dB in its mean)
+                    mean = lo = hi = math.inf
+                    methods[name].append("none (identical on every pair)")
                 else:
                     mean, lo, hi, how = mean_ci(v, ok.prompt.to_numpy(), binary=binary[name], level=level,
                                                 n_boot=n_boot)

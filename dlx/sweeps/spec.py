@@ -154,6 +154,16 @@ class SweepSpec:
                             "prompt_index": index[p], "seed": int(s)})
         return out
 
+    def guided_scale_of(self, cfg: Config) -> float:
+        """The scale the config's samples are guided at: its guidance rule's own (a ``Guider``
+        guides at its guider's ``guidance_scale``), else the call's (``scale_of``). What a row's
+        ``guidance_scale`` shows, as the run's record has it."""
+        cache = self.__dict__.setdefault("_guided_scales", {})
+        if cfg.name not in cache:
+            own = next((p.own_scale() for p in cfg.parts() if p.sets_rule and hasattr(p, "own_scale")), None)
+            cache[cfg.name] = own if own is not None else self.scale_of(cfg)
+        return cache[cfg.name]
+
     def reference_of(self, cfg: Config) -> Config:
         """The full-guidance config with the same scale and steps (PSNR/SSIM/LPIPS compare to it)."""
         key = (self.scale_of(cfg), self.steps_of(cfg))
@@ -387,6 +397,13 @@ def build_spec(*, prompts=None, seeds=None, pairs=None, cutoffs=None, configs=No
         if sc is not None and ru is not None:
             raise DlxError(f"config {c.name!r}: {type(sc).__name__} sets the guidance scale and {type(ru).__name__} "
                            f"the guidance rule; a rule guides at its own scale, so the schedule would be ignored")
+        if ru is not None and spec.scale_of(c) <= 1:
+            raise DlxError(f"config {c.name!r}: {type(ru).__name__} needs the pipeline's unconditional batch, "
+                           f"so guidance_scale > 1 (it guides at its own scale); got guidance_scale={spec.scale_of(c)!r}")
+        if ru is not None and len(scales) > 1:
+            raise DlxError(f"config {c.name!r}: {type(ru).__name__} guides at its own scale, so crossing it with "
+                           f"guidance_scales={scales} would only relabel it; give one {type(ru).__name__} per scale "
+                           f"in `configs` instead")
         steps_c = spec.steps_of(c)
         for ctl in c.controls:
             step = ctl["args"].get("step")
