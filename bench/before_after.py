@@ -40,8 +40,13 @@ res = dlx.sweep("shapes", prompts=list(STUDY_PROMPTS), seeds=range(4), cutoffs=l
                 metrics=["adherence", "psnr", "ssim"], out=out, num_inference_steps=25, guidance_scale=6.0,
                 timing=(), progress=False)
 dt = time.perf_counter() - t0
-assert (res.frame.status == "ok").all()
-print(f"SWEEP_S {dt:.4f} {dlx.__file__}")
+f = res.frame
+assert (f.status == "ok").all()
+import hashlib, pathlib
+h = hashlib.sha256()
+for rid, img in sorted(zip(f.row_id, f.image)):
+    h.update(rid.encode() + pathlib.Path(img).read_bytes())
+print(f"SWEEP_S {dt:.4f} {dlx.__file__} {h.hexdigest()[:16]}")
 """
 
 VARIANTS = ("attach", "record", "cutoff-0.5")
@@ -64,9 +69,9 @@ def run_sweep(tree: Path) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = subprocess.run([sys.executable, "-c", SWEEP, d], cwd=d, env=env, capture_output=True, text=True,
                              check=True).stdout
-    m = re.search(r"SWEEP_S ([\d.]+) (\S+)", out)
+    m = re.search(r"SWEEP_S ([\d.]+) (\S+) (\w+)", out)
     assert m and m.group(2).startswith(str(tree)), out
-    return {"sweep_s": float(m.group(1))}
+    return {"sweep_s": float(m.group(1)), "pngs": m.group(3)}
 
 
 def ci(values, level=0.95, n=4000, seed=0):
@@ -101,7 +106,12 @@ def main():
         print(f"round {i + 1}/{a.rounds} done ({time.time() - t0:.0f} s)", file=sys.stderr)
     report = {"rounds": a.rounds, "trees": {k: str(v) for k, v in trees.items()}, "results": {}}
     for k in what:
-        keys = list(res[k]["before"][0])
+        keys = [key for key in res[k]["before"][0] if key != "pngs"]
+        if "pngs" in res[k]["before"][0]:
+            hashes = {side: sorted({r["pngs"] for r in res[k][side]}) for side in ("before", "after")}
+            report["results"]["pngs"] = hashes
+            print(f"every row's PNG, hashed: before {hashes['before']}, after {hashes['after']}: "
+                  f"{'bitwise equal' if hashes['before'] == hashes['after'] and len(hashes['before']) == 1 else 'DIFFERENT'}")
         for key in keys:
             b = [r[key] for r in res[k]["before"]]
             f = [r[key] for r in res[k]["after"]]
