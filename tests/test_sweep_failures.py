@@ -328,8 +328,13 @@ def test_a_finished_sweep_on_a_read_only_location_opens(copied, tmp_path):
         got = _as_nobody(lambda: SweepResult(out).frame[["row_id", "status", "psnr"]].to_dict("list"))
         assert got == ("ok", expect), got
         assert (out / "sweep.sqlite").read_bytes() == before
-        tried = _as_nobody(lambda: _sweep(out))  # computing there is refused before any model work
-        assert tried[0] == "error" and tried[1].startswith("DlxError: argument `out`: cannot write to"), tried
+        # the same sweep again there: finished, so its results come back as they are, read-only
+        again = _as_nobody(lambda: _sweep(out).frame[["row_id", "status", "psnr"]].to_dict("list"))
+        assert again == ("ok", expect), again
+        assert (out / "sweep.sqlite").read_bytes() == before
+        # another sweep there is refused before any model work, saying why
+        tried = _as_nobody(lambda: _sweep(out, seeds=[0, 1, 2]))
+        assert tried[0] == "error" and "cannot be written and holds another sweep" in tried[1], tried
     finally:
         for p in [base, *base.rglob("*")]:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)

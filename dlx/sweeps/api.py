@@ -17,7 +17,7 @@ from ..fingerprint import weights_fingerprint
 from .result import SweepResult
 from .shard import ranks, shard_paths, split
 from .spec import build_spec
-from .store import Store, check_out, disk_full, image_ok, is_disk_full
+from .store import DB, Store, check_out, disk_full, image_ok, is_disk_full
 
 __all__ = ["sweep", "SweepWarning", "load_pipeline", "model_identity", "weights_fingerprint"]
 
@@ -137,7 +137,13 @@ def sweep(pipe, prompts=None, seeds=None, *, pairs=None, cutoffs=None, configs=N
                                f"language; {p!r} is not one ({e}). See dlx.zoo.info('shapes')") from None
     if out is None:
         out = tempfile.mkdtemp(prefix="dlx-sweep-")
-    out = check_out(out)
+    try:
+        out = check_out(out)
+    except DlxError:
+        finished = _finished_read_only(out, spec)  # an archive, a read-only share: nothing to compute
+        if finished is None:
+            raise
+        return finished
 
     # 2. the store: resume, or refuse a different spec
     rk = ranks()
@@ -309,3 +315,23 @@ def _warn_incomplete(rows: list[dict], spec) -> None:
                           f"{bad[0]['metric_errors'][name]}. Fix the metric and rerun the sweep with the same "
                           f"`out`: only the metric is computed again, from the stored images", SweepWarning,
                           stacklevel=level)
+
+
+def _finished_read_only(out, spec) -> SweepResult | None:
+    """The results in ``out`` when it cannot be written but holds this very sweep, finished: they
+    are returned as they are (read-only). None where ``out`` holds no sweep; a DlxError where it
+    holds another one, or this one unfinished (nothing could be computed there)."""
+    p = Path(out).expanduser()
+    if not (p / DB).is_file():
+        return None
+    res = SweepResult(p)
+    diff = res.spec.diff(spec)
+    if diff:
+        raise DlxError(f"argument `out`: {str(p)!r} cannot be written and holds another sweep ({'; '.join(diff)}); "
+                       f"use another `out` folder")
+    failed = sum(r["status"] != "ok" for r in res._rows)
+    if not res.complete or failed or res.missing_images:
+        raise DlxError(f"argument `out`: {str(p)!r} cannot be written and its sweep is not finished "
+                       f"({len(res._rows) - failed} of {len(res.spec.rows())} rows done); copy it somewhere "
+                       f"writable to resume it")
+    return res
