@@ -270,9 +270,6 @@ class Plan:
             return self.scale[0]
         return torch.tensor(self.scale, dtype=torch.float32)
 
-    def key(self) -> tuple:
-        return (self.mask, self.scale, self.default, tuple(id(r) for r in self.rule), self.zero)
-
     def sample_key(self, j: int) -> tuple:
         """What makes sample j's step differ from another's (``dlx.Share`` groups on it)."""
         return (self.mask[j], self.scale[j], id(self.rule[j]) if self.rule else None,

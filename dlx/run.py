@@ -191,6 +191,10 @@ class Run:
             return self._set_plan(Plan((False,) * b, (d,) * b, d))
         scales = self.info.scales if self.sample_scales is not None else (default,) * b
         if not self.controls and self.per_sample is None and self.sample_scales is None:
+            last = self._last_plan  # nothing steers: one plan for the run while the scale holds
+            if last is not None and last.default == default and not last.rule and all(last.mask):
+                self._plan_cache = (step, last)
+                return last
             return self._set_plan(Plan((True,) * b, scales, default))
         guides = [(None, p.guidance(self, step)) for p in self.controls]
         for j in range(b):
@@ -213,7 +217,9 @@ class Run:
 
     def _set_plan(self, plan: Plan) -> Plan:
         last = self._last_plan
-        if last is not None and last.key() == plan.key():
+        if (last is not None and last.mask == plan.mask and last.scale == plan.scale and last.default == plan.default
+                and last.zero == plan.zero and len(last.rule) == len(plan.rule)
+                and all(a is c for a, c in zip(last.rule, plan.rule))):
             plan = last  # one object while guidance does not change (cached properties kept)
         self._last_plan = plan
         self._plan_cache = (self.step, plan)
@@ -313,14 +319,21 @@ class Run:
     def finish_record(self) -> RunRecord:
         """Write the one record of the call (at its end, also when it raised)."""
         ms = self.step_ms() if self.loop_started else []
+        b = self.batch or 0
+        plans, sn, se = self.plans, self.step_nfe, self.step_evaluations
+        none = StepRecord((False,) * b, (float("nan"),) * b, (0.0,) * b, 0, float("nan"))
+        zeros = (0.0,) * b
         steps = []
-        n = len(self.plans) if self.loop_started else 0
-        for i in range(n):
-            r = self.step_record(i)
-            if i < len(ms):
-                r = StepRecord(r.guided, r.scale, r.nfe, r.evaluations, ms[i])
-            steps.append(r)
-        self.record = RunRecord(batch=self.batch or 0, num_steps=self.num_steps or 0, steps=tuple(steps),
+        for i in range(len(plans) if self.loop_started else 0):
+            p = plans[i]
+            if p is None:
+                p = self._plan_cache[1] if self._plan_cache is not None and self._plan_cache[0] == i else None
+            if p is None:
+                steps.append(none)
+                continue
+            steps.append(StepRecord(p.mask, p.scale, tuple(sn[i]) if i < len(sn) else zeros,
+                                    se[i] if i < len(se) else 0, ms[i] if i < len(ms) else float("nan")))
+        self.record = RunRecord(batch=b, num_steps=self.num_steps or 0, steps=tuple(steps),
                                 stop_reason=self.stop_reason, switched_at=self.switched_at,
                                 cfg_seen=self.cfg_seen, step_ms=tuple(ms))
         return self.record
