@@ -318,8 +318,7 @@ class Layout(NamedTuple):
     expand: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class StepRecord:
+class StepRecord(NamedTuple):
     """What ran at one step, per sample: ``guided`` (the unconditional pass ran), ``scale``,
     ``nfe`` (nominal denoiser evaluations: 1 conditional + 1 unconditional where guided),
     ``evaluations`` (sample-rows the denoiser really computed: fewer under ``dlx.Share``) and
