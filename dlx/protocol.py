@@ -38,7 +38,7 @@ from .errors import DlxError
 if TYPE_CHECKING:  # pragma: no cover
     from .families import Family
 
-__all__ = ["Part", "Guide", "DenoiserCall", "Plan", "Layout", "RunInfo", "StepRecord", "RunRecord", "combine", "REGISTRY"]
+__all__ = ["Part", "Guide", "DenoiserCall", "Plan", "Layout", "RunInfo", "StepRecord", "RunRecord", "combine", "combine_fields", "REGISTRY"]
 
 #: every Part subclass by class name (``dlx.part_from_config`` rebuilds from it)
 REGISTRY: dict[str, type] = {}
@@ -285,29 +285,52 @@ def combine(batch: int, default_scales: Sequence[float], guides: Sequence[tuple[
     sample is guided where every guide guides it (masks AND); a zero flag from any guide zeroes it
     (ORs); scale and rule come from the (at most one) guide that sets them, else the sample's
     default scale and CFG."""
-    mask = [True] * batch
-    scale = list(default_scales)
-    rule: list = [None] * batch
-    zero = [False] * batch
-    any_rule = any_zero = False
-    for j, g in guides:
+    mask, scale, rule, zero = combine_fields(batch, default_scales, guides)
+    return Plan(mask, scale, default, rule, zero)
+
+
+def combine_fields(batch: int, default_scales: Sequence[float], guides) -> tuple:
+    """``combine``'s (mask, scale, rule, zero) as tuples, without making a plan (the run compares
+    them with the last step's first: one plan object while guidance does not change)."""
+    mask = (True,) * batch
+    scale = tuple(default_scales)
+    rule: tuple = ()
+    zero: tuple = ()
+    per = None
+    for j, g in guides:  # whole-batch guides first, field by field (the common case: cutoffs)
         if g is None:
             continue
-        idx = range(batch) if j is None else (j,)
-        for k, i in enumerate(idx):
+        if j is not None:
+            per = [] if per is None else per
+            per.append((j, g))
+            continue
+        if g.mask is not None:
+            mask = tuple(a and bool(c) for a, c in zip(mask, g.mask))
+        if g.scale is not None:
+            scale = tuple(float(v) for v in g.scale)
+        if g.rule is not None and any(r is not None for r in g.rule):
+            rule = tuple(g.rule)
+        if g.zero is not None and any(g.zero):
+            zero = tuple(bool(z) for z in g.zero) if not zero else tuple(a or bool(z) for a, z in zip(zero, g.zero))
+    if per:  # one sample's own guides
+        mask, scale = list(mask), list(scale)
+        rule = list(rule) if rule else [None] * batch
+        zero = list(zero) if zero else [False] * batch
+        for j, g in per:
             if g.mask is not None:
-                mask[i] = mask[i] and bool(g.mask[k])
+                mask[j] = mask[j] and bool(g.mask[0])
             if g.scale is not None:
-                scale[i] = float(g.scale[k])
-            if g.rule is not None and g.rule[k] is not None:
-                rule[i] = g.rule[k]
-                any_rule = True
-            if g.zero is not None and g.zero[k]:
-                zero[i] = True
-                any_zero = True
-    if any_zero:
-        mask = [m and not z for m, z in zip(mask, zero)]
-    return Plan(tuple(mask), tuple(scale), default, tuple(rule) if any_rule else (), tuple(zero) if any_zero else ())
+                scale[j] = float(g.scale[0])
+            if g.rule is not None and g.rule[0] is not None:
+                rule[j] = g.rule[0]
+            if g.zero is not None and g.zero[0]:
+                zero[j] = True
+        mask, scale = tuple(mask), tuple(scale)
+        rule = tuple(rule) if any(r is not None for r in rule) else ()
+        zero = tuple(zero) if any(zero) else ()
+    if zero:
+        mask = tuple(m and not z for m, z in zip(mask, zero))
+    return mask, scale, rule, zero
 
 
 class Layout(NamedTuple):

@@ -27,7 +27,7 @@ import torch
 from . import _diffusers as D
 from .errors import DlxError
 from .families import Family, sigmas_at
-from .protocol import DenoiserCall, Guide, Layout, Part, Plan, RunInfo, RunRecord, StepRecord, combine
+from .protocol import DenoiserCall, Guide, Layout, Part, Plan, RunInfo, RunRecord, StepRecord, combine_fields
 
 __all__ = ["Run", "overrides"]
 
@@ -204,7 +204,13 @@ class Run:
             elif self.per_sample is not None:
                 info = self._sample_infos[j]
                 guides += [(j, p.guidance(info, step)) for p in self.per_sample[j]]
-        return self._set_plan(combine(b, scales, guides, default))
+        mask, scale, rule, zero = combine_fields(b, scales, guides)
+        last = self._last_plan
+        if (last is not None and last.mask == mask and last.scale == scale and last.default == default
+                and last.zero == zero and len(last.rule) == len(rule) and all(x is y for x, y in zip(last.rule, rule))):
+            self._plan_cache = (step, last)  # guidance unchanged: the same plan object
+            return last
+        return self._set_plan(Plan(mask, scale, default, rule, zero))
 
     def unguided_plan(self) -> Plan:
         """The plan of a step the pipeline runs without its CFG batch."""
