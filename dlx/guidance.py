@@ -113,7 +113,7 @@ class _Control(Part):
     def on_run_end(self, run, error):
         rec = run.record  # the run's one record: what ran, per step and sample
         ran = rec.guided_steps_run()
-        if rec.steps:
+        if rec.plans:
             self.report["nfe"] = list(rec.nfe)
             self.report["nfe_full_cfg"] = 2.0 * rec.num_steps
         self.report["guided_steps_run"] = ran

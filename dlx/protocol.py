@@ -356,42 +356,65 @@ class StepRecord(NamedTuple):
 
 @dataclass(frozen=True)
 class RunRecord:
-    """The one record of a run: a ``StepRecord`` per step that ran, and how the run ended. Every
-    count a trace, a control's report, a sweep row or the cost model shows is read from here."""
+    """The one record of a run: what ran at each step, per sample, and how the run ended. Every
+    count a trace, a control's report, a sweep row or the cost model shows is read from here.
+
+    Kept as the run wrote it (each step's ``Plan``, nominal evaluations per sample, rows evaluated,
+    wall time), so writing it costs nothing per step; ``steps`` gives a ``StepRecord`` per step."""
 
     batch: int
     num_steps: int
-    steps: tuple[StepRecord, ...] = ()
+    plans: tuple = ()  # each step's Plan (None: no denoiser call in that step)
+    step_nfe: tuple = ()  # each step's per-sample nominal evaluations
+    step_evaluations: tuple = ()  # each step's sample-rows evaluated
+    step_ms: tuple[float, ...] = field(default=())
     stop_reason: str | None = None
     switched_at: int | None = None
     cfg_seen: bool = False
-    step_ms: tuple[float, ...] = field(default=())
+
+    @functools.cached_property
+    def steps(self) -> tuple[StepRecord, ...]:
+        """A ``StepRecord`` per step that ran."""
+        b, ms, sn, se = self.batch, self.step_ms, self.step_nfe, self.step_evaluations
+        nan = float("nan")
+        out = []
+        for i, p in enumerate(self.plans):
+            if p is None:
+                out.append(StepRecord((False,) * b, (nan,) * b, (0.0,) * b, 0, nan))
+            else:
+                out.append(StepRecord(p.mask, p.scale, tuple(sn[i]) if i < len(sn) else (0.0,) * b,
+                                      se[i] if i < len(se) else 0, ms[i] if i < len(ms) else nan))
+        return tuple(out)
 
     @functools.cached_property
     def nfe(self) -> list[float]:
         """Per sample: nominal denoiser evaluations over the run."""
         out = [0.0] * self.batch
-        for s in self.steps:
-            out = [a + b for a, b in zip(out, s.nfe)]
+        for row in self.step_nfe:
+            out = [a + b for a, b in zip(out, row)]
         return out
 
     @functools.cached_property
     def guided_steps(self) -> list[int]:
         """Per sample: how many steps guided it."""
-        return [sum(1 for s in self.steps if s.guided[j]) for j in range(self.batch)]
+        out = [0] * self.batch
+        for p in self.plans:
+            if p is not None and p.any_guided:
+                out = [n + bool(m) for n, m in zip(out, p.mask)]
+        return out
 
     @property
     def evaluations(self) -> int:
         """Sample-rows the denoiser computed over the run."""
-        return sum(s.evaluations for s in self.steps)
+        return sum(self.step_evaluations)
 
     def guided_steps_run(self) -> list[int]:
         """Steps on which some sample was guided."""
-        return [i for i, s in enumerate(self.steps) if any(s.guided)]
+        return [i for i, p in enumerate(self.plans) if p is not None and p.any_guided]
 
     def last_guided_step_per_sample(self) -> list[int | None]:
-        out = []
-        for j in range(self.batch):
-            g = [i for i, s in enumerate(self.steps) if s.guided[j]]
-            out.append(g[-1] if g else None)
-        return out
+        last: list[int | None] = [None] * self.batch
+        for i, p in enumerate(self.plans):
+            if p is not None and p.any_guided:
+                last = [i if m else v for v, m in zip(last, p.mask)]
+        return last

@@ -339,7 +339,7 @@ class Recorder(Part):
             t.meta["batch"] = run.batch
             t.meta["num_steps"] = run.num_steps
             rec = run.record
-            t.meta["nfe"] = list(rec.nfe) if rec.steps else None
+            t.meta["nfe"] = list(rec.nfe) if rec.plans else None
             t.meta["evaluations"] = int(rec.evaluations)
             t.meta["stop_reason"] = run.stop_reason or (
                 f"error: {type(error).__name__}: {error}" if error is not None else "completed"

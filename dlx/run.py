@@ -323,25 +323,19 @@ class Run:
         return StepRecord(plan.mask, plan.scale, nfe, se[step] if step < len(se) else 0, float("nan"))
 
     def finish_record(self) -> RunRecord:
-        """Write the one record of the call (at its end, also when it raised)."""
-        ms = self.step_ms() if self.loop_started else []
-        b = self.batch or 0
-        plans, sn, se = self.plans, self.step_nfe, self.step_evaluations
-        none = StepRecord((False,) * b, (float("nan"),) * b, (0.0,) * b, 0, float("nan"))
-        zeros = (0.0,) * b
-        steps = []
-        for i in range(len(plans) if self.loop_started else 0):
-            p = plans[i]
-            if p is None:
-                p = self._plan_cache[1] if self._plan_cache is not None and self._plan_cache[0] == i else None
-            if p is None:
-                steps.append(none)
-                continue
-            steps.append(StepRecord(p.mask, p.scale, tuple(sn[i]) if i < len(sn) else zeros,
-                                    se[i] if i < len(se) else 0, ms[i] if i < len(ms) else float("nan")))
-        self.record = RunRecord(batch=b, num_steps=self.num_steps or 0, steps=tuple(steps),
-                                stop_reason=self.stop_reason, switched_at=self.switched_at,
-                                cfg_seen=self.cfg_seen, step_ms=tuple(ms))
+        """Write the one record of the call (at its end, also when it raised): the run's own
+        per-step lists, handed over as they are."""
+        started = self.loop_started
+        plans = list(self.plans) if started else []
+        cached = self._plan_cache
+        for i, p in enumerate(plans):  # a step cut short (an error) before its step end
+            if p is None and cached is not None and cached[0] == i:
+                plans[i] = cached[1]
+        self.record = RunRecord(batch=self.batch or 0, num_steps=self.num_steps or 0, plans=tuple(plans),
+                                step_nfe=tuple(self.step_nfe) if started else (),
+                                step_evaluations=tuple(self.step_evaluations) if started else (),
+                                step_ms=tuple(self.step_ms()) if started else (),
+                                stop_reason=self.stop_reason, switched_at=self.switched_at, cfg_seen=self.cfg_seen)
         return self.record
 
     # -- step end (the callback the pipeline sees) ---------------------------------------------

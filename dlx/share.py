@@ -102,5 +102,5 @@ class Share(Part):
     def on_run_end(self, run, error):
         rec = run.record
         self.report["evaluations"] = rec.evaluations
-        if rec.steps:
+        if rec.plans:
             self.report["nominal_evaluations"] = sum(rec.nfe)
