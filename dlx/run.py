@@ -187,8 +187,7 @@ class Run:
         default = self.default_scale()
         self.cfg_seen = True
         if self.switched_at is not None:
-            d = self._switch_default
-            return self._set_plan(Plan((False,) * b, (d,) * b, d))
+            return self._unguided(b, self._switch_default)
         scales = self.info.scales if self.sample_scales is not None else (default,) * b
         if not self.controls and self.per_sample is None and self.sample_scales is None:
             last = self._last_plan  # nothing steers: one plan for the run while the scale holds
@@ -219,6 +218,15 @@ class Run:
             return cached[1]
         b = self.batch
         d = self._switch_default if self.switched_at is not None else self.default_scale()
+        return self._unguided(b, d)
+
+    def _unguided(self, b: int, d: float) -> Plan:
+        """The plan that guides no sample at the pipeline's scale ``d`` (the last one reused)."""
+        last = self._last_plan
+        if last is not None and last.default == d and not last.any_guided and not last.rule and not last.zero \
+                and last.scale == (d,) * b:
+            self._plan_cache = (self.step, last)
+            return last
         return self._set_plan(Plan((False,) * b, (d,) * b, d))
 
     def _set_plan(self, plan: Plan) -> Plan:
