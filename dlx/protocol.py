@@ -297,6 +297,7 @@ def combine_fields(batch: int, default_scales: Sequence[float], guides) -> tuple
     rule: tuple = ()
     zero: tuple = ()
     per = None
+    first_mask = True
     for j, g in guides:  # whole-batch guides first, field by field (the common case: cutoffs)
         if g is None:
             continue
@@ -305,9 +306,14 @@ def combine_fields(batch: int, default_scales: Sequence[float], guides) -> tuple
             per.append((j, g))
             continue
         if g.mask is not None:
-            mask = tuple(a and bool(c) for a, c in zip(mask, g.mask))
+            m = g.mask
+            if first_mask and type(m) is tuple and all(type(v) is bool for v in m):
+                mask = m  # the first mask as the control made it: nothing to AND yet
+            else:
+                mask = tuple([a and bool(c) for a, c in zip(mask, m)])
+            first_mask = False
         if g.scale is not None:
-            scale = tuple(float(v) for v in g.scale)
+            scale = tuple([float(v) for v in g.scale])
         if g.rule is not None and any(r is not None for r in g.rule):
             rule = tuple(g.rule)
         if g.zero is not None and any(g.zero):
@@ -371,6 +377,7 @@ class RunRecord:
     stop_reason: str | None = None
     switched_at: int | None = None
     cfg_seen: bool = False
+    total_nfe: tuple | None = None  # the run's running sum of step_nfe, per sample
 
     @functools.cached_property
     def steps(self) -> tuple[StepRecord, ...]:
@@ -388,7 +395,10 @@ class RunRecord:
 
     @functools.cached_property
     def nfe(self) -> list[float]:
-        """Per sample: nominal denoiser evaluations over the run."""
+        """Per sample: nominal denoiser evaluations over the run (the sum of ``step_nfe``, which
+        the run keeps as it counts: ``total_nfe``)."""
+        if self.total_nfe is not None:
+            return list(self.total_nfe)
         out = [0.0] * self.batch
         for row in self.step_nfe:
             out = [a + b for a, b in zip(out, row)]

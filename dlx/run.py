@@ -196,7 +196,7 @@ class Run:
                 return last
             return self._set_plan(Plan((True,) * b, scales, default))
         guides = [(None, p.guidance(self, step)) for p in self.controls]
-        for j in range(b):
+        for j in (range(b) if self.sample_scales is not None or self.per_sample is not None else ()):
             if self.sample_scales is not None and scales[j] <= 1.0:
                 # no CFG at this scale: never guided, its controls never asked, as when run alone
                 guides.append((j, _UNGUIDED))
@@ -343,7 +343,8 @@ class Run:
                                 step_nfe=tuple(self.step_nfe) if started else (),
                                 step_evaluations=tuple(self.step_evaluations) if started else (),
                                 step_ms=tuple(self.step_ms()) if started else (),
-                                stop_reason=self.stop_reason, switched_at=self.switched_at, cfg_seen=self.cfg_seen)
+                                stop_reason=self.stop_reason, switched_at=self.switched_at, cfg_seen=self.cfg_seen,
+                                total_nfe=tuple(self.nfe) if started and self.nfe is not None else None)
         return self.record
 
     # -- step end (the callback the pipeline sees) ---------------------------------------------
@@ -387,8 +388,9 @@ class Run:
     def _unguided_after(self, step: int) -> bool:
         """No sample is guided after ``step``: an attached control knows it for the batch, or every
         sample is at a scale <= 1 or has a control of its own that knows it."""
-        if any(p.unguided_after(self, step) for p in self._tail_parts):
-            return True
+        for p in self._tail_parts:
+            if p.unguided_after(self, step):
+                return True
         if self.per_sample is None and self.sample_scales is None:
             return False
         scales = self.info.scales
