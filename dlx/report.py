@@ -101,7 +101,8 @@ def _b64(png: bytes) -> str:
 def _png_b64(t) -> str | None:
     from ._io import png_bytes
 
-    return None if t is None else _b64(png_bytes(t, compress_level=9))
+    # zlib level 6: a tenth of level 9's time (1.8 against 19 ms a 128-px frame) for 3 % more bytes
+    return None if t is None else _b64(png_bytes(t, compress_level=6))
 
 
 def _fig_html(fig, alt: str) -> str:
