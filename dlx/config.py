@@ -13,7 +13,7 @@ import inspect
 import math
 import numbers
 
-__all__ = ["default_config", "to_json", "from_json", "label"]
+__all__ = ["default_config", "defaults", "to_json", "from_json"]
 
 
 def to_json(v):
@@ -36,8 +36,9 @@ def to_json(v):
     return {"repr": repr(v)}, False
 
 
-def _defaults(cls) -> dict:
-    """A class's constructor defaults, as JSON."""
+def defaults(cls) -> dict:
+    """A class's constructor defaults, as JSON (what ``default_config`` leaves out, and what a
+    label leaves out of a configuration written before it did)."""
     try:
         params = inspect.signature(cls.__init__).parameters
     except (TypeError, ValueError):
@@ -70,12 +71,12 @@ def default_config(part) -> dict:
                 continue
             if hasattr(part, name):
                 args[name] = getattr(part, name)
-    defaults = _defaults(type(part))
+    dflt = defaults(type(part))
     out, ok = {}, True
     for k, v in args.items():
         j, good = to_json(v)
         ok = ok and good
-        if not (k in defaults and good and defaults[k] == j):  # an argument at its default is left out
+        if not (k in dflt and good and dflt[k] == j):  # an argument at its default is left out
             out[k] = j
     cfg = {"type": type(part).__name__, "args": out}
     if not ok:
@@ -92,20 +93,3 @@ def from_json(v):
     if isinstance(v, list):
         return [from_json(x) for x in v]
     return v
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, list):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return next(iter(v.values())) if len(v) == 1 else repr(v)
-    return repr(v)
-
-
-def label(cfg: dict) -> str:
-    """A configuration as its constructor call: ``CFGCutoff(ratio=0.2)`` (``part.config()`` leaves
-    arguments at their defaults out)."""
-    args = cfg.get("args") or {}
-    return f"{cfg.get('type', '?')}({', '.join(f'{k}={_fmt(v)}' for k, v in args.items())})"

@@ -8,9 +8,12 @@ nothing here renders an image.
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
+
+from . import parts as _parts  # noqa: F401  (every shipped part registered)
+from .config import defaults
+from .protocol import REGISTRY
 
 __all__ = ["KIND_LABEL", "tile_size", "columns", "fmt", "part_label", "config_label", "step_label",
            "short_step_label", "sample_prompt", "sample_label", "prompt_of", "prompt_of_call", "trace_caption", "sweep_caption",
@@ -47,16 +50,9 @@ def fmt(v, spec=".3g"):
 
 
 def _defaults(type_name: str) -> dict | None:
-    """Constructor defaults of a dlx part type (None: a type dlx does not ship)."""
-    from . import guidance, interrupt
-
-    cls = {c.__name__: c for c in (guidance.CFGCutoff, guidance.GuidanceInterval, guidance.GuidanceSchedule,
-                                    guidance.AdaptiveCutoff, guidance.IPAdapterCutoff, interrupt.Interrupt)
-           }.get(type_name)
-    if cls is None:
-        return None
-    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    """Constructor defaults of a part type, as JSON (None: a type this process does not know)."""
+    cls = REGISTRY.get(type_name)
+    return None if cls is None else defaults(cls)
 
 
 def _arg(v) -> str:

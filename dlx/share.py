@@ -33,8 +33,6 @@ class Share(Part):
     run within the tolerance of evaluating the denoiser at another batch size.
     """
 
-    is_share = True
-
     def __init__(self, keys):
         if isinstance(keys, (str, bytes)) or not isinstance(keys, (list, tuple)) or not keys:
             raise DlxError(f"argument `keys` must be a non-empty list with one hashable key per sample; got {keys!r}")

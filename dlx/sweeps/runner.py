@@ -120,8 +120,6 @@ def run(pipe, spec, store, units, mets, *, max_batch, share, pad, keep_previews,
 
 
 def _dtype_of(pipe) -> str:
-    from ..families import family_of
-
     try:
         return str(next(getattr(pipe, family_of(pipe).denoiser).parameters()).dtype)
     except (StopIteration, AttributeError, Exception):  # noqa: BLE001 - recorded as unknown
