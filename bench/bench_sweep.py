@@ -54,7 +54,11 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def build(model: str, dev, size: int):
+def build(model: str, dev, size: int, tiny: bool = False):
+    if model in ("sdxl", "sd3", "flux"):
+        from bench_families import build as build_family
+
+        return build_family(model, dev, size, tiny=tiny)
     if model == "sd15":
         from bench_recorder import build as build_sd15
 
@@ -101,15 +105,132 @@ def loop(pipe, prompt, seeds, call, dev, model_calls=False):
     return times, images, (mcalls, mloops)
 
 
+MAX_BATCH: list = [None]
+
+
 def run_sweep(pipe, prompt, seeds, call, dev, folder, metrics):
     import dlx
 
     sync(dev)
     t0 = time.perf_counter()
     res = dlx.sweep(pipe, prompts=[prompt], seeds=seeds, cutoffs=CUTOFFS, out=folder, metrics=metrics,
-                    timing=(), progress=False, **call)
+                    timing=(), progress=False, max_batch=MAX_BATCH[0], **call)
     sync(dev)
     return (time.perf_counter() - t0) * 1e3, res
+
+
+def _clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_clone(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    return obj
+
+
+class DenoiserLog:
+    """Inside the block, every call of the pipeline's denoiser is counted by its batch size (the
+    size it computes: under the sweep's padding, the padded one) and the first call of each size
+    is kept (its arguments cloned), so the denoiser alone can be timed on the same calls after:
+    the floor of the evaluations the sweep computes."""
+
+    def __init__(self, pipe):
+        from dlx.families import family_of
+
+        self.den = getattr(pipe, family_of(pipe).denoiser)
+        self.counts: dict = {}
+        self.calls: dict = {}
+
+    def __enter__(self):
+        inner = self.den.forward
+
+        def forward(*a, **k):
+            x = a[0] if a and isinstance(a[0], torch.Tensor) else k.get("sample", k.get("hidden_states"))
+            n = int(x.shape[0])
+            self.counts[n] = self.counts.get(n, 0) + 1
+            if n not in self.calls:
+                self.calls[n] = (_clone(a), _clone(k))
+            return inner(*a, **k)
+
+        object.__setattr__(self.den, "forward", forward)
+        return self
+
+    def __exit__(self, *exc):
+        self.den.__dict__.pop("forward", None)
+
+    def floor(self, dev, reps: int = 5) -> dict:
+        """The denoiser alone on each kept call: median ms per call (device events around each,
+        after two warm-up calls), and the floor: the sum over sizes of calls x median."""
+        per = {}
+        with torch.no_grad():
+            for n, (a, k) in sorted(self.calls.items()):
+                ts = []
+                for i in range(reps + 2):
+                    sync(dev)
+                    t0 = time.perf_counter()
+                    self.den(*a, **k)
+                    sync(dev)
+                    if i >= 2:
+                        ts.append((time.perf_counter() - t0) * 1e3)
+                per[n] = {"calls": self.counts[n], "median_ms": statistics.median(ts), "all_ms": ts,
+                          "ms_per_sample": statistics.median(ts) / n}
+        floor_ms = sum(v["calls"] * v["median_ms"] for v in per.values())
+        big = max(per) if per else None
+        evals = sum(n * v["calls"] for n, v in per.items())
+        return {"by_batch": per, "floor_s": floor_ms / 1e3, "denoiser_calls": sum(self.counts.values()),
+                "evaluations_computed": evals, "largest_batch": big,
+                "floor_at_largest_batch_s": (evals * per[big]["ms_per_sample"] / 1e3) if big else None}
+
+
+class Phases:
+    """Wall time of the sweep's phases, by wrapping dlx.sweeps' own functions (one extra sweep,
+    not one of the timed rounds): the pipeline calls, PNG encoding (summed over its threads),
+    metrics, the store's per-row writes, the weights fingerprint; the rest is set-up and reading
+    the results back."""
+
+    NAMES = (("dlx.sweeps.engine", "run_batch"), ("dlx.sweeps.runner", "png_bytes"), ("dlx.sweeps.runner", "_metrics"),
+             ("dlx.sweeps.runner", "_finish_row"), ("dlx.sweeps.api", "weights_fingerprint"),
+             ("dlx.sweeps.api", "SweepResult"), ("dlx.sweeps.runner", "_run_batch"))
+
+    def __init__(self):
+        import importlib
+        import threading
+
+        self.lock = threading.Lock()
+        self.ms: dict = {}
+        self.saved = []
+        self.mods = {m: importlib.import_module(m) for m, _ in self.NAMES}
+
+    def __enter__(self):
+        for m, name in self.NAMES:
+            mod = self.mods[m]
+            f = getattr(mod, name)
+            self.saved.append((mod, name, f))
+            setattr(mod, name, self._wrap(f, name))
+        return self
+
+    def _wrap(self, f, name):
+        def g(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                with self.lock:
+                    self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+        return g
+
+    def __exit__(self, *exc):
+        for mod, name, f in reversed(self.saved):
+            setattr(mod, name, f)
+
+
+def _ratio_ci(a, b, n: int = 2000, seed: int = 0):
+    """95% bootstrap interval of median(a) / median(b), a and b resampled independently."""
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    r = [np.median(rng.choice(a, a.size)) / np.median(rng.choice(b, b.size)) for _ in range(n)]
+    return [float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -119,7 +240,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="sd15", choices=["sd15", "shapes"])
+    ap.add_argument("--model", default="sd15", choices=["sd15", "shapes", "sdxl", "sd3", "flux"])
+    ap.add_argument("--cutoffs", default=None, help="comma-separated cutoffs (default 0,.2,.4,.6,.8,1)")
+    ap.add_argument("--sweep-reps", type=int, default=1, help="sweeps per round (the sweep is short; the loop long)")
+    ap.add_argument("--max-batch", type=int, default=None, help="dlx.sweep's max_batch (rows per pipeline call)")
+    ap.add_argument("--tiny", action="store_true", help="sdxl/sd3/flux: tiny denoisers (CPU smoke test)")
     ap.add_argument("--mode", default="eager", choices=["eager", "compiled"])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", type=int, default=512, help="sd15 image size")
@@ -133,6 +258,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="CPU smoke test: tiny sizes, 4 steps, 2 seeds, 1 round")
     ap.add_argument("--out", required=True, help="folder for bench_sweep_<model>_<mode>.json")
     args = ap.parse_args()
+    if args.cutoffs:
+        CUTOFFS[:] = [float(c) for c in args.cutoffs.split(",")]
     if args.quick:
         args.device, args.size, args.steps, args.seeds, args.rounds, args.cost_repeats = "cpu", 64, 4, 2, 1, 1
         torch.set_num_threads(1)
@@ -145,19 +272,24 @@ def main():
     from dlx.sweeps import cost
 
     t_build = time.perf_counter()
-    pipe, prompt, call = build(args.model, dev, args.size)
+    pipe, prompt, call = build(args.model, dev, args.size, tiny=args.tiny or args.quick)
     t_build = time.perf_counter() - t_build
     call["num_inference_steps"] = args.steps
-    eager_den = pipe.unet
+    from dlx.families import family_of
+
+    den_name = family_of(pipe).denoiser
+    eager_den = getattr(pipe, den_name)
     if args.mode == "compiled":
-        pipe.unet = torch.compile(eager_den, mode="reduce-overhead", fullgraph=True)
+        setattr(pipe, den_name, torch.compile(eager_den, mode="reduce-overhead", fullgraph=True))
     seeds = list(range(args.seeds))
     metrics = [m for m in args.metrics.split(",") if m]
+    MAX_BATCH[0] = args.max_batch
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     # warm-up: every standalone shape and the sweep's padded shapes (compiles the graphs)
     t_warm = time.perf_counter()
     loop(pipe, prompt, seeds[:1], call, dev, model_calls=True)
-    _, warm = run_sweep(pipe, prompt, seeds, call, dev, work / "warm", metrics)
+    with DenoiserLog(pipe) as dlog:
+        _, warm = run_sweep(pipe, prompt, seeds, call, dev, work / "warm", metrics)
     graphs = next((e for e in warm.events if e["kind"] == "shapes"), None)
     t_warm = time.perf_counter() - t_warm
     # the cost model, as dlx.sweep measures it (interleaved standalone full / unguided calls)
@@ -167,7 +299,7 @@ def main():
                          repeats=args.cost_repeats, warmup=1)
     t_cost = time.perf_counter() - t_cost
 
-    loop_ms, sweep_ms, per_cfg = [], [], {r: [] for r in CUTOFFS}
+    loop_ms, sweep_ms, call_s, per_cfg = [], [], [], {r: [] for r in CUTOFFS}
     # The cost model is also fitted from its two standalone calls made inside the loop, call by
     # call beside the configs' own standalone calls: that validates the model (fixed cost plus
     # guided and unguided steps) apart from the host's drift between measuring and running,
@@ -188,10 +320,18 @@ def main():
                     mcalls[kind] += mc[kind]
                     mloops[kind] += ml[kind]
             else:
-                folder = work / f"round{k}"
-                ms, res = run_sweep(pipe, prompt, seeds, call, dev, folder, metrics)
-                sweep_ms.append(ms)
+                for j in range(args.sweep_reps):
+                    folder = work / f"round{k}-{j}"
+                    ms, res = run_sweep(pipe, prompt, seeds, call, dev, folder, metrics)
+                    sweep_ms.append(ms)
+                    call_s.append(sum(e["call_ms"] for e in res.events if e["kind"] == "batch") / 1e3)
     inter = cost.fit(mcalls, mloops, args.steps)
+    # the denoiser's floor for the evaluations the sweep computes, at the sizes it computed them
+    floor = dlog.floor(dev)
+    # where the sweep's time goes, in one more (untimed) sweep
+    with Phases() as ph:
+        ph_ms, _ = run_sweep(pipe, prompt, seeds, call, dev, work / "phases", metrics)
+    phases = {"sweep_ms": ph_ms, **{k: v for k, v in ph.ms.items()}}
     after = None
     if args.oneshot_after:  # the one-shot model again, now that the process has run for minutes
         after = cost.measure(pipe, call={k: v for k, v in call.items() if k not in ("num_inference_steps", "guidance_scale")},
@@ -240,9 +380,11 @@ def main():
                         "vs_full_standalone_ci95": [slo, shi], "vs_full_rel_error": pred / full_pred / smed - 1,
                         "vs_full_within_5pct": abs(pred / full_pred / smed - 1) <= 0.05})
     batches = [e for e in res.events if e["kind"] == "batch"]
-    speed = [a / b for a, b in zip(loop_ms, sweep_ms)]
+    # each round's loop against that round's sweeps (their median, when a round makes several)
+    per_round = [statistics.median(sweep_ms[k * args.sweep_reps:(k + 1) * args.sweep_reps]) for k in range(len(loop_ms))]
+    speed = [a / b for a, b in zip(loop_ms, per_round)]
     out = {
-        "bench": "bench_sweep", "model": args.model, "mode": args.mode, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "bench": "bench_sweep", "model": args.model, "build": getattr(pipe, "_bench_build", None), "mode": args.mode, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
         "torch": torch.__version__, "diffusers": diffusers.__version__, "dlx": dlx.__version__,
         "share_available": "Share" in dlx._LAZY,
@@ -252,9 +394,18 @@ def main():
                    "all": [x / 1e3 for x in loop_ms]},
         "sweep_s": {"median": statistics.median(sweep_ms) / 1e3, "ci95": [x / 1e3 for x in bootstrap_ci(sweep_ms)],
                     "all": [x / 1e3 for x in sweep_ms],
-                    "pipeline_calls_s": sum(e["call_ms"] for e in batches) / 1e3, "calls": len(batches)},
+                    "pipeline_calls_s": sum(e["call_ms"] for e in batches) / 1e3, "calls": len(batches),
+                    "pipeline_calls_all_s": call_s,
+                    "after_call_all_s": [a / 1e3 - b for a, b in zip(sweep_ms, call_s)]},
+        "floor": floor,
+        "sweep_vs_floor": {"median": statistics.median(sweep_ms) / 1e3 / floor["floor_s"],
+                           "all": [x / 1e3 / floor["floor_s"] for x in sweep_ms],
+                           "pipeline_calls_vs_floor": statistics.median(call_s) / floor["floor_s"],
+                           "within_1_2": statistics.median(sweep_ms) / 1e3 / floor["floor_s"] <= 1.2},
+        "phases_ms": phases, "regime": model.get("regime"), "regime_interleaved": inter.get("regime"),
+        "saving": model.get("saving"),
         "speedup": {"median_of_rounds": statistics.median(speed), "ratio_of_medians": statistics.median(loop_ms) / statistics.median(sweep_ms),
-                    "all": speed},
+                    "all": speed, "ci95_ratio_of_medians": _ratio_ci(loop_ms, sweep_ms)},
         "evaluations": {"loop": float(f.nfe.sum()), "sweep": float(sum(e["evaluations"] for e in batches))},
         "graphs_compiled": graphs["graphs"] if graphs else None,
         "padded_sizes": graphs["padded_sizes"] if graphs else None,
@@ -271,10 +422,11 @@ def main():
     }
     dst = Path(args.out)
     dst.mkdir(parents=True, exist_ok=True)
-    path = dst / f"bench_sweep_{args.model}_{args.mode}{'_quick' if args.quick else ''}.json"
+    path = dst / f"bench_sweep_{args.model}_{args.mode}{'_quick' if args.quick else ''}{'_tiny' if args.tiny else ''}.json"
     path.write_text(json.dumps(out, indent=1, default=float))
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({k: out[k] for k in ("model", "mode", "device", "loop_s", "sweep_s", "speedup", "evaluations",
+                                          "sweep_vs_floor", "phases_ms", "regime",
                                           "graphs_compiled", "all_within_5pct", "all_interleaved_within_5pct",
                                           "all_paired_within_5pct", "all_vs_full_within_5pct")}, indent=1, default=float))
     for c in configs:
