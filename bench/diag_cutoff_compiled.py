@@ -69,6 +69,26 @@ def profile_launches(fn):
     return names
 
 
+def host_profile(fn, calls: int = 3, top: int = 30):
+    """The host's time by Python function over ``calls`` calls (cProfile): where a call's host time goes."""
+    import cProfile
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    sync()
+    pr.disable()
+    st = pstats.Stats(pr)
+    rows = []
+    for (f, line, name), (cc, nc, tt, ct, _) in st.stats.items():
+        rows.append({"fn": f"{f.split('site-packages/')[-1]}:{line}:{name}", "calls": nc, "tottime_ms": tt * 1e3 / calls,
+                     "cumtime_ms": ct * 1e3 / calls})
+    return {"by_tottime": sorted(rows, key=lambda r: -r["tottime_ms"])[:top],
+            "by_cumtime": sorted(rows, key=lambda r: -r["cumtime_ms"])[:top]}
+
+
 def run_setup(name, dynamic, with_sweep, rounds, work):
     import dlx
 
@@ -159,6 +179,7 @@ def measure(pipe, eager, call, kinds, rounds, dev):
             except Exception as e:  # noqa: BLE001 - a diagnostic: record and go on
                 unet[b] = {"error": f"{type(e).__name__}: {e}"[:300]}
     prof = {k: profile_launches(lambda: call(k)) for k in kinds}
+    host = {k: host_profile(lambda: call(k)) for k in ("full", "cut0")}
     med = {k: statistics.median(v) for k, v in wall.items()}
     paired = {k: statistics.median(a / b for a, b in zip(v, wall["full"])) for k, v in wall.items()}
     from _stats import bootstrap_ci
@@ -166,7 +187,7 @@ def measure(pipe, eager, call, kinds, rounds, dev):
     ci = {k: bootstrap_ci([a / b for a, b in zip(v, wall["full"])]) for k, v in wall.items()}
     return {"median_ms": med, "per_step_ms": {k: v / 25 for k, v in med.items()}, "vs_full_paired": paired,
             "vs_full_ci95": ci, "wall_ms": wall, "thread_cpu_ms": cpu, "unet_alone": unet, "launches": prof,
-            "counters": counters()}
+            "host_profile": host, "counters": counters()}
 
 
 def main():
