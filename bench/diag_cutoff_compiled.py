@@ -36,7 +36,8 @@ import torch
 
 
 def sync():
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def counters():
@@ -57,7 +58,8 @@ def timed(fn):
 def profile_launches(fn):
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
         fn()
         sync()
     names = {}
@@ -96,12 +98,12 @@ def run_setup(name, dynamic, with_sweep, rounds, work):
     from torch._dynamo.utils import counters as c
 
     c.clear()
-    dev = torch.device("cuda")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: a smoke test of this script
     pipe = dlx.zoo.load("shapes", device=dev)
     prompt = "a red circle on the left and a blue square on the right"
     eager = pipe.unet
     kw = {} if dynamic is None else {"dynamic": dynamic}
-    pipe.unet = torch.compile(eager, mode="reduce-overhead", fullgraph=True, **kw)
+    pipe.unet = torch.compile(eager, mode="reduce-overhead" if dev.type == "cuda" else None, fullgraph=True, **kw)
     base = dict(num_inference_steps=25, guidance_scale=6.0)
 
     def call(kind):
@@ -200,7 +202,7 @@ def main():
     from pathlib import Path
 
     work = Path(tempfile.mkdtemp(prefix="diag-cut-"))
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "setups": {}}
     table = {"default": (None, True), "static": (False, True), "default-nosweep": (None, False),
              "static-nosweep": (False, False)}
