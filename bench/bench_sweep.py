@@ -159,19 +159,19 @@ class DenoiserLog:
     def __exit__(self, *exc):
         self.den.__dict__.pop("forward", None)
 
-    def floor(self, dev, reps: int = 5) -> dict:
+    def floor(self, dev, reps: int = 3) -> dict:
         """The denoiser alone on each kept call: median ms per call (device events around each,
-        after two warm-up calls), and the floor: the sum over sizes of calls x median."""
+        after a warm-up call), and the floor: the sum over sizes of calls x median."""
         per = {}
         with torch.no_grad():
             for n, (a, k) in sorted(self.calls.items()):
                 ts = []
-                for i in range(reps + 2):
+                for i in range(reps + 1):
                     sync(dev)
                     t0 = time.perf_counter()
                     self.den(*a, **k)
                     sync(dev)
-                    if i >= 2:
+                    if i >= 1:
                         ts.append((time.perf_counter() - t0) * 1e3)
                 per[n] = {"calls": self.counts[n], "median_ms": statistics.median(ts), "all_ms": ts,
                           "ms_per_sample": statistics.median(ts) / n}
