@@ -292,12 +292,14 @@ def main():
         _, warm = run_sweep(pipe, prompt, seeds, call, dev, work / "warm", metrics)
     graphs = next((e for e in warm.events if e["kind"] == "shapes"), None)
     t_warm = time.perf_counter() - t_warm
+    print(f"built in {t_build:.1f} s, warmed up in {t_warm:.1f} s", flush=True)
     # the cost model, as dlx.sweep measures it (interleaved standalone full / unguided calls)
     t_cost = time.perf_counter()
     model = cost.measure(pipe, call={k: v for k, v in call.items() if k not in ("num_inference_steps", "guidance_scale")},
                          prompt=prompt, seed=0, steps=args.steps, scale=call["guidance_scale"], batch=1,
                          repeats=args.cost_repeats, warmup=1)
     t_cost = time.perf_counter() - t_cost
+    print(f"cost model in {t_cost:.1f} s", flush=True)
 
     loop_ms, sweep_ms, call_s, per_cfg = [], [], [], {r: [] for r in CUTOFFS}
     # The cost model is also fitted from its two standalone calls made inside the loop, call by
@@ -325,9 +327,11 @@ def main():
                     ms, res = run_sweep(pipe, prompt, seeds, call, dev, folder, metrics)
                     sweep_ms.append(ms)
                     call_s.append(sum(e["call_ms"] for e in res.events if e["kind"] == "batch") / 1e3)
+    print(f"rounds done: loop {[round(x) for x in loop_ms]} ms, sweep {[round(x) for x in sweep_ms]} ms", flush=True)
     inter = cost.fit(mcalls, mloops, args.steps)
     # the denoiser's floor for the evaluations the sweep computes, at the sizes it computed them
     floor = dlog.floor(dev)
+    print(f"floor {floor['floor_s']:.3f} s over {len(floor['by_batch'])} batch sizes", flush=True)
     # where the sweep's time goes, in one more (untimed) sweep
     with Phases() as ph:
         ph_ms, _ = run_sweep(pipe, prompt, seeds, call, dev, work / "phases", metrics)
