@@ -189,40 +189,86 @@ class Tap:
         self._rows = (run.step, res)
         return res
 
-    def _combine(self, plan, c, u_sub, guided, gpos, like):
+    def _combine(self, plan, c, u_sub, guided, gpos, like, pert=None):
         """The guided predictions of the evaluated samples: CFG ``u + s·(c − u)`` (and the
         pipeline's ``guidance_rescale``) for samples without a rule, ``rule.combine`` for the
-        others, one call per distinct rule with its samples' rows. ``c``: conditional predictions
-        of the evaluated samples; ``u_sub``: unconditional ones of ``guided`` (in that order)."""
+        others, one call per distinct rule (and per which passes ran) with its samples' rows.
+        ``c``: conditional predictions of the evaluated samples; ``u_sub``: unconditional ones of
+        ``guided`` (in that order); ``pert``: (samples, their positions among the evaluated
+        samples, their perturbed predictions) where a rule ran a perturbed pass."""
         run = self.run
         k, m = len(guided), c.shape[0]
         g = c.clone()
         rescale = float(getattr(run.pipe, "guidance_rescale", 0.0) or 0.0)
-        by_rule: dict = {}
+        rules = plan.rule
+        pidx: dict = {}
+        if pert is not None:
+            pidx = {r: i for i, r in enumerate(pert[0])}
+        groups: dict = {}  # (rule, unconditional ran, perturbed ran) -> samples, positions, u rows, p rows
         for i, r in enumerate(guided):
-            rule = plan.rule[r] if plan.rule else None
-            by_rule.setdefault(id(rule), (rule, []))[1].append(i)
-        for rule, idx in by_rule.values():
-            if len(idx) == k:
-                u = u_sub
-                # every sample guided: a slice, else an index (a host-to-device copy)
-                at = slice(0, m) if k == m else torch.tensor(gpos, device=like.device)
-            else:
-                u = u_sub.index_select(0, torch.tensor(idx, device=like.device))
-                at = torch.tensor([gpos[i] for i in idx], device=like.device)
-            samples = tuple(guided[i] for i in idx)
+            rule = rules[r] if rules else None
+            pi = pidx.get(r)
+            grp = groups.setdefault((id(rule), True, pi is not None), (rule, [], [], [], []))
+            grp[1].append(r)
+            grp[2].append(gpos[i])
+            grp[3].append(i)
+            if pi is not None:
+                grp[4].append(pi)
+        if pert is not None:
+            for pi, (r, at) in enumerate(zip(pert[0], pert[1])):
+                if not plan.mask[r]:  # a perturbed pass without the unconditional one
+                    grp = groups.setdefault((id(rules[r]), False, True), (rules[r], [], [], [], []))
+                    grp[1].append(r)
+                    grp[2].append(at)
+                    grp[4].append(pi)
+        dev = like.device
+        for (_, has_u, has_p), (rule, samples, at, ui, pi) in groups.items():
+            at_t = slice(0, m) if at == list(range(m)) else torch.tensor(at, device=dev)
+            u = None
+            if has_u:  # every guided sample: the rows as they are, else an index (a host-to-device copy)
+                u = u_sub if len(ui) == k else u_sub.index_select(0, torch.tensor(ui, device=dev))
+            p = None
+            if has_p:
+                pp = pert[2]
+                p = pp if len(pi) == pp.shape[0] else pp.index_select(0, torch.tensor(pi, device=dev))
             s = plan.scale_rows(samples, like)
-            cc = c[at]
+            cc = c[at_t]
             if rule is None:
                 val = u + s * (cc - u)
                 if rescale > 0:
                     # the pipeline would rescale against the conditional prediction (per
                     # sample); on [g, g] its own rescale is then the identity
                     val = D.rescale_noise_cfg(val, cc, rescale)
+            elif has_p:
+                val = rule.combine(run, run.step, tuple(samples), cc, u, s, perturbed=p)
             else:
-                val = rule.combine(run, run.step, samples, cc, u, s)
-            g[at] = val
+                val = rule.combine(run, run.step, tuple(samples), cc, u, s)
+            g[at_t] = val
         return g
+
+    def _perturbed(self, orig, args, kwargs, n: int, b: int, plan, ev):
+        """The perturbed passes of a step: each rule's samples' conditional rows evaluated inside
+        the rule's ``perturbation`` (the denoiser's modules changed, then restored); returns
+        (samples, their positions among ``ev``, predictions) or None."""
+        run = self.run
+        per = plan.perturb
+        samples = [r for r in ev if per[r]]
+        if not samples:
+            return None
+        pos = {r: i for i, r in enumerate(ev)}
+        by_rule: dict = {}
+        for r in samples:
+            by_rule.setdefault(id(plan.rule[r]), (plan.rule[r], []))[1].append(r)
+        order, preds = [], []
+        for rule, rs in by_rule.values():
+            rows = torch.tensor([b + r for r in rs], dtype=torch.long)
+            with rule.perturbation(run):
+                out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
+            order += rs
+            preds.append(_pred_of(out))
+        run.count(len(samples), cond=False, uncond=per)
+        pred = preds[0] if len(preds) == 1 else torch.cat(preds)
+        return tuple(order), [pos[r] for r in order], pred
 
     def _wrap_batch(self, orig, denoiser: bool):
         run = self.run
@@ -286,7 +332,9 @@ class Tap:
             run.count(k + m, cond=True, uncond=plan.mask, zero=plan.zero)
             c = pred[k:]
             u_sub = pred[:k]
-            g = self._combine(plan, c, u_sub, guided, gpos, pred) if k else c
+            pert = self._perturbed(orig, args, kwargs, n, b, plan, ev) if plan.perturb else None
+            combined = bool(k or pert)
+            g = self._combine(plan, c, u_sub, guided, gpos, pred, pert) if combined else c
             u = None
             if plan.zero:  # unevaluated samples: prediction 0 (an extra zero row, indexed)
                 pos = {r: i for i, r in enumerate(ev)}
@@ -300,11 +348,11 @@ class Tap:
                     u = pad(u_ev).index_select(0, ex)
                     u[torch.tensor([not v for v in plan.mask], device=pred.device)] = float("nan")
                 c = pad(c).index_select(0, ex)
-                g = pad(g).index_select(0, ex) if k else c
+                g = pad(g).index_select(0, ex) if combined else c
             elif lay is not None:  # every sample gets its group's result
                 ex = self._index(lay.expand, pred.device)
                 c = c.index_select(0, ex)
-                g = g.index_select(0, ex) if k else c
+                g = g.index_select(0, ex) if combined else c
                 if run.wants_calls and k:
                     ux = torch.tensor([gpos.index(lay.expand[j]) if plan.mask[j] else 0 for j in range(b)],
                                       device=pred.device)
