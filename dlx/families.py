@@ -70,8 +70,12 @@ class Family:
     cfg_switch: tuple[str, ...] = ()
     cfg_switch_also: tuple[str, ...] = ()
     scale_only_combines: bool = True
-    perturbation_guiders: tuple[str, ...] = ()  # none yet: the tap runs no third, perturbed pass
+    perturbation_guiders: tuple[str, ...] = ()  # run by the tap's third, perturbed pass
 
+
+#: the perturbation guiders the tap runs on a UNet (layers named by ``fqn``, e.g.
+#: ``mid_block.attentions.0.transformer_blocks``: diffusers' ``"auto"`` finds transformers' blocks only)
+_UNET_PERTURBATION = ("PerturbedAttentionGuidance", "SkipLayerGuidance", "SmoothedEnergyGuidance")
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -89,6 +93,7 @@ FAMILIES: dict[str, Family] = {
             latent_format="sd15",
             cfg_switch=("prompt_embeds",),
             cfg_switch_also=("mask", "masked_image_latents"),
+            perturbation_guiders=_UNET_PERTURBATION,
         ),
         Family(
             name="sd-controlnet",
@@ -118,6 +123,7 @@ FAMILIES: dict[str, Family] = {
             latent_format="sdxl",
             cfg_switch=("prompt_embeds", "add_text_embeds", "add_time_ids"),
             cfg_switch_also=("mask", "masked_image_latents"),
+            perturbation_guiders=_UNET_PERTURBATION,
         ),
         Family(
             name="sd3",
@@ -128,6 +134,7 @@ FAMILIES: dict[str, Family] = {
             latent_format="sd3",
             prediction="flow",
             cfg_switch=("prompt_embeds", "pooled_prompt_embeds"),  # SD3 img2img exposes no pooled: tap only
+            perturbation_guiders=("SkipLayerGuidance", "SmoothedEnergyGuidance"),
         ),
         Family(
             name="flux",
@@ -195,12 +202,22 @@ PERTURBATION_GUIDERS = {
     "SkipLayerGuidance": "a third pass with transformer layers skipped (skip-layer guidance)",
     "AutoGuidance": "a third pass of a weaker model (AutoGuidance, arXiv 2406.02507)",
 }
+#: why a perturbation guider does not run, per (family, guider) or per family
+_WHY_NOT = {
+    ("sd3", "PerturbedAttentionGuidance"): "diffusers 0.42.1's attention-score hooks do not know SD3's joint "
+                                           "attention processor (JointAttnProcessor2_0 is not registered)",
+    "sd-controlnet": "the ControlNet's residuals are computed for the rows of the CFG batch only, so the "
+                     "perturbed pass would have none",
+    "flux": "Flux runs true CFG as two calls per step and dlx's tap adds no third call there yet",
+    "AutoGuidance": "its weaker model's pass replaces the unconditional one, which dlx's tap does not run "
+                    "under hooks yet",
+}
 #: what works instead, per (family, guider)
 _INSTEAD = {
-    ("sd3", "SkipLayerGuidance"): " On SD3, call the pipeline with its own skip-layer guidance "
-                                  "(skip_guidance_layers=[7, 8, 9], skip_layer_guidance_scale=2.8): dlx observes it.",
-    ("sd", "PerturbedAttentionGuidance"): " diffusers' StableDiffusionPAGPipeline runs PAG itself (not a dlx family).",
-    ("sdxl", "PerturbedAttentionGuidance"): " diffusers' StableDiffusionXLPAGPipeline runs PAG itself (not a dlx family).",
+    ("sd3", "PerturbedAttentionGuidance"): " SkipLayerGuidance and SmoothedEnergyGuidance run on SD3.",
+    ("sd", "AutoGuidance"): " diffusers' modular pipelines run it.",
+    ("sdxl", "AutoGuidance"): " diffusers' modular pipelines run it.",
+    ("sd-controlnet", "PerturbedAttentionGuidance"): " diffusers' StableDiffusionControlNetPAGPipeline runs PAG itself.",
 }
 
 
@@ -210,8 +227,9 @@ def guider_support(family: Family, name: str) -> str | None:
     need = PERTURBATION_GUIDERS.get(name)
     if need is None or name in family.perturbation_guiders:
         return None
-    return (f"{name} is not supported on {family.name} pipelines: it needs {need}, which dlx's denoiser "
-            f"tap does not run yet (it evaluates the conditional and unconditional rows only)."
+    why = _WHY_NOT.get((family.name, name)) or _WHY_NOT.get(name) or _WHY_NOT.get(family.name) or \
+        "dlx's tap does not run its pass on this family"
+    return (f"{name} is not supported on {family.name} pipelines: it needs {need}, and {why}."
             f"{_INSTEAD.get((family.name, name), '')}")
 
 
