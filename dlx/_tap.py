@@ -164,7 +164,8 @@ class Tap:
     def _take(self, plan, lay, b: int, n: int):
         """Rows of the doubled batch to evaluate this step (cached for side modules), as
         (rows, evaluated samples, guided samples evaluated, their positions among the evaluated
-        samples, layout). Samples with ``plan.zero`` are not evaluated at all."""
+        samples, layout, guided samples whose unconditional rows are left to the perturbed
+        denoiser). Samples with ``plan.zero`` are not evaluated at all."""
         run = self.run
         cached = self._rows
         if cached is not None and cached[0] == run.step:
@@ -173,7 +174,9 @@ class Tap:
         zero = plan.zero
         ev = [r for r in reps if not zero[r]] if zero else list(reps)
         guided = [r for r in ev if plan.mask[r]]
-        if lay is None and not zero:
+        rules = plan.rule
+        hooked = [r for r in guided if getattr(rules[r], "perturbs_uncond", False)] if rules else []
+        if lay is None and not zero and not hooked:
             if not guided:
                 rows = slice(b, n)  # a view: bitwise the same rows diffusers' own cutoff keeps
             elif len(guided) == b:
@@ -182,10 +185,11 @@ class Tap:
                 rows = torch.tensor(guided + list(range(b, n)), dtype=torch.long)
             gpos = guided
         else:
-            rows = torch.tensor(guided + [b + r for r in ev], dtype=torch.long)
+            plain = [r for r in guided if r not in hooked] if hooked else guided
+            rows = torch.tensor(plain + [b + r for r in ev], dtype=torch.long)
             pos = {r: i for i, r in enumerate(ev)}
             gpos = [pos[r] for r in guided]
-        res = (rows, ev, guided, gpos, lay)
+        res = (rows, ev, guided, gpos, lay, hooked)
         self._rows = (run.step, res)
         return res
 
@@ -245,6 +249,32 @@ class Tap:
                 val = rule.combine(run, run.step, tuple(samples), cc, u, s)
             g[at_t] = val
         return g
+
+    def _perturbed_uncond(self, orig, args, kwargs, n: int, plan, guided, hooked, u_plain):
+        """The unconditional rows of ``hooked`` samples evaluated inside their rule's
+        ``perturbation`` (AutoGuidance's weaker model), merged with the main call's
+        unconditional rows ``u_plain`` into ``guided`` order."""
+        run = self.run
+        by_rule: dict = {}
+        for r in hooked:
+            by_rule.setdefault(id(plan.rule[r]), (plan.rule[r], []))[1].append(r)
+        order, preds = [], []
+        for rule, rs in by_rule.values():
+            rows = torch.tensor(rs, dtype=torch.long)
+            with rule.perturbation(run):
+                out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
+            order += rs
+            preds.append(_pred_of(out))
+        run.count(len(hooked), cond=False)  # rows only: the nominal unconditional pass is counted
+        hset = {r: i for i, r in enumerate(order)}
+        plain = [r for r in guided if r not in hset]
+        ppos = {r: i for i, r in enumerate(plain)}
+        allp = torch.cat([u_plain, *preds]) if u_plain.shape[0] else (preds[0] if len(preds) == 1 else torch.cat(preds))
+        off = u_plain.shape[0]
+        idx = [ppos[r] if r in ppos else off + hset[r] for r in guided]
+        if idx == list(range(len(idx))):
+            return allp
+        return allp.index_select(0, torch.tensor(idx, device=allp.device))
 
     def _perturbed(self, orig, args, kwargs, n: int, b: int, plan, ev):
         """The perturbed passes of a step: each rule's samples' conditional rows evaluated inside
@@ -308,7 +338,7 @@ class Tap:
                         self._last = (run.step, call, c)
                         run.observe(call)
                 return out
-            rows, ev, guided, gpos, lay = self._take(plan, lay, b, n)
+            rows, ev, guided, gpos, lay, hooked = self._take(plan, lay, b, n)
             if not ev:  # every sample zeroed: no evaluation at all
                 if not denoiser:  # a side module's output is not used by the skipped denoiser call
                     return orig(*_take_rows(args, n, slice(0, 1)), **_take_rows(kwargs, n, slice(0, 1)))
@@ -329,9 +359,12 @@ class Tap:
                 return out  # side module outputs already have the sub-batch's rows
             pred = _pred_of(out)
             k, m = len(guided), len(ev)
-            run.count(k + m, cond=True, uncond=plan.mask, zero=plan.zero)
-            c = pred[k:]
-            u_sub = pred[:k]
+            kp = k - len(hooked)  # unconditional rows the main call evaluated
+            run.count(kp + m, cond=True, uncond=plan.mask, zero=plan.zero)
+            c = pred[kp:]
+            u_sub = pred[:kp]
+            if hooked:
+                u_sub = self._perturbed_uncond(orig, args, kwargs, n, plan, guided, hooked, u_sub)
             pert = self._perturbed(orig, args, kwargs, n, b, plan, ev) if plan.perturb else None
             combined = bool(k or pert)
             g = self._combine(plan, c, u_sub, guided, gpos, pred, pert) if combined else c
@@ -356,7 +389,7 @@ class Tap:
                 if run.wants_calls and k:
                     ux = torch.tensor([gpos.index(lay.expand[j]) if plan.mask[j] else 0 for j in range(b)],
                                       device=pred.device)
-                    u = pred[:k].index_select(0, ux)
+                    u = u_sub.index_select(0, ux)
                     u[torch.tensor([not v for v in plan.mask], device=pred.device)] = float("nan")
             elif run.wants_calls and k:
                 gidx = slice(0, m) if k == m else torch.tensor(gpos, device=pred.device)

@@ -75,7 +75,7 @@ class Family:
 
 #: the perturbation guiders the tap runs on a UNet (layers named by ``fqn``, e.g.
 #: ``mid_block.attentions.0.transformer_blocks``: diffusers' ``"auto"`` finds transformers' blocks only)
-_UNET_PERTURBATION = ("PerturbedAttentionGuidance", "SkipLayerGuidance", "SmoothedEnergyGuidance")
+_UNET_PERTURBATION = ("PerturbedAttentionGuidance", "SkipLayerGuidance", "SmoothedEnergyGuidance", "AutoGuidance")
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -134,7 +134,7 @@ FAMILIES: dict[str, Family] = {
             latent_format="sd3",
             prediction="flow",
             cfg_switch=("prompt_embeds", "pooled_prompt_embeds"),  # SD3 img2img exposes no pooled: tap only
-            perturbation_guiders=("SkipLayerGuidance", "SmoothedEnergyGuidance"),
+            perturbation_guiders=("SkipLayerGuidance", "SmoothedEnergyGuidance", "AutoGuidance"),
         ),
         Family(
             name="flux",
@@ -200,7 +200,7 @@ PERTURBATION_GUIDERS = {
     "PerturbedAttentionGuidance": "a third, attention-perturbed pass per step (PAG, arXiv 2403.17377)",
     "SmoothedEnergyGuidance": "a third pass with blurred attention queries (SEG, arXiv 2408.00760)",
     "SkipLayerGuidance": "a third pass with transformer layers skipped (skip-layer guidance)",
-    "AutoGuidance": "a third pass of a weaker model (AutoGuidance, arXiv 2406.02507)",
+    "AutoGuidance": "its unconditional pass through a weaker model (AutoGuidance, arXiv 2406.02507)",
 }
 #: why a perturbation guider does not run, per (family, guider) or per family
 _WHY_NOT = {
@@ -209,14 +209,10 @@ _WHY_NOT = {
     "sd-controlnet": "the ControlNet's residuals are computed for the rows of the CFG batch only, so the "
                      "perturbed pass would have none",
     "flux": "Flux runs true CFG as two calls per step and dlx's tap adds no third call there yet",
-    "AutoGuidance": "its weaker model's pass replaces the unconditional one, which dlx's tap does not run "
-                    "under hooks yet",
 }
 #: what works instead, per (family, guider)
 _INSTEAD = {
     ("sd3", "PerturbedAttentionGuidance"): " SkipLayerGuidance and SmoothedEnergyGuidance run on SD3.",
-    ("sd", "AutoGuidance"): " diffusers' modular pipelines run it.",
-    ("sdxl", "AutoGuidance"): " diffusers' modular pipelines run it.",
     ("sd-controlnet", "PerturbedAttentionGuidance"): " diffusers' StableDiffusionControlNetPAGPipeline runs PAG itself.",
 }
 

@@ -45,7 +45,11 @@ What dlx decides (a researcher comparing methods needs each one stated):
   perturbed-only branch combines (``skip + s·(c − skip)``). Which run where is in
   ``dlx.families`` (``guider_support``); the others are refused before the call, naming the
   guider and the family, and so is a compiled denoiser (its graph would change every step).
-  AutoGuidance (its weaker model replaces the unconditional pass) is not run yet. SD3's own
+* **AutoGuidance** runs its unconditional pass through the perturbed denoiser (Karras et al.'s
+  "bad version" of the model, here diffusers' layer skips on the negative prompt's rows, as its
+  modular pipelines do): the tap evaluates those rows inside ``_Rule.perturbation`` instead of in
+  the main call, so NFE is CFG's. Only ``dropout=1.0``: diffusers' dropout < 1 draws at random
+  from torch's global generator at every pass, and a run would not follow from its seed. SD3's own
   skip-layer guidance through the pipeline's ``skip_guidance_layers`` still works (the tap
   observes it); ``Guider(SkipLayerGuidance(...))`` equals it bitwise where the windows agree.
 
@@ -129,14 +133,18 @@ def _zero_init(guider) -> bool:
             and guider._step < guider.zero_init_steps)
 
 
-# The perturbation guiders: class -> (the check of their perturbed pass's window, their hook
-# configs, their hook names). Their ``_is_cfg_enabled`` is the check of the unconditional pass.
+# The guiders that evaluate a perturbed denoiser: class -> (the check of the window of the pass
+# it perturbs, their hook configs, their hook names). PAG, SLG and SEG perturb a third pass of
+# the conditional rows (their ``_is_cfg_enabled`` is the check of the unconditional pass);
+# AutoGuidance perturbs the unconditional pass itself (the "bad version" of the model).
 _PERTURBED = {
     "SkipLayerGuidance": ("_is_slg_enabled", "skip_layer_config", "_skip_layer_hook_names"),
     "PerturbedAttentionGuidance": ("_is_slg_enabled", "skip_layer_config", "_skip_layer_hook_names"),
     "SmoothedEnergyGuidance": ("_is_seg_enabled", "seg_guidance_config", "_seg_layer_hook_names"),
+    "AutoGuidance": ("_is_ag_enabled", "auto_guidance_config", "_auto_guidance_hook_names"),
 }
-#: the perturbation guiders a ``Guider`` runs (a third, perturbed pass) where a family allows
+_UNCOND_PERTURBED = ("AutoGuidance",)
+#: the perturbation guiders a ``Guider`` runs where a family allows
 PERTURBED = tuple(_PERTURBED)
 
 
@@ -338,7 +346,10 @@ class _Rule:
         self.momentum = _has_momentum(guider)
         self.fdg = name == "FrequencyDecoupledGuidance"
         self.flatten = type(guider).__name__ == "MagnitudeAwareGuidance"
-        self.perturbing = name in _PERTURBED  # a third, perturbed pass (SLG, PAG, SEG)
+        self.perturbing = name in _PERTURBED and name not in _UNCOND_PERTURBED  # a third pass (SLG, PAG, SEG)
+        #: the unconditional pass runs through the perturbed denoiser (AutoGuidance): the tap
+        #: evaluates these samples' unconditional rows inside ``perturbation``
+        self.perturbs_uncond = name in _UNCOND_PERTURBED
         self.running: dict[int, torch.Tensor] = {}  # per-sample momentum (APG, APG-Mix)
         self._modules: list | None = None  # the denoiser's modules (restored after a perturbed pass)
 
@@ -360,6 +371,8 @@ class _Rule:
         g = self.guider
         if self.perturbing:
             return _cfg_on(g), False, _perturb_on(g)
+        if self.perturbs_uncond:
+            return _perturb_on(g), False, False
         z = _zero_init(g)
         return not z and _needs_uncond(g), z, False
 
@@ -439,6 +452,7 @@ class Guider(Part):
     2503.18886), TCFG (Kwon et al. 2025, arXiv 2503.18137), FDG (Sadat et al. 2025, arXiv
     2506.19713), MAMBO-G (arXiv 2508.03442); and with a third, perturbed pass PAG (Ahn et al.
     2024, arXiv 2403.17377), SLG (Stability AI, SD 3.5) and SEG (Hong 2024, arXiv 2408.00760);
+    AutoGuidance (Karras et al. 2024, arXiv 2406.02507) with its unconditional pass perturbed;
     see the module docstring for scale, rescale, window, perturbed-pass and per-sample semantics.
     After a run ``report`` holds each sample's guider, the steps it guided, zeroed and perturbed,
     and the run's NFE.
@@ -475,6 +489,13 @@ class Guider(Part):
                 raise DlxError(f"argument `{where}`: {name} is not a guider dlx knows; it runs "
                                f"{list(COMBINATION) + list(PERTURBED)}")
             _config_of(g)  # every value JSON: checked now, not when a sweep stores it
+            if name == "AutoGuidance" and any(not math.isclose(c.dropout, 1.0) for c in g.auto_guidance_config):
+                raise DlxError(
+                    f"argument `{'guider' if not self.per_sample else f'guider[{i}]'}`: AutoGuidance with dropout "
+                    f"{[c.dropout for c in g.auto_guidance_config]} draws its weaker model at random at every pass "
+                    f"(diffusers applies torch.nn.functional.dropout in training mode, from torch's global "
+                    f"generator), so a run would not follow from its seed and a sweep row would not equal its "
+                    f"config run alone: use dropout=1.0 (the layers skipped)")
         self.report: dict = {}
         self._rules: list[_Rule] = []
         self._per: list[int] = []  # sample -> index into _rules
@@ -506,7 +527,7 @@ class Guider(Part):
             why = guider_support(fam, type(g).__name__)
             if why is not None:
                 raise DlxError(why)
-        perturbing = [g for g in self.guiders if type(g).__name__ in _PERTURBED]
+        perturbing = [g for g in self.guiders if type(g).__name__ in _PERTURBED]  # AutoGuidance too
         if perturbing:
             self._check_perturbation(run, perturbing)
         if any(isinstance(p, GuidanceSchedule) for p in getattr(run, "parts", ())):

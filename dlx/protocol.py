@@ -60,6 +60,8 @@ class Guide(NamedTuple):
     and its ``combine`` takes ``perturbed=`` (that pass's predictions) and ``uncond=None`` for a
     sample whose unconditional pass does not run. The perturbed pass follows the rule's own
     window, not the mask (a ``CFGCutoff`` cuts the unconditional pass only); it counts one NFE.
+    A rule with ``perturbs_uncond = True`` (AutoGuidance) has its guided samples' unconditional
+    rows evaluated inside its ``perturbation(run)`` instead of in the main call (no extra NFE).
     """
 
     mask: Sequence[bool] | None = None

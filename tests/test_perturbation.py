@@ -153,6 +153,59 @@ def test_perturbed_pass_is_diffusers_own_and_the_step_is_the_guiders_forward(cas
         assert (ref - cond).abs().max() > 1e-4, "the perturbation changes the prediction"
 
 
+AUTO = {
+    "sd": lambda: G.AutoGuidance(guidance_scale=4.0, auto_guidance_config={"indices": [0], "fqn": MID, "dropout": 1.0}),
+    "sd3": lambda: G.AutoGuidance(guidance_scale=4.0, auto_guidance_layers=[0], dropout=1.0, stop=0.75),
+}
+
+
+@pytest.mark.parametrize("family", sorted(AUTO))
+def test_autoguidance_runs_the_unconditional_pass_through_diffusers_weaker_model(family):
+    pipe = pipe_for(family)
+    den = getattr(pipe, "unet" if family != "sd3" else "transformer")
+    run(pipe, family, steps=1, guidance_scale=4.0)
+    before = pipeline_state(pipe)
+    spy, calls, part = _Spy(den), _Calls(), dlx.Guider(AUTO[family]())
+    den.forward = spy
+    try:
+        with dlx.record(pipe, part, calls) as trace:
+            run(pipe, family, steps=4, guidance_scale=4.0)
+    finally:
+        del den.forward
+    assert pipeline_state(pipe) == before
+    guided = part.report["guided_steps"][0]
+    assert guided == ([0, 1, 2, 3] if family == "sd" else [0, 1, 2])  # diffusers' window int(.75·4) = 3
+    assert trace.nfe == [4.0 + len(guided)], "one unconditional pass per guided step, as CFG"
+    hooked = [c for c in spy.calls if c[0]]
+    plain = [c for c in spy.calls if not c[0]]
+    assert len(hooked) == len(guided) and len(plain) == 4
+    if family == "sd":  # the weaker model sees the negative prompt: the pipeline's unconditional rows
+        _, neg = pipe.encode_prompt("a red circle", "cpu", 1, True)
+        assert all(bitwise(kw["encoder_hidden_states"], neg) for _, _, kw, _ in hooked)
+    ref_guider = AUTO[family]()
+    for step, (_, args, kwargs, out) in zip(guided, hooked):
+        ref_guider.set_state(step, 4, None)
+        with modules_restored(list(den.modules())):
+            for cfg in ref_guider.auto_guidance_config:  # diffusers 0.42.1: an int from `auto_guidance_layers`
+                cfg.indices = [cfg.indices] if isinstance(cfg.indices, int) else cfg.indices
+            if family == "sd3":  # its block-skip hook returns SD3's pair reversed (0.42.1): the model's own skip
+                ref = den(*args, **kwargs, skip_layers=[0])
+            else:
+                for _ in range(2):  # conditional, then unconditional: the second is hooked
+                    ref_guider.prepare_models(den)
+                ref = den(*args, **kwargs)
+            ref = ref[0] if isinstance(ref, tuple) else ref.sample
+        assert bitwise(out, ref), f"step {step}: the weaker model is diffusers' hooked denoiser"
+        cond, uncond, g = calls.steps[step]
+        assert bitwise(uncond, out)
+        torch.testing.assert_close(g, ref_guider.forward(cond, ref).pred, rtol=0, atol=1e-6)
+
+
+def test_autoguidance_with_random_dropout_is_refused_when_built():
+    with pytest.raises(DlxError, match="dropout"):
+        dlx.Guider(G.AutoGuidance(auto_guidance_layers=[0], dropout=0.5))
+
+
 def test_slg_on_sd3_is_the_pipelines_own_skip_layer_guidance_bitwise():
     pipe = pipe_for("sd3")
     native = run(pipe, "sd3", steps=4, guidance_scale=3.0, skip_guidance_layers=[0], skip_layer_guidance_scale=2.0,
@@ -199,13 +252,13 @@ def test_a_cutoff_cuts_the_unconditional_pass_and_the_perturbed_pass_keeps_its_w
 
 def test_mixed_perturbation_and_combination_guiders_in_one_batch_equal_each_sample_alone():
     pipe = pipe_for("sd")
-    gs = [CASES["sd-pag"][1](), G.ClassifierFreeGuidance(guidance_scale=4.0), CASES["sd-slg"][1]()]
+    gs = [CASES["sd-pag"][1](), G.ClassifierFreeGuidance(guidance_scale=4.0), CASES["sd-slg"][1](), AUTO["sd"]()]
     batch = None
     with dlx.attach(pipe, dlx.Guider(gs)):
-        batch = run(pipe, "sd", steps=4, guidance_scale=4.0, batch=3)
+        batch = run(pipe, "sd", steps=4, guidance_scale=4.0, batch=4)
     for j, g in enumerate(gs):
         with dlx.attach(pipe, dlx.Guider(g)):
-            alone = run(pipe, "sd", steps=4, guidance_scale=4.0, batch=3)[j]
+            alone = run(pipe, "sd", steps=4, guidance_scale=4.0, batch=4)[j]
         torch.testing.assert_close(batch[j], alone, **BATCH_TOL)
 
 
@@ -236,8 +289,8 @@ def test_hooks_are_undone_when_the_call_fails_mid_run_and_a_users_own_hooks_surv
 
 
 def test_perturbation_guiders_record_and_rebuild_through_the_one_config_format():
-    for case in sorted(CASES):
-        part = dlx.Guider(CASES[case][1]())
+    for make in [m for _, m in CASES.values()] + list(AUTO.values()):
+        part = dlx.Guider(make())
         cfg = part.config()
         back = dlx.part_from_config(json.loads(json.dumps(cfg)))
         assert back.config() == cfg
@@ -253,7 +306,8 @@ def test_sweep_rows_with_a_perturbation_guider_equal_the_config_run_alone(tmp_pa
 
     pipe = pipe_for("sd")
     slg = dlx.Guider(CASES["sd-slg"][1]())
-    configs = {"cfg": None, "slg": slg, "slg@0.5": [slg, dlx.CFGCutoff(0.5)], "pag": dlx.Guider(CASES["sd-pag"][1]())}
+    configs = {"cfg": None, "slg": slg, "slg@0.5": [slg, dlx.CFGCutoff(0.5)], "pag": dlx.Guider(CASES["sd-pag"][1]()),
+               "auto@0.5": [dlx.Guider(AUTO["sd"]()), dlx.CFGCutoff(0.5)]}
     res = dlx.sweep(pipe, prompts=["a red circle"], seeds=[0, 1], steps=4, guidance_scale=4.0, configs=configs,
                     out=tmp_path, progress=False, metrics=[])
     f = res.frame
@@ -271,13 +325,13 @@ def test_sweep_rows_with_a_perturbation_guider_equal_the_config_run_alone(tmp_pa
             got = np.asarray(im.convert("RGB")).astype("int16")
         assert np.abs(got - want).max() <= 1, r.config
     # 4 conditional; unconditional at every guided step; perturbed at int(0·4) < i < int(.75·4)
-    assert nfe == {"cfg": 8.0, "slg": 10.0, "slg@0.5": 8.0, "pag": 11.0}
+    assert nfe == {"cfg": 8.0, "slg": 10.0, "slg@0.5": 8.0, "pag": 11.0, "auto@0.5": 6.0}
     # the predicted standalone time counts the perturbed passes (one conditional call each)
     from dlx.sweeps.cost import predict_ms
 
     c = res.costs("eager")[(4, 4.0)]
     for r in f.itertuples():
-        passes = {"cfg": 0, "slg": 2, "slg@0.5": 2, "pag": 3}[r.config]
+        passes = {"cfg": 0, "slg": 2, "slg@0.5": 2, "pag": 3, "auto@0.5": 0}[r.config]
         assert r.time_eager_s == pytest.approx(predict_ms(c, r.guided_steps, 4, passes) / 1e3)
     s = res.summary().set_index("config")
     assert s.loc["pag", "time_eager_vs_full"] > s.loc["cfg", "time_eager_vs_full"] == 1.0
@@ -285,7 +339,7 @@ def test_sweep_rows_with_a_perturbation_guider_equal_the_config_run_alone(tmp_pa
 
 @pytest.mark.parametrize("family,make,match", [
     ("sd3", lambda: _pag(), "JointAttnProcessor2_0"),
-    ("sd", lambda: G.AutoGuidance(auto_guidance_layers=[0], dropout=1.0), "AutoGuidance is not supported on sd"),
+    ("flux", lambda: G.AutoGuidance(auto_guidance_layers=[0], dropout=1.0), "AutoGuidance is not supported on flux"),
     ("flux", lambda: G.SkipLayerGuidance(skip_layer_guidance_layers=[0]), "not supported on flux"),
     ("sd", lambda: G.PerturbedAttentionGuidance(perturbed_guidance_layers=[0]), "transformer-block lists"),
     ("sd", lambda: G.SkipLayerGuidance(skip_layer_config={"indices": [99], "fqn": MID}), "indices"),
