@@ -105,6 +105,7 @@ class Tap:
         self._single_rows: tuple | None = None  # the same for steps without the CFG batch (Share)
         self._cond_out = None  # Flux: this step's cond output, reused when uncond is skipped
         self._pending_cond = None  # Flux without true CFG: the cond call to observe at step end
+        self._pert = None  # Flux: (step, this step's perturbed pass) from the cond call
         self._true_cfg = False
         self._checked = False  # dlx.Share's promise, checked on the first call
         self._indices: dict = {}
@@ -276,10 +277,12 @@ class Tap:
             return allp
         return allp.index_select(0, torch.tensor(idx, device=allp.device))
 
-    def _perturbed(self, orig, args, kwargs, n: int, b: int, plan, ev):
-        """The perturbed passes of a step: each rule's samples' conditional rows evaluated inside
-        the rule's ``perturbation`` (the denoiser's modules changed, then restored); returns
-        (samples, their positions among ``ev``, predictions) or None."""
+    def _perturbed(self, orig, args, kwargs, n: int, offset: int, plan, ev):
+        """The perturbed passes of a step: each rule's samples' conditional rows (at ``offset`` in
+        the call's ``n`` rows: after the unconditional half of a doubled batch, 0 in Flux's
+        conditional call) evaluated inside the rule's ``perturbation`` (the denoiser's modules
+        changed, then restored); returns (samples, their positions among ``ev``, predictions)
+        or None."""
         run = self.run
         per = plan.perturb
         samples = [r for r in ev if per[r]]
@@ -291,7 +294,7 @@ class Tap:
             by_rule.setdefault(id(plan.rule[r]), (plan.rule[r], []))[1].append(r)
         order, preds = [], []
         for rule, rs in by_rule.values():
-            rows = torch.tensor([b + r for r in rs], dtype=torch.long)
+            rows = torch.tensor([offset + r for r in rs], dtype=torch.long)
             with rule.perturbation(run):
                 out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
             order += rs
@@ -365,7 +368,7 @@ class Tap:
             u_sub = pred[:kp]
             if hooked:
                 u_sub = self._perturbed_uncond(orig, args, kwargs, n, plan, guided, hooked, u_sub)
-            pert = self._perturbed(orig, args, kwargs, n, b, plan, ev) if plan.perturb else None
+            pert = self._perturbed(orig, args, kwargs, n, b, plan, ev) if plan.perturb else None  # cond rows at b
             combined = bool(k or pert)
             g = self._combine(plan, c, u_sub, guided, gpos, pred, pert) if combined else c
             u = None
@@ -482,6 +485,9 @@ class Tap:
                 else:
                     out = orig(*args, **kwargs)
                     run.count(b, cond=True)
+                self._pert = None
+                if plan is not None and plan.perturb:  # the perturbed pass of the conditional rows
+                    self._pert = (run.step, self._perturbed(orig, args, kwargs, b, 0, plan, list(range(b))))
                 self._cond_out = (run.step, out)
                 if run.wants_calls:
                     self._pending_cond = (x, _pred_of(out), _timestep_of(args, kwargs))
@@ -500,14 +506,26 @@ class Tap:
                 u = None
             else:
                 rows = torch.tensor(guided, dtype=torch.long)
-                sub = orig(*_take_rows(args, b, rows), **_take_rows(kwargs, b, rows))
-                u_sub = _pred_of(sub)
+                hooked = [r for r in guided if getattr(plan.rule[r], "perturbs_uncond", False)] if plan.rule else []
+                if not hooked:
+                    sub = orig(*_take_rows(args, b, rows), **_take_rows(kwargs, b, rows))
+                    u_sub = _pred_of(sub)
+                else:  # AutoGuidance: these samples' unconditional rows through the weaker model
+                    plain = [r for r in guided if r not in hooked]
+                    if plain:
+                        pr = torch.tensor(plain, dtype=torch.long)
+                        sub = orig(*_take_rows(args, b, pr), **_take_rows(kwargs, b, pr))
+                        u_plain = _pred_of(sub)
+                    else:
+                        u_plain = c[:0]
+                    u_sub = self._perturbed_uncond(orig, args, kwargs, b, plan, guided, hooked, u_plain)
                 u_full = c.clone()
                 u_full[rows.to(c.device)] = u_sub
                 out = _with_pred(cond_out, u_full)
                 u = torch.full_like(c, float("nan"))
                 u[rows.to(c.device)] = u_sub
-            run.count(len(guided) if not plan.passthrough else b, cond=False, uncond=plan.mask)
+            nh = len(hooked) if guided and not plan.passthrough else 0  # counted by _perturbed_uncond
+            run.count(len(guided) - nh if not plan.passthrough else b, cond=False, uncond=plan.mask)
             s = plan.default
             if u is None:
                 g = c
@@ -520,15 +538,21 @@ class Tap:
                 # carry it: the conditional output it already holds is overwritten in place, and
                 # the negative one returned as g too (g + s·(g − g) = g).
                 cond_seen = c.clone() if run.wants_calls else c
-                if plan.rule and guided:
-                    g_rows = self._combine(plan, c[rows.to(c.device)], u_sub, guided, list(range(len(guided))), c)
+                pert = self._pert[1] if self._pert is not None and self._pert[0] == step else None
+                if plan.rule and (guided or pert):
+                    # every sample is "evaluated" here (its conditional output is c's row)
+                    u_rows = u_sub if guided else c[:0]
                     g = g.clone()
-                    g[rows.to(c.device)] = g_rows
+                    g_all = self._combine(plan, c, u_rows, guided, guided, c, pert)
+                    at = [j for j in range(b) if plan.rule[j] is not None and (plan.mask[j] or (pert and j in pert[0]))]
+                    if at:
+                        at_t = torch.tensor(at, device=c.device)
+                        g[at_t] = g_all[at_t]
                 if plan.zero:
                     g = g.clone()
                     g[torch.tensor(plan.zero, device=c.device)] = 0
                 changed = [j for j in range(b) if (plan.rule and plan.rule[j] is not None and plan.mask[j])
-                           or (plan.zero and plan.zero[j])]
+                           or (plan.zero and plan.zero[j]) or (plan.perturb and plan.perturb[j])]
                 if changed:  # (none where a rule's window is closed at this step)
                     at = torch.tensor(changed, dtype=torch.long, device=c.device)
                     c[at] = g[at]

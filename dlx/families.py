@@ -149,6 +149,7 @@ FAMILIES: dict[str, Family] = {
             scale_schedules=False,  # the pipeline applies true_cfg_scale itself, from a local
             scale_only_combines=False,  # guidance_scale is the distilled `guidance` embedding's input
             share=False,  # two calls per step: not supported
+            perturbation_guiders=("SkipLayerGuidance", "AutoGuidance"),
         ),
     ]
 }
@@ -208,11 +209,16 @@ _WHY_NOT = {
                                            "attention processor (JointAttnProcessor2_0 is not registered)",
     "sd-controlnet": "the ControlNet's residuals are computed for the rows of the CFG batch only, so the "
                      "perturbed pass would have none",
-    "flux": "Flux runs true CFG as two calls per step and dlx's tap adds no third call there yet",
+    ("flux", "PerturbedAttentionGuidance"): "diffusers 0.42.1's attention hooks fail on Flux's attention "
+                                            "(FluxAttention has no is_cross_attention)",
+    ("flux", "SmoothedEnergyGuidance"): "diffusers 0.42.1's attention hooks fail on Flux's attention "
+                                        "(FluxAttention has no is_cross_attention)",
 }
 #: what works instead, per (family, guider)
 _INSTEAD = {
-    ("sd3", "PerturbedAttentionGuidance"): " SkipLayerGuidance and SmoothedEnergyGuidance run on SD3.",
+    ("sd3", "PerturbedAttentionGuidance"): " SkipLayerGuidance, SmoothedEnergyGuidance and AutoGuidance run on SD3.",
+    ("flux", "PerturbedAttentionGuidance"): " SkipLayerGuidance and AutoGuidance run on Flux.",
+    ("flux", "SmoothedEnergyGuidance"): " SkipLayerGuidance and AutoGuidance run on Flux.",
     ("sd-controlnet", "PerturbedAttentionGuidance"): " diffusers' StableDiffusionControlNetPAGPipeline runs PAG itself.",
 }
 

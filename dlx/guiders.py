@@ -40,7 +40,7 @@ What dlx decides (a researcher comparing methods needs each one stated):
   leaves every module of the denoiser as found (``_diffusers.modules_restored``); the guider's
   ``forward(cond, uncond, perturbed)`` combines. The perturbed pass follows the guider's own
   window, diffusers' ``int(start·N) < i < int(stop·N)`` (strict at both ends, so never step 0),
-  and counts one NFE per sample. dlx's windows (``CFGCutoff``, ``GuidanceInterval`` …) cut the
+  and counts one NFE per sample (on Flux it runs beside the step's conditional call). dlx's windows (``CFGCutoff``, ``GuidanceInterval`` …) cut the
   unconditional pass only; where they do and the perturbed pass runs, the guider's own
   perturbed-only branch combines (``skip + s·(c − skip)``). Which run where is in
   ``dlx.families`` (``guider_support``); the others are refused before the call, naming the
@@ -568,8 +568,19 @@ class Guider(Part):
                            f"step, which a compiled denoiser (torch.compile) would recompile each time: attach it to "
                            f"the uncompiled {fam.denoiser}")
         modules = list(den.modules())
+        from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+        found = sorted(i for i in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS if hasattr(den, i))
         for g in guiders:
             trial = _copy(g)
+            auto = [c for c in getattr(trial, _PERTURBED[type(trial).__name__][1]) if c.fqn == "auto"]
+            if auto and len(found) > 1:
+                # diffusers 0.42.1 takes the first of a set of names whose order changes from one
+                # Python process to the next (string hashing): the perturbed blocks would too
+                raise DlxError(f"{type(g).__name__}'s fqn=\"auto\" is ambiguous on {pipe}'s {fam.denoiser} "
+                               f"({type(den).__name__} has {found}) and diffusers picks one in an order that changes "
+                               f"between Python processes: name the blocks, e.g. {{'indices': [0], 'fqn': "
+                               f"'{found[-1]}'}}")
             try:
                 with modules_restored(modules, _hook_names(trial)):
                     _apply_perturbation(trial, den)

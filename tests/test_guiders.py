@@ -316,7 +316,8 @@ def test_every_covered_guider_is_a_combination_guider_and_perturbation_ones_are_
     assert set(COMBINATION) <= set(dir(G)) and set(PERTURBATION_GUIDERS) <= set(dir(G))
     runs = {"sd": {"PerturbedAttentionGuidance", "SkipLayerGuidance", "SmoothedEnergyGuidance", "AutoGuidance"},
             "sdxl": {"PerturbedAttentionGuidance", "SkipLayerGuidance", "SmoothedEnergyGuidance", "AutoGuidance"},
-            "sd3": {"SkipLayerGuidance", "SmoothedEnergyGuidance", "AutoGuidance"}}  # tests/test_perturbation.py runs each
+            "sd3": {"SkipLayerGuidance", "SmoothedEnergyGuidance", "AutoGuidance"},
+            "flux": {"SkipLayerGuidance", "AutoGuidance"}}  # tests/test_perturbation.py runs each
     for fam in FAMILIES.values():
         for name in COMBINATION:
             assert guider_support(fam, name) is None

@@ -206,6 +206,63 @@ def test_autoguidance_with_random_dropout_is_refused_when_built():
         dlx.Guider(G.AutoGuidance(auto_guidance_layers=[0], dropout=0.5))
 
 
+def _identity_block(block):
+    """A Flux transformer block replaced by the identity: (encoder_hidden_states, hidden_states) in,
+    out in the block's own order (the reference for a skipped block)."""
+    def forward(*args, **kwargs):
+        return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
+    return forward
+
+
+@pytest.mark.parametrize("kind", ["slg", "auto"])
+def test_flux_skip_layer_and_autoguidance_equal_the_model_with_the_block_removed(kind):
+    pipe = pipe_for("flux")
+    den = pipe.transformer
+    if kind == "slg":
+        make = lambda: G.SkipLayerGuidance(  # noqa: E731
+            guidance_scale=4.0, skip_layer_guidance_scale=2.0, skip_layer_guidance_start=0.0,
+            skip_layer_guidance_stop=1.0, skip_layer_config={"indices": [0], "fqn": "transformer_blocks"})
+    else:
+        make = lambda: G.AutoGuidance(  # noqa: E731
+            guidance_scale=4.0, auto_guidance_config={"indices": [0], "fqn": "transformer_blocks", "dropout": 1.0})
+    run(pipe, "flux", steps=1, guidance_scale=4.0)
+    before = pipeline_state(pipe)
+    spy, calls, part = _Spy(den), _Calls(), dlx.Guider(make())
+    den.forward = spy
+    try:
+        with dlx.record(pipe, part, calls) as trace:
+            run(pipe, "flux", steps=4, guidance_scale=4.0)
+    finally:
+        del den.forward
+    assert pipeline_state(pipe) == before
+    hooked = [c for c in spy.calls if c[0]]
+    steps = part.report["perturbed_steps"][0] if kind == "slg" else part.report["guided_steps"][0]
+    assert steps == ([1, 2, 3] if kind == "slg" else [0, 1, 2, 3]) and len(hooked) == len(steps)
+    assert trace.nfe == [4.0 + 4 + len(steps) if kind == "slg" else 8.0]
+    block = den.transformer_blocks[0]
+    for step, (_, args, kwargs, out) in zip(steps, hooked):
+        block.forward = _identity_block(block)
+        try:
+            ref = den(*args, **kwargs)
+        finally:
+            del block.forward
+        ref = ref[0] if isinstance(ref, tuple) else ref.sample
+        assert bitwise(out, ref), f"step {step}: the perturbed pass is the model without the block"
+        cond, uncond, g = calls.steps[step]
+        want = make()
+        want.set_state(step, 4, None)
+        want = want.forward(cond, uncond, ref).pred if kind == "slg" else want.forward(cond, ref).pred
+        torch.testing.assert_close(g, want, rtol=0, atol=1e-6)
+
+
+def test_an_ambiguous_auto_fqn_is_refused_on_flux():
+    pipe = pipe_for("flux")
+    with pytest.raises(DlxError, match="ambiguous") as e:
+        with dlx.attach(pipe, dlx.Guider(G.SkipLayerGuidance(skip_layer_guidance_layers=[0]))):
+            run(pipe, "flux", steps=2, guidance_scale=4.0)
+    assert "single_transformer_blocks" in str(e.value)
+
+
 def test_slg_on_sd3_is_the_pipelines_own_skip_layer_guidance_bitwise():
     pipe = pipe_for("sd3")
     native = run(pipe, "sd3", steps=4, guidance_scale=3.0, skip_guidance_layers=[0], skip_layer_guidance_scale=2.0,
@@ -339,8 +396,9 @@ def test_sweep_rows_with_a_perturbation_guider_equal_the_config_run_alone(tmp_pa
 
 @pytest.mark.parametrize("family,make,match", [
     ("sd3", lambda: _pag(), "JointAttnProcessor2_0"),
-    ("flux", lambda: G.AutoGuidance(auto_guidance_layers=[0], dropout=1.0), "AutoGuidance is not supported on flux"),
-    ("flux", lambda: G.SkipLayerGuidance(skip_layer_guidance_layers=[0]), "not supported on flux"),
+    ("flux", lambda: _pag(), "PerturbedAttentionGuidance is not supported on flux"),
+    ("sd-controlnet", lambda: G.SkipLayerGuidance(skip_layer_config={"indices": [0], "fqn": MID}),
+     "not supported on sd-controlnet"),
     ("sd", lambda: G.PerturbedAttentionGuidance(perturbed_guidance_layers=[0]), "transformer-block lists"),
     ("sd", lambda: G.SkipLayerGuidance(skip_layer_config={"indices": [99], "fqn": MID}), "indices"),
 ])
