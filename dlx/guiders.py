@@ -60,6 +60,7 @@ What dlx decides (a researcher comparing methods needs each one stated):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import numbers
@@ -352,6 +353,10 @@ class _Rule:
         self.perturbs_uncond = name in _UNCOND_PERTURBED
         self.running: dict[int, torch.Tensor] = {}  # per-sample momentum (APG, APG-Mix)
         self._modules: list | None = None  # the denoiser's modules (restored after a perturbed pass)
+        #: equal for rules of the same guider class and configuration: what ``dlx.Share`` groups
+        #: samples on, so two sweep rows of one guider share their guided prefix (taken now: the
+        #: hook helpers rewrite a perturbation guider's layer configs in place)
+        self.key = ("Guider", name, json.dumps(_config_of(guider), sort_keys=True))
 
     @property
     def stateful(self) -> bool:

@@ -52,7 +52,9 @@ class Guide(NamedTuple):
     the pipeline's ``guidance_rescale``), else an object with ``combine(run, step, samples, cond,
     uncond, scale) -> Tensor`` (a guidance method, e.g. ``dlx.Guider``); a rule whose result depends
     on a sample's own history says so with ``stateful = True`` (the default for a rule without the
-    attribute), and ``dlx.Share`` then never evaluates that sample as another's copy. ``zero[j]``: sample j
+    attribute), and ``dlx.Share`` then never evaluates that sample as another's copy; a stateless
+    rule may define ``key``, a value equal for rules that compute the same thing (the same guider
+    and config), so that ``dlx.Share`` evaluates samples of equal rules once (by identity without it). ``zero[j]``: sample j
     gets no denoiser evaluation at this step and a prediction of exactly 0 (CFG-Zero*'s zero-init).
     ``perturb[j]``: sample j's rule needs a third, *perturbed* pass of its conditional rows at this
     step (skip-layer, perturbed-attention, smoothed-energy guidance): the rule then has
@@ -288,7 +290,8 @@ class Plan:
 
     def sample_key(self, j: int) -> tuple:
         """What makes sample j's step differ from another's (``dlx.Share`` groups on it)."""
-        return (self.mask[j], self.scale[j], id(self.rule[j]) if self.rule else None,
+        rule = self.rule[j] if self.rule else None
+        return (self.mask[j], self.scale[j], None if rule is None else getattr(rule, "key", id(rule)),
                 self.zero[j] if self.zero else False, self.perturb[j] if self.perturb else False)
 
 

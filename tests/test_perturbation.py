@@ -364,7 +364,9 @@ def test_sweep_rows_with_a_perturbation_guider_equal_the_config_run_alone(tmp_pa
     pipe = pipe_for("sd")
     slg = dlx.Guider(CASES["sd-slg"][1]())
     configs = {"cfg": None, "slg": slg, "slg@0.5": [slg, dlx.CFGCutoff(0.5)], "pag": dlx.Guider(CASES["sd-pag"][1]()),
-               "auto@0.5": [dlx.Guider(AUTO["sd"]()), dlx.CFGCutoff(0.5)]}
+               "auto@0.5": [dlx.Guider(AUTO["sd"]()), dlx.CFGCutoff(0.5)],
+               "apg": dlx.Guider(G.AdaptiveProjectedGuidance(guidance_scale=4.0, eta=0.0)),
+               "apg@0.5": [dlx.Guider(G.AdaptiveProjectedGuidance(guidance_scale=4.0, eta=0.0)), dlx.CFGCutoff(0.5)]}
     res = dlx.sweep(pipe, prompts=["a red circle"], seeds=[0, 1], steps=4, guidance_scale=4.0, configs=configs,
                     out=tmp_path, progress=False, metrics=[])
     f = res.frame
@@ -382,13 +384,16 @@ def test_sweep_rows_with_a_perturbation_guider_equal_the_config_run_alone(tmp_pa
             got = np.asarray(im.convert("RGB")).astype("int16")
         assert np.abs(got - want).max() <= 1, r.config
     # 4 conditional; unconditional at every guided step; perturbed at int(0·4) < i < int(.75·4)
-    assert nfe == {"cfg": 8.0, "slg": 10.0, "slg@0.5": 8.0, "pag": 11.0, "auto@0.5": 6.0}
+    assert nfe == {"cfg": 8.0, "slg": 10.0, "slg@0.5": 8.0, "pag": 11.0, "auto@0.5": 6.0, "apg": 8.0, "apg@0.5": 6.0}
+    # rows of one guider share their guided prefix (dlx.Share groups equal rules by config): slg and
+    # slg@0.5 at steps 0-1 (2 + 3 rows), apg and apg@0.5 at steps 0-1 (2 + 2), per seed
+    assert f.nfe.sum() - f.evaluations.sum() == pytest.approx(2 * (5 + 4))
     # the predicted standalone time counts the perturbed passes (one conditional call each)
     from dlx.sweeps.cost import predict_ms
 
     c = res.costs("eager")[(4, 4.0)]
     for r in f.itertuples():
-        passes = {"cfg": 0, "slg": 2, "slg@0.5": 2, "pag": 3, "auto@0.5": 0}[r.config]
+        passes = {"cfg": 0, "slg": 2, "slg@0.5": 2, "pag": 3, "auto@0.5": 0, "apg": 0, "apg@0.5": 0}[r.config]
         assert r.time_eager_s == pytest.approx(predict_ms(c, r.guided_steps, 4, passes) / 1e3)
     s = res.summary().set_index("config")
     assert s.loc["pag", "time_eager_vs_full"] > s.loc["cfg", "time_eager_vs_full"] == 1.0
