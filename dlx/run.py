@@ -86,6 +86,8 @@ class Run:
         self.share = session.share
         self._tail_parts = [p for p in self.parts if overrides(p, "unguided_after")]
         self._perturb_parts = [p for p in self.parts if overrides(p, "perturbs_after")]
+        self._sample_perturb = [(j, p) for j, ps in enumerate(self.per_sample or []) for p in ps
+                                if overrides(p, "perturbs_after")]
         self._sample_calls = [[p for p in ps if p.wants_calls] for ps in (self.per_sample or [])]
         self.wants_calls = bool(self.call_parts) or any(self._sample_calls)
         self._plan_cache: tuple[int, Plan] | None = None
@@ -392,8 +394,7 @@ class Run:
         sample is at a scale <= 1 or has a control of its own that knows it; and no part still
         runs a perturbed pass later (it evaluates rows of the CFG batch)."""
         if any(p.perturbs_after(self, step) for p in self._perturb_parts) or any(
-                overrides(p, "perturbs_after") and p.perturbs_after(info, step)
-                for ps, info in zip(self.per_sample or [], self._sample_infos) for p in ps):
+                p.perturbs_after(self._sample_infos[j], step) for j, p in self._sample_perturb):
             return False
         for p in self._tail_parts:
             if p.unguided_after(self, step):
