@@ -25,7 +25,7 @@ __all__ = [
     "set_guidance_scale", "set_interrupt", "saved_flags", "restore_flags", "cache_context_names",
     "rescale_noise_cfg", "ip_adapter_processors", "is_stochastic", "scheduler_order",
     "replace_forward", "restore_attribute", "skip_layer_scale", "MISSING", "cfg_on", "is_compiled", "flux_true_cfg",
-    "pad_batch",
+    "pad_batch", "modules_restored",
 ]
 
 #: the pipeline's guidance scale behind ``pipe.guidance_scale`` (diffusers' cutoff callbacks set it)
@@ -108,6 +108,35 @@ def restore_attribute(module, name: str, prev) -> None:
         module.__dict__.pop(name, None)
     else:
         object.__setattr__(module, name, prev)
+
+
+#: the registry diffusers' model hooks (``diffusers.hooks.HookRegistry``) leave on a hooked module
+HOOK_REGISTRY = "_diffusers_hook"
+
+
+@contextlib.contextmanager
+def modules_restored(modules, hook_names=()):
+    """Every module in ``modules`` left as found after diffusers' hook helpers ran on it (the
+    perturbation guiders' layer-skip and smoothed-energy hooks): a hooked module gets ``forward``
+    and a ``_diffusers_hook`` registry as instance attributes, which ``remove_hook`` leaves
+    behind. Registries that existed before (a user's own hooks) lose only ``hook_names``; every
+    other module gets back exactly what its ``__dict__`` held."""
+    saved = [(m, m.__dict__.get("forward", MISSING), m.__dict__.get(HOOK_REGISTRY, MISSING)) for m in modules]
+    try:
+        yield
+    finally:
+        for m, fwd, reg in saved:
+            d = m.__dict__
+            if reg is not MISSING:
+                for name in hook_names:
+                    if name in reg.hooks:
+                        reg.remove_hook(name, recurse=False)
+            if d.get("forward", MISSING) is not fwd:
+                restore_attribute(m, "forward", fwd)
+            if d.get(HOOK_REGISTRY, MISSING) is not reg:
+                restore_attribute(m, HOOK_REGISTRY, reg)
+            if reg is not MISSING and hasattr(reg, "_child_registries_cache"):
+                reg._child_registries_cache = None  # its cached list of child registries is stale
 
 
 def cache_context_names():

@@ -105,6 +105,7 @@ class Tap:
         self._single_rows: tuple | None = None  # the same for steps without the CFG batch (Share)
         self._cond_out = None  # Flux: this step's cond output, reused when uncond is skipped
         self._pending_cond = None  # Flux without true CFG: the cond call to observe at step end
+        self._pert = None  # Flux: (step, this step's perturbed pass) from the cond call
         self._true_cfg = False
         self._checked = False  # dlx.Share's promise, checked on the first call
         self._indices: dict = {}
@@ -164,7 +165,8 @@ class Tap:
     def _take(self, plan, lay, b: int, n: int):
         """Rows of the doubled batch to evaluate this step (cached for side modules), as
         (rows, evaluated samples, guided samples evaluated, their positions among the evaluated
-        samples, layout). Samples with ``plan.zero`` are not evaluated at all."""
+        samples, layout, guided samples whose unconditional rows are left to the perturbed
+        denoiser). Samples with ``plan.zero`` are not evaluated at all."""
         run = self.run
         cached = self._rows
         if cached is not None and cached[0] == run.step:
@@ -173,7 +175,9 @@ class Tap:
         zero = plan.zero
         ev = [r for r in reps if not zero[r]] if zero else list(reps)
         guided = [r for r in ev if plan.mask[r]]
-        if lay is None and not zero:
+        rules = plan.rule
+        hooked = [r for r in guided if getattr(rules[r], "perturbs_uncond", False)] if rules else []
+        if lay is None and not zero and not hooked:
             if not guided:
                 rows = slice(b, n)  # a view: bitwise the same rows diffusers' own cutoff keeps
             elif len(guided) == b:
@@ -182,47 +186,122 @@ class Tap:
                 rows = torch.tensor(guided + list(range(b, n)), dtype=torch.long)
             gpos = guided
         else:
-            rows = torch.tensor(guided + [b + r for r in ev], dtype=torch.long)
+            plain = [r for r in guided if r not in hooked] if hooked else guided
+            rows = torch.tensor(plain + [b + r for r in ev], dtype=torch.long)
             pos = {r: i for i, r in enumerate(ev)}
             gpos = [pos[r] for r in guided]
-        res = (rows, ev, guided, gpos, lay)
+        res = (rows, ev, guided, gpos, lay, hooked)
         self._rows = (run.step, res)
         return res
 
-    def _combine(self, plan, c, u_sub, guided, gpos, like):
+    def _combine(self, plan, c, u_sub, guided, gpos, like, pert=None):
         """The guided predictions of the evaluated samples: CFG ``u + s·(c − u)`` (and the
         pipeline's ``guidance_rescale``) for samples without a rule, ``rule.combine`` for the
-        others, one call per distinct rule with its samples' rows. ``c``: conditional predictions
-        of the evaluated samples; ``u_sub``: unconditional ones of ``guided`` (in that order)."""
+        others, one call per distinct rule (and per which passes ran) with its samples' rows.
+        ``c``: conditional predictions of the evaluated samples; ``u_sub``: unconditional ones of
+        ``guided`` (in that order); ``pert``: (samples, their positions among the evaluated
+        samples, their perturbed predictions) where a rule ran a perturbed pass."""
         run = self.run
         k, m = len(guided), c.shape[0]
         g = c.clone()
         rescale = float(getattr(run.pipe, "guidance_rescale", 0.0) or 0.0)
-        by_rule: dict = {}
+        rules = plan.rule
+        pidx: dict = {}
+        if pert is not None:
+            pidx = {r: i for i, r in enumerate(pert[0])}
+        groups: dict = {}  # (rule, unconditional ran, perturbed ran) -> samples, positions, u rows, p rows
         for i, r in enumerate(guided):
-            rule = plan.rule[r] if plan.rule else None
-            by_rule.setdefault(id(rule), (rule, []))[1].append(i)
-        for rule, idx in by_rule.values():
-            if len(idx) == k:
-                u = u_sub
-                # every sample guided: a slice, else an index (a host-to-device copy)
-                at = slice(0, m) if k == m else torch.tensor(gpos, device=like.device)
-            else:
-                u = u_sub.index_select(0, torch.tensor(idx, device=like.device))
-                at = torch.tensor([gpos[i] for i in idx], device=like.device)
-            samples = tuple(guided[i] for i in idx)
+            rule = rules[r] if rules else None
+            pi = pidx.get(r)
+            grp = groups.setdefault((id(rule), True, pi is not None), (rule, [], [], [], []))
+            grp[1].append(r)
+            grp[2].append(gpos[i])
+            grp[3].append(i)
+            if pi is not None:
+                grp[4].append(pi)
+        if pert is not None:
+            for pi, (r, at) in enumerate(zip(pert[0], pert[1])):
+                if not plan.mask[r]:  # a perturbed pass without the unconditional one
+                    grp = groups.setdefault((id(rules[r]), False, True), (rules[r], [], [], [], []))
+                    grp[1].append(r)
+                    grp[2].append(at)
+                    grp[4].append(pi)
+        dev = like.device
+        for (_, has_u, has_p), (rule, samples, at, ui, pi) in groups.items():
+            at_t = slice(0, m) if at == list(range(m)) else torch.tensor(at, device=dev)
+            u = None
+            if has_u:  # every guided sample: the rows as they are, else an index (a host-to-device copy)
+                u = u_sub if len(ui) == k else u_sub.index_select(0, torch.tensor(ui, device=dev))
+            p = None
+            if has_p:
+                pp = pert[2]
+                p = pp if len(pi) == pp.shape[0] else pp.index_select(0, torch.tensor(pi, device=dev))
             s = plan.scale_rows(samples, like)
-            cc = c[at]
+            cc = c[at_t]
             if rule is None:
                 val = u + s * (cc - u)
                 if rescale > 0:
                     # the pipeline would rescale against the conditional prediction (per
                     # sample); on [g, g] its own rescale is then the identity
                     val = D.rescale_noise_cfg(val, cc, rescale)
+            elif has_p:
+                val = rule.combine(run, run.step, tuple(samples), cc, u, s, perturbed=p)
             else:
-                val = rule.combine(run, run.step, samples, cc, u, s)
-            g[at] = val
+                val = rule.combine(run, run.step, tuple(samples), cc, u, s)
+            g[at_t] = val
         return g
+
+    def _perturbed_uncond(self, orig, args, kwargs, n: int, plan, guided, hooked, u_plain):
+        """The unconditional rows of ``hooked`` samples evaluated inside their rule's
+        ``perturbation`` (AutoGuidance's weaker model), merged with the main call's
+        unconditional rows ``u_plain`` into ``guided`` order."""
+        run = self.run
+        by_rule: dict = {}
+        for r in hooked:
+            by_rule.setdefault(id(plan.rule[r]), (plan.rule[r], []))[1].append(r)
+        order, preds = [], []
+        for rule, rs in by_rule.values():
+            rows = torch.tensor(rs, dtype=torch.long)
+            with rule.perturbation(run):
+                out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
+            order += rs
+            preds.append(_pred_of(out))
+        run.count(len(hooked), cond=False)  # rows only: the nominal unconditional pass is counted
+        hset = {r: i for i, r in enumerate(order)}
+        plain = [r for r in guided if r not in hset]
+        ppos = {r: i for i, r in enumerate(plain)}
+        allp = torch.cat([u_plain, *preds]) if u_plain.shape[0] else (preds[0] if len(preds) == 1 else torch.cat(preds))
+        off = u_plain.shape[0]
+        idx = [ppos[r] if r in ppos else off + hset[r] for r in guided]
+        if idx == list(range(len(idx))):
+            return allp
+        return allp.index_select(0, torch.tensor(idx, device=allp.device))
+
+    def _perturbed(self, orig, args, kwargs, n: int, offset: int, plan, ev):
+        """The perturbed passes of a step: each rule's samples' conditional rows (at ``offset`` in
+        the call's ``n`` rows: after the unconditional half of a doubled batch, 0 in Flux's
+        conditional call) evaluated inside the rule's ``perturbation`` (the denoiser's modules
+        changed, then restored); returns (samples, their positions among ``ev``, predictions)
+        or None."""
+        run = self.run
+        per = plan.perturb
+        samples = [r for r in ev if per[r]]
+        if not samples:
+            return None
+        pos = {r: i for i, r in enumerate(ev)}
+        by_rule: dict = {}
+        for r in samples:
+            by_rule.setdefault(id(plan.rule[r]), (plan.rule[r], []))[1].append(r)
+        order, preds = [], []
+        for rule, rs in by_rule.values():
+            rows = torch.tensor([offset + r for r in rs], dtype=torch.long)
+            with rule.perturbation(run):
+                out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
+            order += rs
+            preds.append(_pred_of(out))
+        run.count(len(samples), cond=False, uncond=per)
+        pred = preds[0] if len(preds) == 1 else torch.cat(preds)
+        return tuple(order), [pos[r] for r in order], pred
 
     def _wrap_batch(self, orig, denoiser: bool):
         run = self.run
@@ -262,7 +341,7 @@ class Tap:
                         self._last = (run.step, call, c)
                         run.observe(call)
                 return out
-            rows, ev, guided, gpos, lay = self._take(plan, lay, b, n)
+            rows, ev, guided, gpos, lay, hooked = self._take(plan, lay, b, n)
             if not ev:  # every sample zeroed: no evaluation at all
                 if not denoiser:  # a side module's output is not used by the skipped denoiser call
                     return orig(*_take_rows(args, n, slice(0, 1)), **_take_rows(kwargs, n, slice(0, 1)))
@@ -283,10 +362,15 @@ class Tap:
                 return out  # side module outputs already have the sub-batch's rows
             pred = _pred_of(out)
             k, m = len(guided), len(ev)
-            run.count(k + m, cond=True, uncond=plan.mask, zero=plan.zero)
-            c = pred[k:]
-            u_sub = pred[:k]
-            g = self._combine(plan, c, u_sub, guided, gpos, pred) if k else c
+            kp = k - len(hooked)  # unconditional rows the main call evaluated
+            run.count(kp + m, cond=True, uncond=plan.mask, zero=plan.zero)
+            c = pred[kp:]
+            u_sub = pred[:kp]
+            if hooked:
+                u_sub = self._perturbed_uncond(orig, args, kwargs, n, plan, guided, hooked, u_sub)
+            pert = self._perturbed(orig, args, kwargs, n, b, plan, ev) if plan.perturb else None  # cond rows at b
+            combined = bool(k or pert)
+            g = self._combine(plan, c, u_sub, guided, gpos, pred, pert) if combined else c
             u = None
             if plan.zero:  # unevaluated samples: prediction 0 (an extra zero row, indexed)
                 pos = {r: i for i, r in enumerate(ev)}
@@ -300,15 +384,15 @@ class Tap:
                     u = pad(u_ev).index_select(0, ex)
                     u[torch.tensor([not v for v in plan.mask], device=pred.device)] = float("nan")
                 c = pad(c).index_select(0, ex)
-                g = pad(g).index_select(0, ex) if k else c
+                g = pad(g).index_select(0, ex) if combined else c
             elif lay is not None:  # every sample gets its group's result
                 ex = self._index(lay.expand, pred.device)
                 c = c.index_select(0, ex)
-                g = g.index_select(0, ex) if k else c
+                g = g.index_select(0, ex) if combined else c
                 if run.wants_calls and k:
                     ux = torch.tensor([gpos.index(lay.expand[j]) if plan.mask[j] else 0 for j in range(b)],
                                       device=pred.device)
-                    u = pred[:k].index_select(0, ux)
+                    u = u_sub.index_select(0, ux)
                     u[torch.tensor([not v for v in plan.mask], device=pred.device)] = float("nan")
             elif run.wants_calls and k:
                 gidx = slice(0, m) if k == m else torch.tensor(gpos, device=pred.device)
@@ -401,6 +485,9 @@ class Tap:
                 else:
                     out = orig(*args, **kwargs)
                     run.count(b, cond=True)
+                self._pert = None
+                if plan is not None and plan.perturb:  # the perturbed pass of the conditional rows
+                    self._pert = (run.step, self._perturbed(orig, args, kwargs, b, 0, plan, list(range(b))))
                 self._cond_out = (run.step, out)
                 if run.wants_calls:
                     self._pending_cond = (x, _pred_of(out), _timestep_of(args, kwargs))
@@ -419,14 +506,26 @@ class Tap:
                 u = None
             else:
                 rows = torch.tensor(guided, dtype=torch.long)
-                sub = orig(*_take_rows(args, b, rows), **_take_rows(kwargs, b, rows))
-                u_sub = _pred_of(sub)
+                hooked = [r for r in guided if getattr(plan.rule[r], "perturbs_uncond", False)] if plan.rule else []
+                if not hooked:
+                    sub = orig(*_take_rows(args, b, rows), **_take_rows(kwargs, b, rows))
+                    u_sub = _pred_of(sub)
+                else:  # AutoGuidance: these samples' unconditional rows through the weaker model
+                    plain = [r for r in guided if r not in hooked]
+                    if plain:
+                        pr = torch.tensor(plain, dtype=torch.long)
+                        sub = orig(*_take_rows(args, b, pr), **_take_rows(kwargs, b, pr))
+                        u_plain = _pred_of(sub)
+                    else:
+                        u_plain = c[:0]
+                    u_sub = self._perturbed_uncond(orig, args, kwargs, b, plan, guided, hooked, u_plain)
                 u_full = c.clone()
                 u_full[rows.to(c.device)] = u_sub
                 out = _with_pred(cond_out, u_full)
                 u = torch.full_like(c, float("nan"))
                 u[rows.to(c.device)] = u_sub
-            run.count(len(guided) if not plan.passthrough else b, cond=False, uncond=plan.mask)
+            nh = len(hooked) if guided and not plan.passthrough else 0  # counted by _perturbed_uncond
+            run.count(len(guided) - nh if not plan.passthrough else b, cond=False, uncond=plan.mask)
             s = plan.default
             if u is None:
                 g = c
@@ -439,15 +538,21 @@ class Tap:
                 # carry it: the conditional output it already holds is overwritten in place, and
                 # the negative one returned as g too (g + s·(g − g) = g).
                 cond_seen = c.clone() if run.wants_calls else c
-                if plan.rule and guided:
-                    g_rows = self._combine(plan, c[rows.to(c.device)], u_sub, guided, list(range(len(guided))), c)
+                pert = self._pert[1] if self._pert is not None and self._pert[0] == step else None
+                if plan.rule and (guided or pert):
+                    # every sample is "evaluated" here (its conditional output is c's row)
+                    u_rows = u_sub if guided else c[:0]
                     g = g.clone()
-                    g[rows.to(c.device)] = g_rows
+                    g_all = self._combine(plan, c, u_rows, guided, guided, c, pert)
+                    at = [j for j in range(b) if plan.rule[j] is not None and (plan.mask[j] or (pert and j in pert[0]))]
+                    if at:
+                        at_t = torch.tensor(at, device=c.device)
+                        g[at_t] = g_all[at_t]
                 if plan.zero:
                     g = g.clone()
                     g[torch.tensor(plan.zero, device=c.device)] = 0
                 changed = [j for j in range(b) if (plan.rule and plan.rule[j] is not None and plan.mask[j])
-                           or (plan.zero and plan.zero[j])]
+                           or (plan.zero and plan.zero[j]) or (plan.perturb and plan.perturb[j])]
                 if changed:  # (none where a rule's window is closed at this step)
                     at = torch.tensor(changed, dtype=torch.long, device=c.device)
                     c[at] = g[at]

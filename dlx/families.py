@@ -70,8 +70,12 @@ class Family:
     cfg_switch: tuple[str, ...] = ()
     cfg_switch_also: tuple[str, ...] = ()
     scale_only_combines: bool = True
-    perturbation_guiders: tuple[str, ...] = ()  # none yet: the tap runs no third, perturbed pass
+    perturbation_guiders: tuple[str, ...] = ()  # run by the tap's third, perturbed pass
 
+
+#: the perturbation guiders the tap runs on a UNet (layers named by ``fqn``, e.g.
+#: ``mid_block.attentions.0.transformer_blocks``: diffusers' ``"auto"`` finds transformers' blocks only)
+_UNET_PERTURBATION = ("PerturbedAttentionGuidance", "SkipLayerGuidance", "SmoothedEnergyGuidance", "AutoGuidance")
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -89,6 +93,7 @@ FAMILIES: dict[str, Family] = {
             latent_format="sd15",
             cfg_switch=("prompt_embeds",),
             cfg_switch_also=("mask", "masked_image_latents"),
+            perturbation_guiders=_UNET_PERTURBATION,
         ),
         Family(
             name="sd-controlnet",
@@ -118,6 +123,7 @@ FAMILIES: dict[str, Family] = {
             latent_format="sdxl",
             cfg_switch=("prompt_embeds", "add_text_embeds", "add_time_ids"),
             cfg_switch_also=("mask", "masked_image_latents"),
+            perturbation_guiders=_UNET_PERTURBATION,
         ),
         Family(
             name="sd3",
@@ -128,6 +134,7 @@ FAMILIES: dict[str, Family] = {
             latent_format="sd3",
             prediction="flow",
             cfg_switch=("prompt_embeds", "pooled_prompt_embeds"),  # SD3 img2img exposes no pooled: tap only
+            perturbation_guiders=("SkipLayerGuidance", "SmoothedEnergyGuidance", "AutoGuidance"),
         ),
         Family(
             name="flux",
@@ -142,6 +149,7 @@ FAMILIES: dict[str, Family] = {
             scale_schedules=False,  # the pipeline applies true_cfg_scale itself, from a local
             scale_only_combines=False,  # guidance_scale is the distilled `guidance` embedding's input
             share=False,  # two calls per step: not supported
+            perturbation_guiders=("SkipLayerGuidance", "AutoGuidance"),
         ),
     ]
 }
@@ -193,14 +201,25 @@ PERTURBATION_GUIDERS = {
     "PerturbedAttentionGuidance": "a third, attention-perturbed pass per step (PAG, arXiv 2403.17377)",
     "SmoothedEnergyGuidance": "a third pass with blurred attention queries (SEG, arXiv 2408.00760)",
     "SkipLayerGuidance": "a third pass with transformer layers skipped (skip-layer guidance)",
-    "AutoGuidance": "a third pass of a weaker model (AutoGuidance, arXiv 2406.02507)",
+    "AutoGuidance": "its unconditional pass through a weaker model (AutoGuidance, arXiv 2406.02507)",
+}
+#: why a perturbation guider does not run, per (family, guider) or per family
+_WHY_NOT = {
+    ("sd3", "PerturbedAttentionGuidance"): "diffusers 0.42.1's attention-score hooks do not know SD3's joint "
+                                           "attention processor (JointAttnProcessor2_0 is not registered)",
+    "sd-controlnet": "the ControlNet's residuals are computed for the rows of the CFG batch only, so the "
+                     "perturbed pass would have none",
+    ("flux", "PerturbedAttentionGuidance"): "diffusers 0.42.1's attention hooks fail on Flux's attention "
+                                            "(FluxAttention has no is_cross_attention)",
+    ("flux", "SmoothedEnergyGuidance"): "diffusers 0.42.1's attention hooks fail on Flux's attention "
+                                        "(FluxAttention has no is_cross_attention)",
 }
 #: what works instead, per (family, guider)
 _INSTEAD = {
-    ("sd3", "SkipLayerGuidance"): " On SD3, call the pipeline with its own skip-layer guidance "
-                                  "(skip_guidance_layers=[7, 8, 9], skip_layer_guidance_scale=2.8): dlx observes it.",
-    ("sd", "PerturbedAttentionGuidance"): " diffusers' StableDiffusionPAGPipeline runs PAG itself (not a dlx family).",
-    ("sdxl", "PerturbedAttentionGuidance"): " diffusers' StableDiffusionXLPAGPipeline runs PAG itself (not a dlx family).",
+    ("sd3", "PerturbedAttentionGuidance"): " SkipLayerGuidance, SmoothedEnergyGuidance and AutoGuidance run on SD3.",
+    ("flux", "PerturbedAttentionGuidance"): " SkipLayerGuidance and AutoGuidance run on Flux.",
+    ("flux", "SmoothedEnergyGuidance"): " SkipLayerGuidance and AutoGuidance run on Flux.",
+    ("sd-controlnet", "PerturbedAttentionGuidance"): " diffusers' StableDiffusionControlNetPAGPipeline runs PAG itself.",
 }
 
 
@@ -210,8 +229,9 @@ def guider_support(family: Family, name: str) -> str | None:
     need = PERTURBATION_GUIDERS.get(name)
     if need is None or name in family.perturbation_guiders:
         return None
-    return (f"{name} is not supported on {family.name} pipelines: it needs {need}, which dlx's denoiser "
-            f"tap does not run yet (it evaluates the conditional and unconditional rows only)."
+    why = _WHY_NOT.get((family.name, name)) or _WHY_NOT.get(name) or _WHY_NOT.get(family.name) or \
+        "dlx's tap does not run its pass on this family"
+    return (f"{name} is not supported on {family.name} pipelines: it needs {need}, and {why}."
             f"{_INSTEAD.get((family.name, name), '')}")
 
 

@@ -33,19 +33,34 @@ What dlx decides (a researcher comparing methods needs each one stated):
 * **CFG-Zero*'s zero-init steps** (``step < zero_init_steps``) run no denoiser pass at all:
   the prediction is exactly 0 and NFE counts 0 (diffusers 0.42.1 runs both passes there).
 
-Only combination-rule guiders run (``COMBINATION``). The perturbation guiders (PAG, SEG,
-skip-layer guidance, AutoGuidance) need an extra forward pass with modified attention or
-layers that the tap does not run: a ``Guider`` of one is refused before the call, naming the
-guider and the family (``dlx.families.guider_support``). SD3's own skip-layer guidance works
-through the pipeline's ``skip_guidance_layers`` argument (the tap observes it).
+* **Perturbation guiders** (``PERTURBED``: PAG, SLG, SEG) need a third pass: the conditional
+  rows through a perturbed denoiser. The guider's step plan asks for it (``Guide.perturb``); the
+  tap runs it inside ``_Rule.perturbation``, which applies diffusers' own hooks
+  (``diffusers.hooks``: layer skip, attention-score skip, smoothed energy) for that pass and then
+  leaves every module of the denoiser as found (``_diffusers.modules_restored``); the guider's
+  ``forward(cond, uncond, perturbed)`` combines. The perturbed pass follows the guider's own
+  window, diffusers' ``int(start·N) < i < int(stop·N)`` (strict at both ends, so never step 0),
+  and counts one NFE per sample (on Flux it runs beside the step's conditional call). dlx's windows (``CFGCutoff``, ``GuidanceInterval`` …) cut the
+  unconditional pass only; where they do and the perturbed pass runs, the guider's own
+  perturbed-only branch combines (``skip + s·(c − skip)``). Which run where is in
+  ``dlx.families`` (``guider_support``); the others are refused before the call, naming the
+  guider and the family, and so is a compiled denoiser (its graph would change every step).
+* **AutoGuidance** runs its unconditional pass through the perturbed denoiser (Karras et al.'s
+  "bad version" of the model, here diffusers' layer skips on the negative prompt's rows, as its
+  modular pipelines do): the tap evaluates those rows inside ``_Rule.perturbation`` instead of in
+  the main call, so NFE is CFG's. Only ``dropout=1.0``: diffusers' dropout < 1 draws at random
+  from torch's global generator at every pass, and a run would not follow from its seed. SD3's own
+  skip-layer guidance through the pipeline's ``skip_guidance_layers`` still works (the tap
+  observes it); ``Guider(SkipLayerGuidance(...))`` equals it bitwise where the windows agree.
 
-(Over 400 lines: one part, ``Guider``; about half is the workarounds for diffusers 0.42.1's guider
-faults, each beside the code it corrects.)
+(Over 400 lines: one part, ``Guider``, and its rule; about half is the workarounds for diffusers
+0.42.1's guider faults, each beside the code it corrects.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import numbers
@@ -53,12 +68,13 @@ import sys
 
 import torch
 
+from ._diffusers import is_compiled, modules_restored
 from .errors import DlxError
 from .families import PERTURBATION_GUIDERS, guider_support
 from .guidance import GuidanceSchedule
 from .protocol import Guide, Part
 
-__all__ = ["Guider", "COMBINATION", "guider_from_config"]
+__all__ = ["Guider", "COMBINATION", "PERTURBED", "guider_from_config"]
 
 #: the diffusers.guiders classes a ``Guider`` runs: rules on (cond, uncond) of one sample
 COMBINATION = (
@@ -116,6 +132,92 @@ def _zero_init(guider) -> bool:
     (checked before its window), yet its ``num_conditions`` asks for both passes (0.42.1)."""
     return (type(guider).__name__ == "ClassifierFreeZeroStarGuidance" and guider._enabled
             and guider._step < guider.zero_init_steps)
+
+
+# The guiders that evaluate a perturbed denoiser: class -> (the check of the window of the pass
+# it perturbs, their hook configs, their hook names). PAG, SLG and SEG perturb a third pass of
+# the conditional rows (their ``_is_cfg_enabled`` is the check of the unconditional pass);
+# AutoGuidance perturbs the unconditional pass itself (the "bad version" of the model).
+_PERTURBED = {
+    "SkipLayerGuidance": ("_is_slg_enabled", "skip_layer_config", "_skip_layer_hook_names"),
+    "PerturbedAttentionGuidance": ("_is_slg_enabled", "skip_layer_config", "_skip_layer_hook_names"),
+    "SmoothedEnergyGuidance": ("_is_seg_enabled", "seg_guidance_config", "_seg_layer_hook_names"),
+    "AutoGuidance": ("_is_ag_enabled", "auto_guidance_config", "_auto_guidance_hook_names"),
+}
+_UNCOND_PERTURBED = ("AutoGuidance",)
+#: the perturbation guiders a ``Guider`` runs where a family allows
+PERTURBED = tuple(_PERTURBED)
+
+
+def _perturb_on(guider) -> bool:
+    """The perturbed pass runs at this step (after ``set_state``): diffusers' own window check,
+    ``int(start·N) < i < int(stop·N)`` (strict at both ends, unlike the CFG window)."""
+    return bool(getattr(guider, _PERTURBED[type(guider).__name__][0])())
+
+
+def _cfg_on(guider) -> bool:
+    """The unconditional pass runs at this step (after ``set_state``), for a perturbation guider
+    (whose ``num_conditions`` counts the perturbed pass too)."""
+    return bool(guider._is_cfg_enabled())
+
+
+@contextlib.contextmanager
+def _cfg_off(guider):
+    """``forward`` with its unconditional term switched off: dlx's windows (``CFGCutoff`` …) cut a
+    sample's unconditional pass while the guider's perturbed pass still runs, and diffusers'
+    ``forward`` then takes its own perturbed-only branch."""
+    guider._is_cfg_enabled = lambda: False  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del guider.__dict__["_is_cfg_enabled"]
+
+
+def _hook_names(guider) -> list[str]:
+    return list(getattr(guider, _PERTURBED[type(guider).__name__][2]))
+
+
+def _apply_perturbation(guider, den) -> None:
+    """diffusers' own hook helpers, as the guider's ``prepare_models`` calls them for its perturbed
+    batch. Not ``prepare_models`` itself: in diffusers 0.42.1 SmoothedEnergyGuidance's never
+    increments ``_count_prepared``, so it never applies its hooks (SEG guides with an unperturbed
+    pass there); dlx applies them on the pass that needs them."""
+    name = type(guider).__name__
+    _, configs, names = _PERTURBED[name]
+    if name == "SmoothedEnergyGuidance":
+        from diffusers.hooks.smoothed_energy_guidance_utils import _apply_smoothed_energy_guidance_hook
+
+        for hook, cfg in zip(getattr(guider, names), getattr(guider, configs)):
+            if isinstance(cfg.indices, int):  # the same fault as the layer-skip configs' below
+                cfg.indices = [cfg.indices]
+            _apply_smoothed_energy_guidance_hook(den, cfg, guider.seg_blur_sigma, name=hook)
+        return
+    from diffusers.hooks.layer_skip import TransformerBlockSkipHook, _apply_layer_skip_hook
+
+    hooks = getattr(guider, names)
+    for hook, cfg in zip(hooks, getattr(guider, configs)):
+        if isinstance(cfg.indices, int):
+            # diffusers 0.42.1: SkipLayerGuidance(skip_layer_guidance_layers=[7, 8, 9]) and
+            # AutoGuidance make one LayerSkipConfig(7) per layer, whose ``indices`` is then an int,
+            # and the hook helper's ``len(config.indices)`` fails: dlx makes it the list [7]
+            cfg.indices = [cfg.indices]
+        _apply_layer_skip_hook(den, cfg, name=hook)
+    if "return_hidden_states_index" in TransformerBlockSkipHook.new_forward.__code__.co_names:
+        return  # a diffusers that reads the block's output order
+    # diffusers 0.42.1: a skipped whole block returns (hidden_states, encoder_hidden_states)
+    # whatever order the block returns them in; SD3's JointTransformerBlock returns (encoder,
+    # hidden) (its registry metadata says so), so skip-layer guidance on SD3 fails with a shape
+    # error. dlx swaps the pair back for such blocks.
+    for m in den.modules():
+        reg = m.__dict__.get("_diffusers_hook")
+        if reg is None:
+            continue
+        for hook in hooks:
+            h = reg.hooks.get(hook)
+            meta = getattr(h, "_metadata", None)
+            if (isinstance(h, TransformerBlockSkipHook) and math.isclose(h.dropout, 1.0) and meta is not None
+                    and meta.return_encoder_hidden_states_index == 0 and meta.return_hidden_states_index == 1):
+                h.fn_ref.post_forward = lambda module, out: (out[1], out[0])
 
 
 def _fdg_mixed_levels(guider) -> bool:
@@ -178,6 +280,10 @@ def _identity_apg_as_cfg(guider):
 
 
 def _json(v):
+    if hasattr(v, "to_dict") and type(v).__name__ in ("LayerSkipConfig", "SmoothedEnergyGuidanceConfig"):
+        return _json(v.to_dict())  # the perturbation guiders' hook configs: rebuilt from dicts
+    if isinstance(v, dict):
+        return {str(k): _json(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_json(x) for x in v]
     if isinstance(v, bool) or v is None or isinstance(v, str):
@@ -241,7 +347,16 @@ class _Rule:
         self.momentum = _has_momentum(guider)
         self.fdg = name == "FrequencyDecoupledGuidance"
         self.flatten = type(guider).__name__ == "MagnitudeAwareGuidance"
+        self.perturbing = name in _PERTURBED and name not in _UNCOND_PERTURBED  # a third pass (SLG, PAG, SEG)
+        #: the unconditional pass runs through the perturbed denoiser (AutoGuidance): the tap
+        #: evaluates these samples' unconditional rows inside ``perturbation``
+        self.perturbs_uncond = name in _UNCOND_PERTURBED
         self.running: dict[int, torch.Tensor] = {}  # per-sample momentum (APG, APG-Mix)
+        self._modules: list | None = None  # the denoiser's modules (restored after a perturbed pass)
+        #: equal for rules of the same guider class and configuration: what ``dlx.Share`` groups
+        #: samples on, so two sweep rows of one guider share their guided prefix (taken now: the
+        #: hook helpers rewrite a perturbation guider's layer configs in place)
+        self.key = ("Guider", name, json.dumps(_config_of(guider), sort_keys=True))
 
     @property
     def stateful(self) -> bool:
@@ -251,15 +366,42 @@ class _Rule:
 
     def reset(self) -> None:
         self.running = {}
+        self._modules = None
 
     def set_state(self, run, step: int) -> None:
         self.guider.set_state(step, run.num_steps, run.t_of(step))
 
-    def combine(self, run, step: int, samples, cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
+    def passes(self) -> tuple[bool, bool, bool]:
+        """(unconditional pass, zero-init, perturbed pass) at the step of the last ``set_state``."""
+        g = self.guider
+        if self.perturbing:
+            return _cfg_on(g), False, _perturb_on(g)
+        if self.perturbs_uncond:
+            return _perturb_on(g), False, False
+        z = _zero_init(g)
+        return not z and _needs_uncond(g), z, False
+
+    @contextlib.contextmanager
+    def perturbation(self, run):
+        """The denoiser as the guider's perturbed model for one pass: diffusers' hooks applied to
+        it, and every module left as found afterwards (``_diffusers.modules_restored``)."""
+        den = getattr(run.pipe, run.family.denoiser)
+        if self._modules is None:
+            self._modules = list(den.modules())
+        self.set_state(run, run.step)
+        with modules_restored(self._modules, _hook_names(self.guider)):
+            _apply_perturbation(self.guider, den)
+            yield
+
+    def combine(self, run, step: int, samples, cond: torch.Tensor, uncond, scale, perturbed=None) -> torch.Tensor:
         """The guided predictions of ``samples`` (the plan's ``scale`` is not read: a guider
-        guides at its own ``guidance_scale``)."""
+        guides at its own ``guidance_scale``). A perturbation guider gets its perturbed pass's
+        predictions as ``perturbed`` and ``uncond`` None where the unconditional pass did not run."""
         g = self.guider
         self.set_state(run, step)
+        if self.perturbing:
+            with _cfg_off(g) if uncond is None else contextlib.nullcontext():
+                return g.forward(cond, uncond, perturbed).pred
         if self.fdg and _fdg_mixed_levels(g):
             return _fdg_forward(g, cond, uncond)
         buf = None
@@ -313,9 +455,12 @@ class Guider(Part):
     name and config, as ``config()`` records it). Methods: CFG (Ho & Salimans 2022, arXiv
     2207.12598), APG (Sadat et al. 2024, arXiv 2410.02416), CFG-Zero* (Fan et al. 2025, arXiv
     2503.18886), TCFG (Kwon et al. 2025, arXiv 2503.18137), FDG (Sadat et al. 2025, arXiv
-    2506.19713), MAMBO-G (arXiv 2508.03442); see the module docstring for scale, rescale, window
-    and per-sample semantics. After a run ``report`` holds each sample's guider, the steps it
-    guided and zeroed, and the run's NFE.
+    2506.19713), MAMBO-G (arXiv 2508.03442); and with a third, perturbed pass PAG (Ahn et al.
+    2024, arXiv 2403.17377), SLG (Stability AI, SD 3.5) and SEG (Hong 2024, arXiv 2408.00760);
+    AutoGuidance (Karras et al. 2024, arXiv 2406.02507) with its unconditional pass perturbed;
+    see the module docstring for scale, rescale, window, perturbed-pass and per-sample semantics.
+    After a run ``report`` holds each sample's guider, the steps it guided, zeroed and perturbed,
+    and the run's NFE.
     """
 
     #: the part decides how guided samples combine (at most one such part per block)
@@ -346,8 +491,16 @@ class Guider(Part):
             name = type(g).__name__
             if name not in COMBINATION and name not in PERTURBATION_GUIDERS:
                 where = "guider" if not self.per_sample else f"guider[{i}]"
-                raise DlxError(f"argument `{where}`: {name} is not a guider dlx knows; it runs {list(COMBINATION)}")
+                raise DlxError(f"argument `{where}`: {name} is not a guider dlx knows; it runs "
+                               f"{list(COMBINATION) + list(PERTURBED)}")
             _config_of(g)  # every value JSON: checked now, not when a sweep stores it
+            if name == "AutoGuidance" and any(not math.isclose(c.dropout, 1.0) for c in g.auto_guidance_config):
+                raise DlxError(
+                    f"argument `{'guider' if not self.per_sample else f'guider[{i}]'}`: AutoGuidance with dropout "
+                    f"{[c.dropout for c in g.auto_guidance_config]} draws its weaker model at random at every pass "
+                    f"(diffusers applies torch.nn.functional.dropout in training mode, from torch's global "
+                    f"generator), so a run would not follow from its seed and a sweep row would not equal its "
+                    f"config run alone: use dropout=1.0 (the layers skipped)")
         self.report: dict = {}
         self._rules: list[_Rule] = []
         self._per: list[int] = []  # sample -> index into _rules
@@ -379,6 +532,9 @@ class Guider(Part):
             why = guider_support(fam, type(g).__name__)
             if why is not None:
                 raise DlxError(why)
+        perturbing = [g for g in self.guiders if type(g).__name__ in _PERTURBED]  # AutoGuidance too
+        if perturbing:
+            self._check_perturbation(run, perturbing)
         if any(isinstance(p, GuidanceSchedule) for p in getattr(run, "parts", ())):
             raise DlxError("a Guider guides at its guider's own guidance_scale; GuidanceSchedule sets plain CFG's "
                            "scale and would be ignored: attach one or the other (schedule a guider by its windows)")
@@ -406,6 +562,45 @@ class Guider(Part):
                     f"a Guider needs the pipeline's unconditional batch: call {type(run.pipe).__name__} with "
                     f"guidance_scale > 1 (got {s!r}); the guider's own guidance_scale is the one it guides at")
 
+    def _check_perturbation(self, run, guiders) -> None:
+        """Before the call: the denoiser can be perturbed as each guider asks (a dry run of its
+        hooks on the denoiser, which is then left as found)."""
+        fam = run.family
+        den = getattr(run.pipe, fam.denoiser)
+        pipe = type(run.pipe).__name__
+        if is_compiled(den):
+            raise DlxError(f"{type(guiders[0]).__name__} changes {pipe}'s {fam.denoiser} for its perturbed pass at every "
+                           f"step, which a compiled denoiser (torch.compile) would recompile each time: attach it to "
+                           f"the uncompiled {fam.denoiser}")
+        modules = list(den.modules())
+        from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+        found = sorted(i for i in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS if hasattr(den, i))
+        for g in guiders:
+            trial = _copy(g)
+            auto = [c for c in getattr(trial, _PERTURBED[type(trial).__name__][1]) if c.fqn == "auto"]
+            if auto and len(found) > 1:
+                # diffusers 0.42.1 takes the first of a set of names whose order changes from one
+                # Python process to the next (string hashing): the perturbed blocks would too
+                raise DlxError(f"{type(g).__name__}'s fqn=\"auto\" is ambiguous on {pipe}'s {fam.denoiser} "
+                               f"({type(den).__name__} has {found}) and diffusers picks one in an order that changes "
+                               f"between Python processes: name the blocks, e.g. {{'indices': [0], 'fqn': "
+                               f"'{found[-1]}'}}")
+            try:
+                with modules_restored(modules, _hook_names(trial)):
+                    _apply_perturbation(trial, den)
+            except (ValueError, AttributeError, TypeError, KeyError) as e:
+                lists = [n for n, m in den.named_modules() if isinstance(m, torch.nn.ModuleList)
+                         and n.endswith("transformer_blocks")]
+                arg = {"PerturbedAttentionGuidance": "perturbed_guidance_config",
+                       "SkipLayerGuidance": "skip_layer_config"}.get(type(g).__name__, "seg_guidance_config")
+                where = lists[-1] if lists else "transformer_blocks"
+                raise DlxError(
+                    f"{type(g).__name__} cannot perturb {pipe}'s {fam.denoiser} ({type(den).__name__}): diffusers "
+                    f"says: {e} Its configs name the blocks by `fqn` and `indices` (\"auto\" finds a transformer's "
+                    f"blocks only); this {fam.denoiser}'s transformer-block lists are {lists[:12]}: e.g. "
+                    f"{arg}={{'indices': [0], 'fqn': '{where}', ...}}") from None
+
     def on_loop_start(self, run):
         b = run.batch
         if self.per_sample and len(self.guiders) != b:
@@ -425,25 +620,22 @@ class Guider(Part):
         self._steps: list[tuple] = []
         n = run.num_steps
         for i in range(n):  # each step's plan, from the guiders' own state
-            mask, zero = [], []
             flags = []
             for r in self._rules:
                 r.set_state(run, i)
-                z = _zero_init(r.guider)
-                flags.append((not z and _needs_uncond(r.guider), z))
-            for j in range(b):
-                m, z = flags[self._per[j]]
-                mask.append(m)
-                zero.append(z)
-            self._steps.append((tuple(mask), tuple(zero)))
-        self._last = max((i for i, (m, z) in enumerate(self._steps) if any(m) or any(z)), default=-1)
+                flags.append(r.passes())
+            mask, zero, pert = zip(*(flags[self._per[j]] for j in range(b)))
+            self._steps.append((mask, zero, pert))
+        self._last = max((i for i, (m, z, p) in enumerate(self._steps) if any(m) or any(z) or any(p)), default=-1)
+        self._last_perturbed = max((i for i, (_, _, p) in enumerate(self._steps) if any(p)), default=-1)
         rule_of = tuple(self._rules[k] for k in self._per)
         # the scale each sample is guided at is its guider's (the record and the trace show it);
         # a guider with per-level scales (FDG) keeps the call's in the record
         own = [self._rules[k].guider.config.get("guidance_scale") for k in self._per]
         scale = tuple(float(s) if isinstance(s, numbers.Real) and not isinstance(s, bool) else run.call_scale()
                       for s in own)
-        self._guides = [Guide(mask=m, scale=scale, rule=rule_of, zero=z if any(z) else None) for m, z in self._steps]
+        self._guides = [Guide(mask=m, scale=scale, rule=rule_of, zero=z if any(z) else None,
+                              perturb=p if any(p) else None) for m, z, p in self._steps]
         self.report["guider"] = [self._rules[k].name for k in self._per]
         self.report["guidance_scale"] = [self._rules[k].guider.config.get("guidance_scale",
                                          self._rules[k].guider.config.get("guidance_scales")) for k in self._per]
@@ -463,6 +655,9 @@ class Guider(Part):
     def unguided_after(self, run, step: int) -> bool:
         return step >= self._last
 
+    def perturbs_after(self, run, step: int) -> bool:
+        return step < self._last_perturbed
+
     def on_run_end(self, run, error):
         for r in self._rules:
             r.reset()
@@ -472,6 +667,9 @@ class Guider(Part):
         b = len(rec.steps[0].guided)
         self.report["guided_steps"] = [[i for i, st in enumerate(rec.steps) if st.guided[j]] for j in range(b)]
         if len(self._steps) and len(self._steps[0][1]) == b:
-            self.report["zero_steps"] = [[i for i, (_, z) in enumerate(self._steps[:len(rec.steps)]) if z[j]]
+            self.report["zero_steps"] = [[i for i, (_, z, _) in enumerate(self._steps[:len(rec.steps)]) if z[j]]
                                          for j in range(b)]
+        if any(r.perturbing for r in self._rules):
+            self.report["perturbed_steps"] = [[i for i, p in enumerate(rec.plans) if p is not None and p.perturb
+                                               and p.perturb[j]] for j in range(b)]
         self.report["nfe"] = list(rec.nfe)

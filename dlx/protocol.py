@@ -52,14 +52,25 @@ class Guide(NamedTuple):
     the pipeline's ``guidance_rescale``), else an object with ``combine(run, step, samples, cond,
     uncond, scale) -> Tensor`` (a guidance method, e.g. ``dlx.Guider``); a rule whose result depends
     on a sample's own history says so with ``stateful = True`` (the default for a rule without the
-    attribute), and ``dlx.Share`` then never evaluates that sample as another's copy. ``zero[j]``: sample j
+    attribute), and ``dlx.Share`` then never evaluates that sample as another's copy; a stateless
+    rule may define ``key``, a value equal for rules that compute the same thing (the same guider
+    and config), so that ``dlx.Share`` evaluates samples of equal rules once (by identity without it). ``zero[j]``: sample j
     gets no denoiser evaluation at this step and a prediction of exactly 0 (CFG-Zero*'s zero-init).
+    ``perturb[j]``: sample j's rule needs a third, *perturbed* pass of its conditional rows at this
+    step (skip-layer, perturbed-attention, smoothed-energy guidance): the rule then has
+    ``perturbation(run)``, a context manager inside which the denoiser is the perturbed model,
+    and its ``combine`` takes ``perturbed=`` (that pass's predictions) and ``uncond=None`` for a
+    sample whose unconditional pass does not run. The perturbed pass follows the rule's own
+    window, not the mask (a ``CFGCutoff`` cuts the unconditional pass only); it counts one NFE.
+    A rule with ``perturbs_uncond = True`` (AutoGuidance) has its guided samples' unconditional
+    rows evaluated inside its ``perturbation(run)`` instead of in the main call (no extra NFE).
     """
 
     mask: Sequence[bool] | None = None
     scale: Sequence[float] | None = None
     rule: Sequence[Any] | None = None
     zero: Sequence[bool] | None = None
+    perturb: Sequence[bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +217,12 @@ class Part:
         pipeline out of CFG for the tail). Only controls that know it say True."""
         return False
 
+    def perturbs_after(self, run, step: int) -> bool:
+        """True when this part still asks for a perturbed pass (``Guide.perturb``) at a step after
+        ``step``: the run then keeps the pipeline's CFG batch, whose conditional rows that pass
+        evaluates, even once no sample is guided."""
+        return False
+
     def on_denoiser(self, run, call) -> None:
         """After each denoiser evaluation (parts with ``wants_calls``)."""
 
@@ -247,12 +264,13 @@ class Plan:
     default: float  # the pipeline's own scale
     rule: tuple = ()  # per sample: None (CFG) or a rule object; () when every sample is CFG
     zero: tuple[bool, ...] = ()  # per sample: no evaluation, prediction 0; () when none
+    perturb: tuple[bool, ...] = ()  # per sample: its rule's perturbed pass runs; () when none
 
     @functools.cached_property
     def passthrough(self) -> bool:
         """Every sample guided by CFG at the pipeline's scale: the pipeline's own CFG does the step."""
         return (all(self.mask) and all(s == self.default for s in self.scale) and not self.rule
-                and not self.zero)
+                and not self.zero and not self.perturb)
 
     @functools.cached_property
     def any_guided(self) -> bool:
@@ -272,8 +290,9 @@ class Plan:
 
     def sample_key(self, j: int) -> tuple:
         """What makes sample j's step differ from another's (``dlx.Share`` groups on it)."""
-        return (self.mask[j], self.scale[j], id(self.rule[j]) if self.rule else None,
-                self.zero[j] if self.zero else False)
+        rule = self.rule[j] if self.rule else None
+        return (self.mask[j], self.scale[j], None if rule is None else getattr(rule, "key", id(rule)),
+                self.zero[j] if self.zero else False, self.perturb[j] if self.perturb else False)
 
 
 def combine(batch: int, default_scales: Sequence[float], guides: Sequence[tuple[int | None, Guide]],
@@ -283,19 +302,21 @@ def combine(batch: int, default_scales: Sequence[float], guides: Sequence[tuple[
     ``guides`` holds (sample, guide) pairs: sample None for a guide about the whole batch (one
     entry per sample in each field), else a guide about that one sample (fields of length 1). A
     sample is guided where every guide guides it (masks AND); a zero flag from any guide zeroes it
-    (ORs); scale and rule come from the (at most one) guide that sets them, else the sample's
-    default scale and CFG."""
-    mask, scale, rule, zero = combine_fields(batch, default_scales, guides)
-    return Plan(mask, scale, default, rule, zero)
+    (ORs); a perturb flag ORs too (it comes from the rule's setter) and a zeroed sample has no
+    pass at all; scale and rule come from the (at most one) guide that sets them, else the
+    sample's default scale and CFG."""
+    mask, scale, rule, zero, perturb = combine_fields(batch, default_scales, guides)
+    return Plan(mask, scale, default, rule, zero, perturb)
 
 
 def combine_fields(batch: int, default_scales: Sequence[float], guides) -> tuple:
-    """``combine``'s (mask, scale, rule, zero) as tuples, without making a plan (the run compares
-    them with the last step's first: one plan object while guidance does not change)."""
+    """``combine``'s (mask, scale, rule, zero, perturb) as tuples, without making a plan (the run
+    compares them with the last step's first: one plan object while guidance does not change)."""
     mask = (True,) * batch
     scale = tuple(default_scales)
     rule: tuple = ()
     zero: tuple = ()
+    perturb: tuple = ()
     per = None
     first_mask = True
     for j, g in guides:  # whole-batch guides first, field by field (the common case: cutoffs)
@@ -318,10 +339,14 @@ def combine_fields(batch: int, default_scales: Sequence[float], guides) -> tuple
             rule = tuple(g.rule)
         if g.zero is not None and any(g.zero):
             zero = tuple(bool(z) for z in g.zero) if not zero else tuple(a or bool(z) for a, z in zip(zero, g.zero))
+        if g.perturb is not None and any(g.perturb):
+            perturb = (tuple(bool(z) for z in g.perturb) if not perturb
+                       else tuple(a or bool(z) for a, z in zip(perturb, g.perturb)))
     if per:  # one sample's own guides
         mask, scale = list(mask), list(scale)
         rule = list(rule) if rule else [None] * batch
         zero = list(zero) if zero else [False] * batch
+        perturb = list(perturb) if perturb else [False] * batch
         for j, g in per:
             if g.mask is not None:
                 mask[j] = mask[j] and bool(g.mask[0])
@@ -331,12 +356,18 @@ def combine_fields(batch: int, default_scales: Sequence[float], guides) -> tuple
                 rule[j] = g.rule[0]
             if g.zero is not None and g.zero[0]:
                 zero[j] = True
+            if g.perturb is not None and g.perturb[0]:
+                perturb[j] = True
         mask, scale = tuple(mask), tuple(scale)
         rule = tuple(rule) if any(r is not None for r in rule) else ()
         zero = tuple(zero) if any(zero) else ()
+        perturb = tuple(perturb) if any(perturb) else ()
     if zero:
         mask = tuple(m and not z for m, z in zip(mask, zero))
-    return mask, scale, rule, zero
+        if perturb:
+            perturb = tuple(p and not z for p, z in zip(perturb, zero))
+            perturb = perturb if any(perturb) else ()
+    return mask, scale, rule, zero, perturb
 
 
 class Layout(NamedTuple):

@@ -85,6 +85,9 @@ class Run:
         self.controls = [p for p in self.parts if overrides(p, "guidance")]
         self.share = session.share
         self._tail_parts = [p for p in self.parts if overrides(p, "unguided_after")]
+        self._perturb_parts = [p for p in self.parts if overrides(p, "perturbs_after")]
+        self._sample_perturb = [(j, p) for j, ps in enumerate(self.per_sample or []) for p in ps
+                                if overrides(p, "perturbs_after")]
         self._sample_calls = [[p for p in ps if p.wants_calls] for ps in (self.per_sample or [])]
         self.wants_calls = bool(self.call_parts) or any(self._sample_calls)
         self._plan_cache: tuple[int, Plan] | None = None
@@ -203,13 +206,14 @@ class Run:
             elif self.per_sample is not None:
                 info = self._sample_infos[j]
                 guides += [(j, p.guidance(info, step)) for p in self.per_sample[j]]
-        mask, scale, rule, zero = combine_fields(b, scales, guides)
+        mask, scale, rule, zero, perturb = combine_fields(b, scales, guides)
         last = self._last_plan
         if (last is not None and last.mask == mask and last.scale == scale and last.default == default
-                and last.zero == zero and len(last.rule) == len(rule) and all(x is y for x, y in zip(last.rule, rule))):
+                and last.zero == zero and last.perturb == perturb and len(last.rule) == len(rule)
+                and all(x is y for x, y in zip(last.rule, rule))):
             self._plan_cache = (step, last)  # guidance unchanged: the same plan object
             return last
-        return self._set_plan(Plan(mask, scale, default, rule, zero))
+        return self._set_plan(Plan(mask, scale, default, rule, zero, perturb))
 
     def unguided_plan(self) -> Plan:
         """The plan of a step the pipeline runs without its CFG batch."""
@@ -224,7 +228,7 @@ class Run:
         """The plan that guides no sample at the pipeline's scale ``d`` (the last one reused)."""
         last = self._last_plan
         if last is not None and last.default == d and not last.any_guided and not last.rule and not last.zero \
-                and last.scale == (d,) * b:
+                and not last.perturb and last.scale == (d,) * b:
             self._plan_cache = (self.step, last)
             return last
         return self._set_plan(Plan((False,) * b, (d,) * b, d))
@@ -232,7 +236,7 @@ class Run:
     def _set_plan(self, plan: Plan) -> Plan:
         last = self._last_plan
         if (last is not None and last.mask == plan.mask and last.scale == plan.scale and last.default == plan.default
-                and last.zero == plan.zero and len(last.rule) == len(plan.rule)
+                and last.zero == plan.zero and last.perturb == plan.perturb and len(last.rule) == len(plan.rule)
                 and all(a is c for a, c in zip(last.rule, plan.rule))):
             plan = last  # one object while guidance does not change (cached properties kept)
         self._last_plan = plan
@@ -387,7 +391,11 @@ class Run:
 
     def _unguided_after(self, step: int) -> bool:
         """No sample is guided after ``step``: an attached control knows it for the batch, or every
-        sample is at a scale <= 1 or has a control of its own that knows it."""
+        sample is at a scale <= 1 or has a control of its own that knows it; and no part still
+        runs a perturbed pass later (it evaluates rows of the CFG batch)."""
+        if any(p.perturbs_after(self, step) for p in self._perturb_parts) or any(
+                p.perturbs_after(self._sample_infos[j], step) for j, p in self._sample_perturb):
+            return False
         for p in self._tail_parts:
             if p.unguided_after(self, step):
                 return True

@@ -32,6 +32,9 @@ def pipeline_state(pipe) -> dict:
         "guidance": pipe.__dict__.get("_guidance_scale"),
         "interrupt": pipe.__dict__.get("_interrupt"),
         "ip": [list(p.scale) for p in den.attn_processors.values() if isinstance(getattr(p, "scale", None), list)],
+        # what diffusers' hook helpers set on a module (perturbation guiders): the same objects
+        "modules": [(n, m.__dict__.get("forward"), m.__dict__.get("_diffusers_hook"))
+                    for n, m in den.named_modules() if n],
     }
     for side in fam.extra_doubled_modules:
         mod = getattr(pipe, side, None)

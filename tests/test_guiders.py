@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -315,14 +314,19 @@ def test_bad_guider_arguments_are_dlx_errors(guider, config, match):
 
 def test_every_covered_guider_is_a_combination_guider_and_perturbation_ones_are_named():
     assert set(COMBINATION) <= set(dir(G)) and set(PERTURBATION_GUIDERS) <= set(dir(G))
+    runs = {"sd": {"PerturbedAttentionGuidance", "SkipLayerGuidance", "SmoothedEnergyGuidance", "AutoGuidance"},
+            "sdxl": {"PerturbedAttentionGuidance", "SkipLayerGuidance", "SmoothedEnergyGuidance", "AutoGuidance"},
+            "sd3": {"SkipLayerGuidance", "SmoothedEnergyGuidance", "AutoGuidance"},
+            "flux": {"SkipLayerGuidance", "AutoGuidance"}}  # tests/test_perturbation.py runs each
     for fam in FAMILIES.values():
         for name in COMBINATION:
             assert guider_support(fam, name) is None
         for name in PERTURBATION_GUIDERS:
             msg = guider_support(fam, name)
-            assert name in msg and fam.name in msg
-    assert "skip_guidance_layers" in guider_support(FAMILIES["sd3"], "SkipLayerGuidance")
-    assert math.isfinite(1.0)
+            if name in runs.get(fam.name, ()):
+                assert msg is None, (fam.name, name)
+            else:
+                assert name in msg and f"on {fam.name} pipelines" in msg, (fam.name, name)
 
 
 # -- on the pipelines (through the core's seam: Guide.rule / Guide.zero) ----------------------------
@@ -400,18 +404,6 @@ def test_a_schedule_beside_a_guider_is_refused():
     pipe = pipe_for("sd")
     with pytest.raises(DlxError, match="GuidanceSchedule"):
         _with(pipe, "sd", [dlx.Guider(G.ClassifierFreeGuidance()), dlx.GuidanceSchedule("linear")], steps=2)
-
-
-@pytest.mark.parametrize("family,guider", [
-    ("sd3", lambda: G.SkipLayerGuidance(skip_layer_guidance_layers=[0])),
-    ("sd", lambda: G.PerturbedAttentionGuidance(perturbed_guidance_layers=[0])),
-])
-def test_perturbation_guiders_are_refused_naming_guider_and_family(family, guider):
-    pipe = pipe_for(family)
-    g = guider()
-    with pytest.raises(DlxError) as e:
-        _with(pipe, family, [dlx.Guider(g)], steps=2)
-    assert type(g).__name__ in str(e.value) and f"on {family} pipelines" in str(e.value)
 
 
 def test_the_record_shows_each_samples_guider_scale_not_the_calls():

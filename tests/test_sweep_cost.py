@@ -155,3 +155,18 @@ def test_pairs_refit_the_model_and_say_when_it_drifted():
     assert not slow["steady"] and slow["drift"] == pytest.approx(1.0) and slow["guided_step_ms"] == 200.0
     lo, hi = cost.share_ci(same, [0.0, 10.0], 10.0)
     assert lo == pytest.approx([600 / 1100, 1.0]) and hi == pytest.approx([600 / 1100, 1.0])
+
+
+def test_extra_single_passes_are_costed_as_unguided_steps():
+    # a perturbation guider's third pass (+1 per pass) and a CFG-Zero* zero step (−1: no pass at
+    # all) are read from the record's NFE and costed as one call of the conditional rows
+    calls = {"guided": [1100.0, 1100.0], "unguided": [600.0, 600.0]}
+    loops = {"guided": [1000.0, 1000.0], "unguided": [500.0, 500.0]}
+    c = cost.with_pairs({**cost.fit(calls, loops, 10), "steps": 10, "steady": True, "drift": 0.0}, [])
+    assert cost.predict_ms(c, 10, 10) == pytest.approx(1100.0)
+    assert cost.predict_ms(c, 10, 10, 9) == pytest.approx(1100.0 + 9 * 50.0)
+    assert cost.predict_ms(c, 9, 10, -1) == pytest.approx(100.0 + 9 * 100.0)
+    lo, hi = cost.share_ci(c, [10.0, 4.0], 10.0, extra=[9.0, 0.0])
+    assert lo == pytest.approx([1550 / 1100, 800 / 1100]) and hi == pytest.approx(lo)
+    lo, hi = cost.share_ci(c, [10.0], 10.0, extra=[0.0], reference_extra=9.0)
+    assert lo == pytest.approx([1100 / 1550])

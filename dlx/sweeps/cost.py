@@ -207,9 +207,14 @@ def _where(pipe) -> dict:
     }
 
 
-def predict_ms(cost: dict, guided_steps: float, steps: int) -> float:
-    """Predicted standalone wall time of a run that guides ``guided_steps`` of ``steps``."""
-    return cost["fixed_ms"] + guided_steps * cost["guided_step_ms"] + (steps - guided_steps) * cost["unguided_step_ms"]
+def predict_ms(cost: dict, guided_steps: float, steps: int, extra_passes: float = 0.0) -> float:
+    """Predicted standalone wall time of a run that guides ``guided_steps`` of ``steps`` and makes
+    ``extra_passes`` single-row denoiser passes beyond one conditional pass per step and one
+    unconditional per guided step (a perturbation guider's third pass +1, a CFG-Zero* zero step
+    −1), each costed as an unguided step's: one call of the conditional rows. That last term is a
+    model, measured for the cutoffs only (docs/benchmarks.md)."""
+    return (cost["fixed_ms"] + guided_steps * cost["guided_step_ms"]
+            + (steps - guided_steps + extra_passes) * cost["unguided_step_ms"])
 
 
 # --- across the sweep --------------------------------------------------------------------------------
@@ -307,25 +312,27 @@ def with_pairs(cost: dict, extra: list[dict]) -> dict:
 
 
 def share_ci(cost: dict, guided, reference_guided: float, level: float = 0.95, n_boot: int = 2000,
-             seed: int = 0):
+             seed: int = 0, extra=None, reference_extra: float = 0.0):
     """Percentile bootstrap interval (lo, hi arrays) of the predicted time share
     ``predict(k) / predict(k_ref)`` for each mean guided-step count k in ``guided``, the pairs of
     ``cost`` (``pairs_of`` its refitted calls) resampled and the model refitted (medians) each
-    time; NaN where fewer than two pairs were timed."""
+    time; NaN where fewer than two pairs were timed. ``extra``/``reference_extra``: each run's
+    extra single passes, as ``predict_ms`` takes them (0 by default)."""
     import numpy as np
 
 
     P = np.array([[p[k][j] for k in KINDS for j in (0, 1)] for p in pairs_of(cost)], dtype=float).reshape(-1, 4)
     n_steps = cost["steps"]
     k = np.asarray(guided, dtype=float)
+    e = np.zeros_like(k) if extra is None else np.asarray(extra, dtype=float)
 
     def statistic(idx):
         d = P[idx]  # (B, n, 4): guided call, guided loop, unguided call, unguided loop
         g = np.median(d[..., 1], axis=1) / n_steps
         u = np.median(d[..., 3], axis=1) / n_steps
         f = np.median(np.concatenate([d[..., 0] - d[..., 1], d[..., 2] - d[..., 3]], axis=1), axis=1)
-        t = f[:, None] + k[None, :] * g[:, None] + (n_steps - k[None, :]) * u[:, None]
-        t_ref = f + reference_guided * g + (n_steps - reference_guided) * u
+        t = f[:, None] + k[None, :] * g[:, None] + (n_steps - k[None, :] + e[None, :]) * u[:, None]
+        t_ref = f + reference_guided * g + (n_steps - reference_guided + reference_extra) * u
         return t / t_ref[:, None]
 
     return percentile_bootstrap(len(P), statistic, n=n_boot, seed=seed, level=level)

@@ -31,6 +31,16 @@ __all__ = ["SweepResult", "Recommendation", "DEFAULT_MARGINS", "bootstrap_ci"]
 BINARY_METRICS = ("adherence",)
 
 
+def _extra_passes(row: dict, steps: int) -> float:
+    """Denoiser passes a row's run made beyond one conditional pass per step and one unconditional
+    pass per guided step (the record's NFE says so): a perturbation guider's third passes (+1
+    each), CFG-Zero*'s zero-init steps (−1 each: no pass at all). 0 for the cutoff controls."""
+    nfe, g = row.get("nfe"), row.get("guided_steps")
+    if nfe is None or g is None or nfe != nfe or g != g:
+        return 0.0
+    return float(nfe) - steps - float(g)
+
+
 class SweepResult:
     """Results of a sweep stored in ``out`` (see ``dlx.sweep``)."""
 
@@ -134,7 +144,8 @@ class SweepResult:
             for m in modes:
                 cost = costs[m].get((steps, scale))
                 ok = cost is not None and r["guided_steps"] is not None and r["guided_steps"] == r["guided_steps"]
-                d[f"time_{m}_s"] = predict_ms(cost, r["guided_steps"], steps) / 1e3 if ok else math.nan
+                d[f"time_{m}_s"] = (predict_ms(cost, r["guided_steps"], steps, _extra_passes(r, steps)) / 1e3
+                                    if ok else math.nan)
             for name in spec.metrics:
                 v = r["metrics"].get(name)
                 d[name] = math.nan if v is None else v
@@ -210,8 +221,9 @@ class SweepResult:
                 share = t / tr if len(g) and len(r) and tr == tr and tr > 0 else math.nan
                 lo = hi = math.nan
                 if cost is not None and share == share:
+                    extra = lambda f: float((f.nfe - f.steps - f.guided_steps).mean())  # noqa: E731
                     los, his = share_ci(cost, [g.guided_steps.mean()], float(r.guided_steps.mean()), level=level,
-                                        n_boot=n_boot)
+                                        n_boot=n_boot, extra=[extra(g)], reference_extra=extra(r))
                     lo, hi = float(los[0]), float(his[0])
                 steady = bool(cost.get("steady", True)) if cost is not None else None
                 out[c.name, m] = (share, lo, hi, steady)
