@@ -26,10 +26,10 @@ for s in "$@"; do
     sweep-shapes-eager) stage $s 200 python3 bench/bench_sweep.py --model shapes --mode eager --rounds 2 --out "$OUT" ;;
     sweep-sd15-eager) stage $s 260 python3 bench/bench_sweep.py --model sd15 --mode eager --rounds 2 --sweep-reps 2 --out "$OUT" ;;
     sweep-sd15-compiled) stage $s 300 python3 bench/bench_sweep.py --model sd15 --mode compiled --rounds 2 --sweep-reps 3 --out "$OUT" ;;
-    # issue 27 item 4: full-size SDXL / SD3 / reduced-depth Flux, random weights, 1024², 4 cutoffs x 4 seeds
+    # issue 25 item 4: full-size SDXL / SD3 / reduced-depth Flux, random weights, 1024², 4 cutoffs x 4 seeds
     sweep-sdxl|sweep-sd3|sweep-flux) stage $s ${FAM_LIMIT:-200} python3 bench/bench_sweep.py --model ${s#sweep-} --mode eager \
         --size 1024 --steps 20 --seeds 4 --cutoffs 0,0.3,0.6,1 --rounds 1 --sweep-reps 2 --cost-repeats 3 --out "$OUT" ;;
-    # issue 27 item 2: the compiled embedded model's unguided step (recompiles, graphs, launches)
+    # issue 25 item 2: the compiled embedded model's unguided step (recompiles, graphs, launches)
     diag-cutoff) stage $s 150 env TORCH_LOGS=recompiles,perf_hints python3 bench/diag_cutoff_compiled.py --out "$OUT/diag-cutoff.json" ;;
     rec-eager-5steps) stage $s 90 python3 bench/bench_recorder.py --modes eager --steps 5 --reps 200 --variants record-target --out "$OUT/recorder-eager-5steps.json" ;;
     rec-eager-27) stage $s 120 python3 bench/bench_recorder.py --modes eager --reps 30 --variants record-target --out "$OUT/recorder-eager.json" ;;
