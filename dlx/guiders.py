@@ -93,16 +93,19 @@ _GUIDER_LOGGER = "diffusers.guiders.guider_utils"  # warns "experimental" on eve
 
 
 @contextlib.contextmanager
-def _quiet_construction():
-    """diffusers logs an "experimental feature" warning each time a guider is built; the user saw
-    it when building theirs, and dlx's private copies would repeat it on every run."""
-    logger = logging.getLogger(_GUIDER_LOGGER)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _quiet_construction(module: str | None = None):
+    """diffusers logs an "experimental feature" warning each time a guider is built (and PAG a
+    "modifying the config" one, from its own module's logger); the user saw them when building
+    theirs, and dlx's private copies would repeat them on every run."""
+    loggers = [logging.getLogger(n) for n in (_GUIDER_LOGGER, module) if n]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _guider_classes() -> dict:
@@ -145,6 +148,9 @@ _PERTURBED = {
     "AutoGuidance": ("_is_ag_enabled", "auto_guidance_config", "_auto_guidance_hook_names"),
 }
 _UNCOND_PERTURBED = ("AutoGuidance",)
+#: each one's constructor argument for those configs (what an error message tells the user to set)
+_CONFIG_ARG = {"SkipLayerGuidance": "skip_layer_config", "PerturbedAttentionGuidance": "perturbed_guidance_config",
+               "SmoothedEnergyGuidance": "seg_guidance_config", "AutoGuidance": "auto_guidance_config"}
 #: the perturbation guiders a ``Guider`` runs where a family allows
 PERTURBED = tuple(_PERTURBED)
 
@@ -323,7 +329,7 @@ def guider_from_config(name, config=None):
     if name == "AdaptiveProjectedGuidance" and isinstance(kw.get("adaptive_projected_guidance_norm_dim"), list):
         kw["adaptive_projected_guidance_norm_dim"] = tuple(kw["adaptive_projected_guidance_norm_dim"])
     try:
-        with _quiet_construction():
+        with _quiet_construction(classes[name].__module__):
             return classes[name](**kw)
     except (TypeError, ValueError, ImportError) as e:
         raise DlxError(f"argument `config` does not build a {name}: {type(e).__name__}: {e}") from None
@@ -568,38 +574,51 @@ class Guider(Part):
         fam = run.family
         den = getattr(run.pipe, fam.denoiser)
         pipe = type(run.pipe).__name__
-        if is_compiled(den):
+        modules = list(den.modules())
+        if is_compiled(den) or any(getattr(m, "_compiled_call_impl", None) is not None for m in modules):
             raise DlxError(f"{type(guiders[0]).__name__} changes {pipe}'s {fam.denoiser} for its perturbed pass at every "
                            f"step, which a compiled denoiser (torch.compile) would recompile each time: attach it to "
-                           f"the uncompiled {fam.denoiser}")
-        modules = list(den.modules())
+                           f"the uncompiled {fam.denoiser} (compiled in place or by region counts too)")
         from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
 
         found = sorted(i for i in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS if hasattr(den, i))
         for g in guiders:
             trial = _copy(g)
-            auto = [c for c in getattr(trial, _PERTURBED[type(trial).__name__][1]) if c.fqn == "auto"]
+            name = type(g).__name__
+            arg = _CONFIG_ARG[name]  # the guider's argument for its hook configs
+            configs = getattr(trial, _PERTURBED[name][1])
+            auto = [c for c in configs if c.fqn == "auto"]
             if auto and len(found) > 1:
                 # diffusers 0.42.1 takes the first of a set of names whose order changes from one
                 # Python process to the next (string hashing): the perturbed blocks would too
-                raise DlxError(f"{type(g).__name__}'s fqn=\"auto\" is ambiguous on {pipe}'s {fam.denoiser} "
+                raise DlxError(f"{name}'s fqn=\"auto\" is ambiguous on {pipe}'s {fam.denoiser} "
                                f"({type(den).__name__} has {found}) and diffusers picks one in an order that changes "
-                               f"between Python processes: name the blocks, e.g. {{'indices': [0], 'fqn': "
-                               f"'{found[-1]}'}}")
+                               f"between Python processes: name the blocks, e.g. {arg}={{'indices': [0], 'fqn': "
+                               f"'{found[-1]}', ...}}")
+            lists = [n for n, m in den.named_modules() if isinstance(m, torch.nn.ModuleList)
+                     and n.endswith("transformer_blocks")]
+            example = f"{arg}={{'indices': [0], 'fqn': '{lists[-1] if lists else 'transformer_blocks'}', ...}}"
             try:
                 with modules_restored(modules, _hook_names(trial)):
                     _apply_perturbation(trial, den)
+                    hooks = {h: sum(h in getattr(m.__dict__.get("_diffusers_hook"), "hooks", ()) for m in modules)
+                             for h in _hook_names(trial)}
             except (ValueError, AttributeError, TypeError, KeyError) as e:
-                lists = [n for n, m in den.named_modules() if isinstance(m, torch.nn.ModuleList)
-                         and n.endswith("transformer_blocks")]
-                arg = {"PerturbedAttentionGuidance": "perturbed_guidance_config",
-                       "SkipLayerGuidance": "skip_layer_config"}.get(type(g).__name__, "seg_guidance_config")
-                where = lists[-1] if lists else "transformer_blocks"
                 raise DlxError(
-                    f"{type(g).__name__} cannot perturb {pipe}'s {fam.denoiser} ({type(den).__name__}): diffusers "
+                    f"{name} cannot perturb {pipe}'s {fam.denoiser} ({type(den).__name__}): diffusers "
                     f"says: {e} Its configs name the blocks by `fqn` and `indices` (\"auto\" finds a transformer's "
                     f"blocks only); this {fam.denoiser}'s transformer-block lists are {lists[:12]}: e.g. "
-                    f"{arg}={{'indices': [0], 'fqn': '{where}', ...}}") from None
+                    f"{example}") from None
+            for cfg, h in zip(configs, _hook_names(trial)):
+                blocks = den.get_submodule(cfg.fqn)
+                missing = [i for i in cfg.indices if not 0 <= i < len(blocks)]
+                if missing or not hooks[h]:
+                    why = (f"indices {missing} are not blocks of its {len(blocks)}" if missing else
+                           "diffusers' hooks found nothing to perturb in those blocks (no self-attention, "
+                           "or neither attention nor feed-forward skipped)")
+                    raise DlxError(f"argument `{arg}` of {name} ({cfg.to_dict()}) does not perturb {pipe}'s "
+                                   f"{fam.denoiser}: {why}; the run would pay for a perturbed pass that changes "
+                                   f"nothing. Its transformer-block lists are {lists[:12]}: e.g. {example}")
 
     def on_loop_start(self, run):
         b = run.batch

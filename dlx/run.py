@@ -207,6 +207,9 @@ class Run:
                 info = self._sample_infos[j]
                 guides += [(j, p.guidance(info, step)) for p in self.per_sample[j]]
         mask, scale, rule, zero, perturb = combine_fields(b, scales, guides)
+        if perturb and self.sample_scales is not None:  # a sample at a scale <= 1 gets no pass beyond its own
+            perturb = tuple(p and scales[j] > 1.0 for j, p in enumerate(perturb))
+            perturb = perturb if any(perturb) else ()
         last = self._last_plan
         if (last is not None and last.mask == mask and last.scale == scale and last.default == default
                 and last.zero == zero and last.perturb == perturb and len(last.rule) == len(rule)
@@ -313,8 +316,9 @@ class Run:
                 continue
             u = call.uncond[j:j + 1] if call.uncond is not None and call.mask[j] else None
             c = call.cond[j:j + 1]
-            sub = DenoiserCall(call.step, call.timestep, call.x_in[j:j + 1], c, u,
-                               c if u is None else call.guided[j:j + 1], call.mask[j:j + 1],
+            # guided: what the sample stepped with (not c where only a perturbed pass ran)
+            sub = DenoiserCall(call.step, call.timestep, call.x_in[j:j + 1], c, u, call.guided[j:j + 1],
+                               call.mask[j:j + 1],
                                call.scale if not isinstance(call.scale, torch.Tensor) else call.scale[j:j + 1],
                                revises=call.revises)
             for p in obs:

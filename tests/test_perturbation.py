@@ -48,6 +48,11 @@ CASES = {
                                                       seg_guidance_config={"indices": [0], "fqn": MID})),
     "sdxl-pag": ("sdxl", lambda: _pag(guidance_scale=4.0, perturbed_guidance_scale=2.0, perturbed_guidance_start=0.0,
                                       perturbed_guidance_stop=1.0)),
+    "sdxl-slg": ("sdxl", lambda: G.SkipLayerGuidance(guidance_scale=4.0, skip_layer_guidance_scale=2.0,
+                                                     skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0,
+                                                     skip_layer_config={"indices": [0], "fqn": MID})),
+    "sdxl-seg": ("sdxl", lambda: G.SmoothedEnergyGuidance(guidance_scale=4.0, seg_guidance_scale=2.0,
+                                                          seg_blur_sigma=2.0, seg_guidance_config={"indices": [0], "fqn": MID})),
     "sd3-slg": ("sd3", lambda: G.SkipLayerGuidance(guidance_scale=4.0, skip_layer_guidance_scale=2.0,
                                                    skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0,
                                                    skip_layer_guidance_layers=[0])),
@@ -155,6 +160,7 @@ def test_perturbed_pass_is_diffusers_own_and_the_step_is_the_guiders_forward(cas
 
 AUTO = {
     "sd": lambda: G.AutoGuidance(guidance_scale=4.0, auto_guidance_config={"indices": [0], "fqn": MID, "dropout": 1.0}),
+    "sdxl": lambda: G.AutoGuidance(guidance_scale=4.0, auto_guidance_config={"indices": [0], "fqn": MID, "dropout": 1.0}),
     "sd3": lambda: G.AutoGuidance(guidance_scale=4.0, auto_guidance_layers=[0], dropout=1.0, stop=0.75),
 }
 
@@ -174,7 +180,7 @@ def test_autoguidance_runs_the_unconditional_pass_through_diffusers_weaker_model
         del den.forward
     assert pipeline_state(pipe) == before
     guided = part.report["guided_steps"][0]
-    assert guided == ([0, 1, 2, 3] if family == "sd" else [0, 1, 2])  # diffusers' window int(.75·4) = 3
+    assert guided == ([0, 1, 2] if family == "sd3" else [0, 1, 2, 3])  # diffusers' window int(.75·4) = 3
     assert trace.nfe == [4.0 + len(guided)], "one unconditional pass per guided step, as CFG"
     hooked = [c for c in spy.calls if c[0]]
     plain = [c for c in spy.calls if not c[0]]
@@ -319,7 +325,7 @@ def test_mixed_perturbation_and_combination_guiders_in_one_batch_equal_each_samp
         torch.testing.assert_close(batch[j], alone, **BATCH_TOL)
 
 
-def test_hooks_are_undone_when_the_call_fails_mid_run_and_a_users_own_hooks_survive():
+def test_hooks_are_undone_when_the_perturbed_pass_fails_and_a_users_own_hooks_survive():
     pipe = pipe_for("sd")
     den = pipe.unet
     block = den.get_submodule(MID)[0]
@@ -327,22 +333,45 @@ def test_hooks_are_undone_when_the_call_fails_mid_run_and_a_users_own_hooks_surv
     class Noop(ModelHook):
         pass
 
-    HookRegistry.check_if_exists_or_initialize(block).register_hook(Noop(), "user")
+    HookRegistry.check_if_exists_or_initialize(block.attn1).register_hook(Noop(), "user")
     ref = run(pipe, "sd", steps=4, guidance_scale=4.0)
     before = pipeline_state(pipe)
 
-    def boom(p, i, t, kw):
-        if i == 2:
+    def boom(module, args):  # raises inside the perturbed pass only: PAG's hook is on attn1 then
+        if len(block.attn1._diffusers_hook.hooks) > 1:
             raise RuntimeError("boom")
-        return kw
 
-    with pytest.raises(RuntimeError, match="boom"):
-        with dlx.attach(pipe, dlx.Guider(CASES["sd-pag"][1]())):
-            run(pipe, "sd", steps=4, guidance_scale=4.0, callback_on_step_end=boom)
+    handle = block.norm1.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            with dlx.attach(pipe, dlx.Guider(CASES["sd-pag"][1]())):
+                run(pipe, "sd", steps=4, guidance_scale=4.0)
+    finally:
+        handle.remove()
     assert pipeline_state(pipe) == before
-    assert list(block._diffusers_hook.hooks) == ["user"]
+    assert list(block.attn1._diffusers_hook.hooks) == ["user"]
     assert bitwise(run(pipe, "sd", steps=4, guidance_scale=4.0), ref)
-    block._diffusers_hook.remove_hook("user", recurse=False)
+    block.attn1._diffusers_hook.remove_hook("user", recurse=False)
+
+
+def test_per_sample_parts_see_what_a_sample_stepped_with_where_only_its_perturbed_pass_ran():
+    pipe = pipe_for("sd3")
+    whole, own = _Calls(), _Calls()
+    with dlx.attach(pipe, dlx.Guider(CASES["sd3-slg"][1]()), dlx.CFGCutoff(0.5), whole):
+        run(pipe, "sd3", steps=4, guidance_scale=4.0)
+    with dlx.attach(pipe, per_sample=[[dlx.Guider(CASES["sd3-slg"][1]()), dlx.CFGCutoff(0.5), own]]):
+        run(pipe, "sd3", steps=4, guidance_scale=4.0)
+    for step in (2, 3):  # past the cutoff: no unconditional pass, the perturbed pass still runs
+        assert whole.steps[step][1] is None and own.steps[step][1] is None
+        assert bitwise(own.steps[step][2], whole.steps[step][2])
+        assert not torch.equal(own.steps[step][2], own.steps[step][0])
+
+
+def test_a_sample_at_scale_one_gets_no_perturbed_pass_as_when_run_alone():
+    pipe = pipe_for("sd")
+    with dlx.record(pipe, dlx.Guider(CASES["sd-slg"][1]()), scales=[4.0, 1.0]) as trace:
+        run(pipe, "sd", steps=4, guidance_scale=4.0, batch=2)
+    assert trace.nfe == [4.0 + 4 + 2, 4.0]
 
 
 def test_perturbation_guiders_record_and_rebuild_through_the_one_config_format():
@@ -406,6 +435,13 @@ def test_sweep_rows_with_a_perturbation_guider_equal_the_config_run_alone(tmp_pa
      "not supported on sd-controlnet"),
     ("sd", lambda: G.PerturbedAttentionGuidance(perturbed_guidance_layers=[0]), "transformer-block lists"),
     ("sd", lambda: G.SkipLayerGuidance(skip_layer_config={"indices": [99], "fqn": MID}), "indices"),
+    ("sd", lambda: G.SkipLayerGuidance(skip_layer_config={"indices": [0, 5], "fqn": MID}), r"indices \[5\]"),
+    ("sd", lambda: G.PerturbedAttentionGuidance(perturbed_guidance_config={
+        "indices": [0], "fqn": "up_blocks", "skip_attention": False, "skip_attention_scores": True, "skip_ff": False}),
+     "perturbed_guidance_config.*nothing to perturb"),
+    ("sd", lambda: G.SkipLayerGuidance(skip_layer_config={"indices": [0], "fqn": MID, "skip_attention": False,
+                                                          "skip_ff": False}), "skip_layer_config.*nothing to perturb"),
+    ("sd", lambda: G.AutoGuidance(auto_guidance_layers=[0], dropout=1.0), "auto_guidance_config="),
 ])
 def test_perturbation_guiders_that_cannot_run_are_refused_before_the_loop(family, make, match):
     pipe = pipe_for(family)
@@ -430,6 +466,14 @@ def test_a_compiled_denoiser_is_refused_for_a_perturbation_guider():
                 run(pipe, "sd", steps=2)
     finally:
         pipe.unet = unet
+    block = unet.get_submodule(MID)[0]
+    block.compile()  # in place, one region: not an OptimizedModule
+    try:
+        with pytest.raises(DlxError, match="compiled"):
+            with dlx.attach(pipe, dlx.Guider(CASES["sd-pag"][1]())):
+                run(pipe, "sd", steps=2)
+    finally:
+        block._compiled_call_impl = None
 
 
 # -- the diffusers 0.42.1 faults dlx wraps: pinned, so a fixed diffusers tells us to drop each -----
