@@ -659,6 +659,24 @@ class Guider(Part):
         self.report["guidance_scale"] = [self._rules[k].guider.config.get("guidance_scale",
                                          self._rules[k].guider.config.get("guidance_scales")) for k in self._per]
 
+    @classmethod
+    def label_from_args(cls, args: dict, fmt_arg) -> str:
+        """``Guider(AdaptiveProjectedGuidance(eta=0, guidance_scale=7.5))`` from ``config()["args"]``:
+        each guider's class and the arguments that differ from its diffusers defaults (the stored
+        configuration keeps them all); ``fmt_arg`` formats a value (``dlx.labels``')."""
+        from .config import defaults
+
+        names, cfgs = args.get("guider"), args.get("config")
+        per = isinstance(names, list)
+        names, cfgs = (names, cfgs) if per else ([names], [cfgs])
+        classes = _guider_classes()
+        out = []
+        for n, c in zip(names, cfgs if isinstance(cfgs, list) else [None] * len(names)):
+            d = defaults(classes[n]) if n in classes else {}
+            shown = [f"{k}={fmt_arg(v)}" for k, v in (c or {}).items() if not (k in d and d[k] == v)]
+            out.append(f"{n}({', '.join(shown)})")
+        return f"Guider([{', '.join(out)}])" if per else f"Guider({out[0]})"
+
     def own_scale(self) -> float | None:
         """The scale the guider guides at (one guider, or every per-sample guider agreeing), None
         where it has none single (FDG's per-level scales) or the guiders differ: what a sweep row

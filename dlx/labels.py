@@ -70,10 +70,15 @@ def _arg(v) -> str:
 def part_label(cfg: dict) -> str:
     """``CFGCutoff(ratio=0.2)`` from a part's configuration (``part.config()`` or an entry of
     ``trace.meta["parts"]``): its type and every argument that differs from the constructor's
-    default (``compat='dlx'`` is left out, ``compat='diffusers'`` is shown)."""
+    default (``compat='dlx'`` is left out, ``compat='diffusers'`` is shown). A part class with
+    ``label_from_args(args, fmt_arg)`` labels itself (``dlx.Guider``: the guider's class and its
+    arguments that differ from diffusers' defaults)."""
     args = cfg.get("args")
     if not isinstance(args, dict):  # the flat form {"type": ..., "ratio": ...}
         args = {k: v for k, v in cfg.items() if k not in ("type", "rebuildable", "report")}
+    own = getattr(REGISTRY.get(str(cfg.get("type"))), "label_from_args", None)
+    if own is not None:  # a part whose arguments nest (a Guider's diffusers guider and its config)
+        return own(args, _arg)
     defaults = _defaults(str(cfg.get("type"))) or {}
     shown = [f"{k}={_arg(v)}" for k, v in args.items() if not (k in defaults and defaults[k] == v)]
     return f"{cfg.get('type', '?')}({', '.join(shown)})"

@@ -417,3 +417,16 @@ def test_the_record_shows_each_samples_guider_scale_not_the_calls():
     with dlx.record(pipe, g) as trace:
         run(pipe, "sd", num_images_per_prompt=2, guidance_scale=5.0)
     assert [s.guidance_scale for s in trace.steps] == [[3.0, 9.0]] * 4
+
+
+def test_a_guiders_label_names_its_class_and_only_what_differs_from_diffusers_defaults():
+    from dlx import labels
+
+    apg = dlx.Guider(G.AdaptiveProjectedGuidance(guidance_scale=7.5, eta=0.0, adaptive_projected_guidance_momentum=-0.5))
+    assert labels.part_label(apg.config()) == \
+        "Guider(AdaptiveProjectedGuidance(adaptive_projected_guidance_momentum=-0.5, eta=0))"
+    mixed = dlx.Guider([G.ClassifierFreeGuidance(guidance_scale=3.0), G.ClassifierFreeZeroStarGuidance()])
+    assert labels.part_label(mixed.config()) == \
+        "Guider([ClassifierFreeGuidance(guidance_scale=3), ClassifierFreeZeroStarGuidance()])"
+    # the stored configuration keeps every value (a later diffusers may change a default)
+    assert apg.config()["args"]["config"]["guidance_scale"] == 7.5
