@@ -397,8 +397,9 @@ class Run:
         """No sample is guided after ``step``: an attached control knows it for the batch, or every
         sample is at a scale <= 1 or has a control of its own that knows it; and no part still
         runs a perturbed pass later (it evaluates rows of the CFG batch)."""
-        if any(p.perturbs_after(self, step) for p in self._perturb_parts) or any(
-                p.perturbs_after(self._sample_infos[j], step) for j, p in self._sample_perturb):
+        if (self._perturb_parts or self._sample_perturb) and (
+                any(p.perturbs_after(self, step) for p in self._perturb_parts)
+                or any(p.perturbs_after(self._sample_infos[j], step) for j, p in self._sample_perturb)):
             return False
         for p in self._tail_parts:
             if p.unguided_after(self, step):
