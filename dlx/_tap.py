@@ -251,44 +251,11 @@ class Tap:
             g[at_t] = val
         return g
 
-    def _perturbed_uncond(self, orig, args, kwargs, n: int, plan, guided, hooked, u_plain):
-        """The unconditional rows of ``hooked`` samples evaluated inside their rule's
-        ``perturbation`` (AutoGuidance's weaker model), merged with the main call's
-        unconditional rows ``u_plain`` into ``guided`` order."""
+    def _through_perturbation(self, orig, args, kwargs, n: int, offset: int, plan, samples):
+        """Rows ``offset + j`` of the call's ``n`` rows for each of ``samples``, evaluated inside
+        their rule's ``perturbation`` (the denoiser's modules changed, then restored), one call per
+        distinct rule; returns (the samples in the order evaluated, their predictions)."""
         run = self.run
-        by_rule: dict = {}
-        for r in hooked:
-            by_rule.setdefault(id(plan.rule[r]), (plan.rule[r], []))[1].append(r)
-        order, preds = [], []
-        for rule, rs in by_rule.values():
-            rows = torch.tensor(rs, dtype=torch.long)
-            with rule.perturbation(run):
-                out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
-            order += rs
-            preds.append(_pred_of(out))
-        run.count(len(hooked), cond=False)  # rows only: the nominal unconditional pass is counted
-        hset = {r: i for i, r in enumerate(order)}
-        plain = [r for r in guided if r not in hset]
-        ppos = {r: i for i, r in enumerate(plain)}
-        allp = torch.cat([u_plain, *preds]) if u_plain.shape[0] else (preds[0] if len(preds) == 1 else torch.cat(preds))
-        off = u_plain.shape[0]
-        idx = [ppos[r] if r in ppos else off + hset[r] for r in guided]
-        if idx == list(range(len(idx))):
-            return allp
-        return allp.index_select(0, torch.tensor(idx, device=allp.device))
-
-    def _perturbed(self, orig, args, kwargs, n: int, offset: int, plan, ev):
-        """The perturbed passes of a step: each rule's samples' conditional rows (at ``offset`` in
-        the call's ``n`` rows: after the unconditional half of a doubled batch, 0 in Flux's
-        conditional call) evaluated inside the rule's ``perturbation`` (the denoiser's modules
-        changed, then restored); returns (samples, their positions among ``ev``, predictions)
-        or None."""
-        run = self.run
-        per = plan.perturb
-        samples = [r for r in ev if per[r]]
-        if not samples:
-            return None
-        pos = {r: i for i, r in enumerate(ev)}
         by_rule: dict = {}
         for r in samples:
             by_rule.setdefault(id(plan.rule[r]), (plan.rule[r], []))[1].append(r)
@@ -299,8 +266,35 @@ class Tap:
                 out = orig(*_take_rows(args, n, rows), **_take_rows(kwargs, n, rows))
             order += rs
             preds.append(_pred_of(out))
-        run.count(len(samples), cond=False, uncond=per)
-        pred = preds[0] if len(preds) == 1 else torch.cat(preds)
+        return order, preds[0] if len(preds) == 1 else torch.cat(preds)
+
+    def _perturbed_uncond(self, orig, args, kwargs, n: int, plan, guided, hooked, u_plain):
+        """The unconditional rows of ``hooked`` samples evaluated through their rule's weaker model
+        (AutoGuidance), merged with the main call's unconditional rows ``u_plain`` into ``guided``
+        order."""
+        order, pred = self._through_perturbation(orig, args, kwargs, n, 0, plan, hooked)
+        self.run.count(len(hooked), cond=False)  # rows only: the nominal unconditional pass is counted
+        hpos = {r: i for i, r in enumerate(order)}
+        ppos = {r: i for i, r in enumerate(r for r in guided if r not in hpos)}
+        off = u_plain.shape[0]
+        both = torch.cat([u_plain, pred]) if off else pred
+        idx = [ppos[r] if r in ppos else off + hpos[r] for r in guided]
+        if idx == list(range(len(idx))):
+            return both
+        return both.index_select(0, torch.tensor(idx, device=both.device))
+
+    def _perturbed(self, orig, args, kwargs, n: int, offset: int, plan, ev):
+        """The perturbed passes of a step: each perturbed sample's conditional rows (at ``offset``
+        in the call's ``n`` rows: after the unconditional half of a doubled batch, 0 in Flux's
+        conditional call) through its rule's perturbation; returns (samples, their positions among
+        ``ev``, predictions) or None."""
+        per = plan.perturb
+        samples = [r for r in ev if per[r]]
+        if not samples:
+            return None
+        order, pred = self._through_perturbation(orig, args, kwargs, n, offset, plan, samples)
+        self.run.count(len(samples), cond=False, uncond=per)
+        pos = {r: i for i, r in enumerate(ev)}
         return tuple(order), [pos[r] for r in order], pred
 
     def _wrap_batch(self, orig, denoiser: bool):

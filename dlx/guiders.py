@@ -69,6 +69,7 @@ import sys
 import torch
 
 from ._diffusers import is_compiled, modules_restored
+from .config import defaults
 from .errors import DlxError
 from .families import PERTURBATION_GUIDERS, guider_support
 from .guidance import GuidanceSchedule
@@ -394,7 +395,6 @@ class _Rule:
         den = getattr(run.pipe, run.family.denoiser)
         if self._modules is None:
             self._modules = list(den.modules())
-        self.set_state(run, run.step)
         with modules_restored(self._modules, _hook_names(self.guider)):
             _apply_perturbation(self.guider, den)
             yield
@@ -582,6 +582,8 @@ class Guider(Part):
         from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
 
         found = sorted(i for i in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS if hasattr(den, i))
+        lists = [n for n, m in den.named_modules() if isinstance(m, torch.nn.ModuleList)
+                 and n.endswith("transformer_blocks")]
         for g in guiders:
             trial = _copy(g)
             name = type(g).__name__
@@ -595,8 +597,6 @@ class Guider(Part):
                                f"({type(den).__name__} has {found}) and diffusers picks one in an order that changes "
                                f"between Python processes: name the blocks, e.g. {arg}={{'indices': [0], 'fqn': "
                                f"'{found[-1]}', ...}}")
-            lists = [n for n, m in den.named_modules() if isinstance(m, torch.nn.ModuleList)
-                     and n.endswith("transformer_blocks")]
             example = f"{arg}={{'indices': [0], 'fqn': '{lists[-1] if lists else 'transformer_blocks'}', ...}}"
             try:
                 with modules_restored(modules, _hook_names(trial)):
@@ -664,8 +664,6 @@ class Guider(Part):
         """``Guider(AdaptiveProjectedGuidance(eta=0, guidance_scale=7.5))`` from ``config()["args"]``:
         each guider's class and the arguments that differ from its diffusers defaults (the stored
         configuration keeps them all); ``fmt_arg`` formats a value (``dlx.labels``')."""
-        from .config import defaults
-
         names, cfgs = args.get("guider"), args.get("config")
         per = isinstance(names, list)
         names, cfgs = (names, cfgs) if per else ([names], [cfgs])

@@ -459,19 +459,21 @@ def test_perturbation_guiders_that_cannot_run_are_refused_before_the_loop(family
 def test_a_compiled_denoiser_is_refused_for_a_perturbation_guider():
     pipe = pipe_for("sd")
     unet = pipe.unet
+    block = unet.get_submodule(MID)[0]
+
+    def refused():
+        with pytest.raises(DlxError, match="compiled"):
+            with dlx.attach(pipe, dlx.Guider(CASES["sd-pag"][1]())):
+                run(pipe, "sd", steps=2)
+
     pipe.unet = torch.compile(unet)
     try:
-        with pytest.raises(DlxError, match="compiled"):
-            with dlx.attach(pipe, dlx.Guider(CASES["sd-pag"][1]())):
-                run(pipe, "sd", steps=2)
+        refused()
     finally:
         pipe.unet = unet
-    block = unet.get_submodule(MID)[0]
     block.compile()  # in place, one region: not an OptimizedModule
     try:
-        with pytest.raises(DlxError, match="compiled"):
-            with dlx.attach(pipe, dlx.Guider(CASES["sd-pag"][1]())):
-                run(pipe, "sd", steps=2)
+        refused()
     finally:
         block._compiled_call_impl = None
 
