@@ -430,3 +430,19 @@ def test_a_guiders_label_names_its_class_and_only_what_differs_from_diffusers_de
         "Guider([ClassifierFreeGuidance(guidance_scale=3), ClassifierFreeZeroStarGuidance()])"
     # the stored configuration keeps every value (a later diffusers may change a default)
     assert apg.config()["args"]["config"]["guidance_scale"] == 7.5
+
+
+def test_a_yaml_spec_names_guiders_and_their_arguments(tmp_path):
+    from dlx.sweeps.yaml_spec import read_yaml
+
+    (tmp_path / "spec.yaml").write_text(
+        "model: shapes\nprompts: [a red circle]\nseeds: 1\nconfigs:\n  cfg: []\n"
+        "  apg@0.5: [{Guider: {guider: AdaptiveProjectedGuidance, config: {guidance_scale: 6, eta: 0}}},"
+        " {CFGCutoff: {ratio: 0.5}}]\n"
+        "  pag: {Guider: {guider: PerturbedAttentionGuidance, config: {perturbed_guidance_scale: 2,"
+        " perturbed_guidance_config: {indices: [0], fqn: mid_block.attentions.0.transformer_blocks}}}}\n")
+    cfgs = read_yaml(tmp_path / "spec.yaml")["configs"]
+    apg = dlx.part_from_config(cfgs["apg@0.5"][0])
+    assert isinstance(apg, dlx.Guider) and apg.guider.config["eta"] == 0 and apg.guider.config["guidance_scale"] == 6
+    pag = dlx.part_from_config(cfgs["pag"])
+    assert pag.guider.skip_layer_config[0].fqn == "mid_block.attentions.0.transformer_blocks"
